@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "tinylm", "data", "tinyshakespeare.txt")
+
+
+def run_script(script, *args, cwd=None, timeout=300, env=None):
+    """Run one of the entry points as a user would; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_head(tmp_path_factory):
+    """The first 200,000 characters of Tiny Shakespeare, as a file."""
+    path = tmp_path_factory.mktemp("data") / "shakespeare_head.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        path.write_text(f.read()[:200_000], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, shakespeare_head):
+    """A small model trained for a few hundred steps on real text: shared by the tests that need one."""
+    from tinylm.training import TrainArgs, train
+    out = tmp_path_factory.mktemp("trained")
+    args = TrainArgs(data=shakespeare_head, out_dir=str(out), n_layer=2, n_head=2, n_embd=48, block_size=32,
+                     batch_size=16, max_iters=300, lr_decay_iters=300, warmup_iters=20, eval_interval=100,
+                     eval_iters=5, learning_rate=3e-3, sample_tokens=0, progress=False)
+    summary = train(args, log=lambda *a: None)
+    return {"dir": str(out), "summary": summary, "args": args}

@@ -1,0 +1,157 @@
+"""Command lines for train.py and sample.py: parse flags, call tinylm, turn errors into one line."""
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from .errors import TinyLMError
+
+
+def run_cli(main, argv):
+    """Run main(argv); a TinyLMError, Ctrl-C or OS error becomes one line on stderr and an exit status.
+
+    --debug (or TINYLM_DEBUG=1) shows the full traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TINYLM_DEBUG", "") not in ("", "0")
+    argv = [x for x in argv if x != "--debug"]
+    try:
+        return main(argv) or 0
+    except TinyLMError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print("error: out of memory; try a smaller --batch_size, --block_size or model", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def parse_bool(text):
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the flag) and exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_parser():
+    from .training import HELP, TrainArgs
+    ap = OneLineParser(prog="train.py", description="Train a GPT-2-style model on a text file. "
+                       "With no arguments: 2,000 steps of nanoGPT's CPU recipe on Tiny Shakespeare.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    defaults = TrainArgs()
+    for field in dataclasses.fields(TrainArgs):
+        default = getattr(defaults, field.name)
+        kind = parse_bool if field.type in (bool, "bool") else type(default)
+        help_text = HELP[field.name] + f" (default: {default})"
+        if field.name == "data":
+            help_text = HELP[field.name]
+        ap.add_argument(f"--{field.name}", type=kind, metavar=field.name.upper() if kind is str else None,
+                        help=help_text)
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def train_main(argv=None):
+    return run_cli(_train, argv)
+
+
+def _train(argv):
+    from .training import TrainArgs, train
+    ns = vars(train_parser().parse_args(argv))
+    ns.pop("debug", None)
+    args = dataclasses.replace(TrainArgs(), **ns)
+    train(args, explicit=tuple(ns))
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def sample_parser():
+    ap = OneLineParser(prog="sample.py", description="Sample text from a trained tinylm checkpoint.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out_dir", default="out", help="folder holding the checkpoint")
+    ap.add_argument("--checkpoint", default="ckpt.npz",
+                    help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
+    ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw")
+    ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
+    ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
+    ap.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 or less is refused)")
+    ap.add_argument("--top_p", type=float, default=None, help="keep the smallest set of tokens with this much probability")
+    ap.add_argument("--seed", type=int, default=1337, help="random seed")
+    ap.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for comparison)")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def sample_main(argv=None):
+    return run_cli(_sample, argv)
+
+
+def _sample(argv):
+    from .checkpoint import load_checkpoint
+    from .model import generate
+    from .sampling import check_sampling_args, sample_next
+
+    a = sample_parser().parse_args(argv)
+    check_sampling_args(a.temperature, a.top_k, a.top_p)
+    if a.num_samples < 1 or a.max_new_tokens < 0:
+        raise TinyLMError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    path = a.checkpoint if os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and not \
+        os.path.exists(os.path.join(a.out_dir, a.checkpoint)) else os.path.join(a.out_dir, a.checkpoint)
+    ckpt = load_checkpoint(path, with_optimizer=False)
+    params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
+    start = a.start
+    if start.startswith("FILE:"):
+        from .data import read_text
+        start = read_text(start[5:])
+    if not start:
+        raise TinyLMError("--start must not be empty")
+    prompt = tok.encode(start)
+    rng = np.random.default_rng(a.seed)
+    pick = lambda logits: sample_next(logits, a.temperature, a.top_k, a.top_p, rng)
+    out = sys.stdout
+    for _ in range(a.num_samples):
+        out.write(start)
+        new = []
+        shown = ""
+        for token in generate(params, config, prompt, a.max_new_tokens, pick, use_cache=not a.no_cache):
+            new.append(token)
+            text = tok.decode(new)
+            out.write(text[len(shown):])     # decode the whole tail: a multi-byte token may complete later
+            out.flush()
+            shown = text
+        out.write("\n---------------\n")
+        out.flush()
+    return 0

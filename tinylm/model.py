@@ -1,0 +1,301 @@
+"""GPT-2 in NumPy: config, init, forward, backward and generation with a key-value cache.
+
+Parameters live in a flat dict under nanoGPT's state_dict names, so a tinylm
+checkpoint is a GPT-2 that other tools can load by name. Read `forward` and
+`backward` side by side: the backward walks the same blocks in reverse.
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+from . import layers as L
+from .errors import TinyLMError
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """The shape of the model; field names are nanoGPT's."""
+    block_size: int = 64      # longest context, in tokens
+    vocab_size: int = 65      # number of distinct tokens
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads per block
+    n_embd: int = 128         # width of the residual stream, C
+    dropout: float = 0.0      # applied in training only
+    bias: bool = False        # biases in the linear layers and layer norms
+
+    def validate(self):
+        """Raise TinyLMError naming the first field that cannot work; return self."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise TinyLMError(f"--{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise TinyLMError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise TinyLMError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise TinyLMError(f"bias must be true or false, got {self.bias!r}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict (e.g. checkpoint metadata), refusing unknown or missing fields."""
+        if not isinstance(d, dict):
+            raise TinyLMError("model config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise TinyLMError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        missing = names - set(d)
+        if missing:
+            raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
+        return cls(**d).validate()
+
+
+def block_prefix(i):
+    return f"transformer.h.{i}."
+
+
+def param_shapes(config):
+    """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
+    C = config.n_embd
+    shapes = {"transformer.wte.weight": (config.vocab_size, C), "transformer.wpe.weight": (config.block_size, C)}
+
+    def add(name, shape):
+        shapes[name + ".weight"] = shape
+        if config.bias:
+            shapes[name + ".bias"] = shape[:1]
+
+    for i in range(config.n_layer):
+        p = block_prefix(i)
+        add(p + "ln_1", (C,))
+        add(p + "attn.c_attn", (3 * C, C))
+        add(p + "attn.c_proj", (C, C))
+        add(p + "ln_2", (C,))
+        add(p + "mlp.c_fc", (4 * C, C))
+        add(p + "mlp.c_proj", (C, 4 * C))
+    add("transformer.ln_f", (C,))
+    return shapes
+
+
+def count_params(config, include_positions=True):
+    """Number of parameters (the tied head is counted once, as the token embedding)."""
+    n = sum(math.prod(s) for s in param_shapes(config).values())
+    return n if include_positions else n - config.block_size * config.n_embd
+
+
+def init_params(config, seed=0, dtype=np.float32):
+    """GPT-2 init: weights N(0, 0.02), residual projections N(0, 0.02/√(2·n_layer)), LN gain 1, biases 0."""
+    config.validate()
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if ".ln_" in name and name.endswith(".weight"):
+            params[name] = np.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, dtype=dtype)
+        else:
+            std = 0.02
+            if name.endswith("c_proj.weight"):      # these add into the residual stream, once per sublayer
+                std = 0.02 / math.sqrt(2 * config.n_layer)
+            params[name] = (rng.standard_normal(shape) * std).astype(dtype)
+    return params
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+
+def forward(params, config, idx, targets=None, train=False, rng=None):
+    """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
+
+    Dropout is applied only when train is True and an rng (np.random.Generator) is given.
+    """
+    B, T = idx.shape
+    if T > config.block_size:
+        raise TinyLMError(f"sequence of length {T} is longer than block_size {config.block_size}")
+    p = config.dropout if train else 0.0
+    rng = rng if train else None
+    P = params
+    get = P.get
+    cache = {"blocks": []}
+
+    x, cache["emb"] = L.embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
+    x, cache["emb_drop"] = L.dropout_forward(x, p, rng)
+    for i in range(config.n_layer):
+        pre = block_prefix(i)
+        c = {}
+        # attention sublayer: x + proj(attention(c_attn(ln_1(x))))
+        h, c["ln_1"] = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
+        qkv, c["c_attn"] = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        a, c["attn"] = L.attention_forward(qkv, config.n_head, p, rng)
+        a, c["attn_proj"] = L.linear_forward(a, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
+        a, c["attn_drop"] = L.dropout_forward(a, p, rng)
+        x, _ = L.residual_forward(x, a)
+        # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
+        h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
+        f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        f, c["gelu"] = L.gelu_forward(f)
+        m, c["mlp_proj"] = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
+        x, _ = L.residual_forward(x, m)
+        cache["blocks"].append(c)
+    x, cache["ln_f"] = L.layernorm_forward(x, P["transformer.ln_f.weight"], get("transformer.ln_f.bias"))
+    logits, cache["head"] = L.linear_forward(x, P["transformer.wte.weight"])   # head tied to wte
+
+    loss = None
+    if targets is not None:
+        loss, cache["loss"] = L.cross_entropy_forward(logits, targets)
+    return logits, loss, cache
+
+
+def backward(params, config, cache):
+    """Gradients of the mean cross-entropy loss for every parameter: a dict with the keys (and shapes) of params."""
+    grads = {}
+
+    def put(prefix, g):
+        grads[prefix + ".weight"] = g.get("W", g.get("w"))
+        if "b" in g:
+            grads[prefix + ".bias"] = g["b"]
+
+    dlogits = L.cross_entropy_backward(1.0, cache["loss"])
+    dx, g = L.linear_backward(dlogits, cache["head"])
+    dwte_head = g["W"]
+    dx, g = L.layernorm_backward(dx, cache["ln_f"])
+    put("transformer.ln_f", g)
+    for i in reversed(range(config.n_layer)):
+        pre = block_prefix(i)
+        c = cache["blocks"][i]
+        dx, dm = L.residual_backward(dx, None)
+        dm = L.dropout_backward(dm, c["mlp_drop"])
+        df, g = L.linear_backward(dm, c["mlp_proj"])
+        put(pre + "mlp.c_proj", g)
+        df = L.gelu_backward(df, c["gelu"])
+        dh, g = L.linear_backward(df, c["c_fc"])
+        put(pre + "mlp.c_fc", g)
+        dh, g = L.layernorm_backward(dh, c["ln_2"])
+        put(pre + "ln_2", g)
+        dx = dx + dh
+        dx, da = L.residual_backward(dx, None)
+        da = L.dropout_backward(da, c["attn_drop"])
+        da, g = L.linear_backward(da, c["attn_proj"])
+        put(pre + "attn.c_proj", g)
+        dqkv = L.attention_backward(da, c["attn"])
+        dh, g = L.linear_backward(dqkv, c["c_attn"])
+        put(pre + "attn.c_attn", g)
+        dh, g = L.layernorm_backward(dh, c["ln_1"])
+        put(pre + "ln_1", g)
+        dx = dx + dh
+    dx = L.dropout_backward(dx, cache["emb_drop"])
+    g = L.embedding_backward(dx, cache["emb"])
+    grads["transformer.wte.weight"] = g["wte"] + dwte_head
+    grads["transformer.wpe.weight"] = g["wpe"]
+    return {k: grads[k] for k in params}
+
+
+def loss_and_grads(params, config, idx, targets, train=False, rng=None):
+    """(loss, grads) for one batch: the forward then the backward."""
+    _, loss, cache = forward(params, config, idx, targets, train=train, rng=rng)
+    return loss, backward(params, config, cache)
+
+
+# ----------------------------------------------------------------------------- generation with a KV cache
+
+
+def new_kv_cache(config, batch_size, dtype):
+    """Room for block_size keys and values per layer: k, v (n_layer, B, H, block_size, D), and a length."""
+    D = config.n_embd // config.n_head
+    shape = (config.n_layer, batch_size, config.n_head, config.block_size, D)
+    return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype), "len": 0}
+
+
+def forward_cached(params, config, idx, kv):
+    """Logits for idx (B,t), the tokens that follow the kv["len"] already cached; appends their keys and values.
+
+    Each new position computes only its own q, k, v and attends to every cached key:
+    the same numbers as a full forward over the whole context, at the cost of t positions.
+    """
+    B, t = idx.shape
+    start = kv["len"]
+    if start + t > config.block_size:
+        raise TinyLMError(f"KV cache holds {config.block_size} positions; asked for {start + t}")
+    P, get, H = params, params.get, config.n_head
+    x = P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][start:start + t]
+    scale = 1.0 / math.sqrt(config.n_embd // H)
+    for i in range(config.n_layer):
+        pre = block_prefix(i)
+        h, _ = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
+        qkv, _ = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        q, k, v = (L.split_heads(part, H) for part in np.split(qkv, 3, axis=-1))
+        kv["k"][i, :, :, start:start + t] = k
+        kv["v"][i, :, :, start:start + t] = v
+        keys, values = kv["k"][i, :, :, :start + t], kv["v"][i, :, :, :start + t]
+        att = L.causal_softmax((q @ keys.transpose(0, 1, 3, 2)) * scale, offset=start)
+        a, _ = L.linear_forward(L.merge_heads(att @ values), P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
+        x = x + a
+        h, _ = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
+        f, _ = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        f, _ = L.gelu_forward(f)
+        m, _ = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        x = x + m
+    kv["len"] = start + t
+    x, _ = L.layernorm_forward(x, P["transformer.ln_f.weight"], get("transformer.ln_f.bias"))
+    logits, _ = L.linear_forward(x, P["transformer.wte.weight"])
+    return logits
+
+
+def refill_window(config):
+    """How many tokens the cache keeps when it is full: half the block.
+
+    With learned positions every cached key depends on its position, so a full cache
+    cannot just drop its oldest entry; it is rebuilt from the last `refill_window`
+    tokens. Each token then sees between block_size/2 and block_size tokens of context,
+    and a refill costs one prefill every block_size/2 tokens.
+    """
+    return max(1, config.block_size // 2)
+
+
+def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, trace=None):
+    """Yield max_new_tokens token ids, one at a time, each drawn by pick_next(logits (V,)) -> int.
+
+    prompt: 1-D token ids (at least one). With use_cache, the context of each step is the
+    tokens held in the KV cache (see refill_window); without it, the last block_size tokens,
+    recomputed from scratch each step. If trace is a list, (context ids, logits) is appended per step.
+    """
+    tokens = [int(t) for t in prompt]
+    if not tokens:
+        raise TinyLMError("the prompt must contain at least one token")
+    dtype = params["transformer.wte.weight"].dtype
+    if not use_cache:
+        for _ in range(max_new_tokens):
+            context = tokens[-config.block_size:]
+            logits, _, _ = forward(params, config, np.array([context]))
+            last = logits[0, -1]
+            if trace is not None:
+                trace.append((context, last))
+            tokens.append(int(pick_next(last)))
+            yield tokens[-1]
+        return
+
+    def prefill(context):
+        kv = new_kv_cache(config, 1, dtype)
+        return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
+
+    context = tokens[-config.block_size:]
+    kv, last = prefill(context)
+    for step in range(max_new_tokens):
+        if trace is not None:
+            trace.append((list(context), last))
+        tokens.append(int(pick_next(last)))
+        yield tokens[-1]
+        if step == max_new_tokens - 1:
+            break
+        context.append(tokens[-1])
+        if len(context) > config.block_size:
+            context = context[-refill_window(config):]
+            kv, last = prefill(context)
+        else:
+            last = forward_cached(params, config, np.array([[tokens[-1]]]), kv)[0, -1]

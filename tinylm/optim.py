@@ -1,0 +1,62 @@
+"""AdamW, the learning-rate schedule, and gradient clipping by global L2 norm."""
+import math
+
+import numpy as np
+
+
+def learning_rate_at(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for warmup_iters steps, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step > lr_decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def global_norm(grads):
+    """‖g‖₂ over every entry of every gradient, as if they were one long vector."""
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale every gradient by min(1, max_norm/‖g‖₂), in place. Returns ‖g‖₂ before clipping."""
+    norm = global_norm(grads)
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def adamw_init(params):
+    """Zero first and second moments for every parameter, and step 0."""
+    return {"m": {k: np.zeros_like(p) for k, p in params.items()},
+            "v": {k: np.zeros_like(p) for k, p in params.items()},
+            "t": 0}
+
+
+def decays(name, p):
+    """Weight decay applies to matrices (linear weights and embeddings), not to biases or layer-norm gains."""
+    return p.ndim >= 2
+
+
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
+    """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g²."""
+    state["t"] += 1
+    t = state["t"]
+    bias1 = 1.0 - beta1 ** t
+    bias2 = 1.0 - beta2 ** t
+    step_size = lr / bias1
+    for name, p in params.items():
+        g, m, v = grads[name], state["m"][name], state["v"][name]
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        if weight_decay and decays(name, p):
+            p *= 1.0 - lr * weight_decay        # decoupled: shrinks θ, not added to g
+        denom = np.sqrt(v)
+        denom /= math.sqrt(bias2)
+        denom += eps
+        p -= step_size * (m / denom)

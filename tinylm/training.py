@@ -1,0 +1,286 @@
+"""The training loop: batches, AdamW steps, evaluation, metrics log, checkpoints, resume, a sample at the end."""
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import model as M
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import DEFAULT_DATA, check_long_enough, get_batch, read_text, train_val_split
+from .errors import TinyLMError
+from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
+from .sampling import sample_next
+from .tokenizer import CharTokenizer
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Every training setting; the defaults are nanoGPT's CPU recipe for Tiny Shakespeare."""
+    data: str = DEFAULT_DATA
+    out_dir: str = "out"
+    init_from: str = "scratch"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    encoding_errors: str = "strict"
+    sample_tokens: int = 300
+    progress: bool = True
+
+
+HELP = {
+    "data": "UTF-8 text file to train on (default: the bundled Tiny Shakespeare)",
+    "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
+    "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz",
+    "n_layer": "number of transformer blocks",
+    "n_head": "attention heads per block (must divide n_embd)",
+    "n_embd": "width of the residual stream",
+    "block_size": "context length in tokens",
+    "dropout": "dropout probability during training, in [0, 1)",
+    "bias": "use biases in linear layers and layer norms (true/false)",
+    "batch_size": "sequences per step",
+    "max_iters": "total optimizer steps",
+    "learning_rate": "peak learning rate, reached after warmup",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_iters": "steps of linear warmup",
+    "lr_decay_iters": "step at which the cosine decay reaches min_lr",
+    "weight_decay": "AdamW decoupled weight decay, applied to matrices only",
+    "beta1": "AdamW first-moment decay",
+    "beta2": "AdamW second-moment decay",
+    "grad_clip": "clip the global gradient L2 norm to this value (0 disables)",
+    "eval_interval": "evaluate, log and checkpoint every this many steps",
+    "eval_iters": "batches per loss estimate at each evaluation",
+    "seed": "random seed for initialization, batches and dropout",
+    "encoding_errors": "'strict' refuses text that is not UTF-8; 'replace' reads it with U+FFFD for bad bytes",
+    "sample_tokens": "length of the sample printed at the end (0 for none)",
+    "progress": "show the progress bar (true/false)",
+}
+
+
+def validate_args(a):
+    """Refuse settings that cannot work, naming the flag."""
+    positive_ints = ("batch_size", "eval_interval", "eval_iters")
+    for name in positive_ints:
+        if getattr(a, name) <= 0:
+            raise TinyLMError(f"--{name} must be a positive integer, got {getattr(a, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
+        if getattr(a, name) < 0:
+            raise TinyLMError(f"--{name} must be >= 0, got {getattr(a, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(a, name)
+        if not np.isfinite(value) or value < 0:
+            raise TinyLMError(f"--{name} must be a finite number >= 0, got {value}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(a, name) < 1.0:
+            raise TinyLMError(f"--{name} must be in [0, 1), got {getattr(a, name)}")
+    if a.init_from not in ("scratch", "resume"):
+        raise TinyLMError(f"--init_from must be 'scratch' or 'resume', got {a.init_from!r}")
+    if a.encoding_errors not in ("strict", "replace"):
+        raise TinyLMError(f"--encoding_errors must be 'strict' or 'replace', got {a.encoding_errors!r}")
+
+
+def prepare_out_dir(out_dir):
+    """Create out_dir and prove it is writable now, not after an hour of training."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+
+
+def estimate_loss(params, config, splits, a, step):
+    """Mean loss over eval_iters batches of each split, without dropout; its own RNG, so training's is untouched."""
+    out = {}
+    for name, ids in splits.items():
+        rng = np.random.default_rng([a.seed, step, len(name)])
+        losses = []
+        for _ in range(a.eval_iters):
+            x, y = get_batch(ids, config.block_size, a.batch_size, rng)
+            losses.append(M.forward(params, config, x, y)[1])
+        out[name] = float(np.mean(losses))
+    return out
+
+
+class StopRequested:
+    """Turns the first Ctrl-C into a flag checked between steps; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT"):
+            try:
+                self.previous = signal.signal(signal.SIGINT, self._handle)
+            except ValueError:       # not in the main thread: leave signals alone
+                self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class Interrupted(TinyLMError):
+    """Training stopped by Ctrl-C after saving; exit status 130."""
+    exit_code = 130
+
+
+def setup(a, explicit=()):
+    """Build or resume everything training needs: (args, config, tokenizer, params, opt_state, state, splits)."""
+    ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
+    if a.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["opt_state"] is None:
+            raise CheckpointError(f"{ckpt_path} has no optimizer state, so it cannot be resumed")
+        saved = ckpt["meta"].get("train_args", {})
+        config = ckpt["config"]
+        for name in MODEL_FIELDS:
+            if name in explicit and getattr(a, name) != getattr(config, name):
+                raise TinyLMError(f"--{name} {getattr(a, name)} differs from the resumed checkpoint's "
+                                  f"{getattr(config, name)}; a resumed model keeps its shape")
+        merged = {**dataclasses.asdict(TrainArgs()), **{k: v for k, v in saved.items() if k in HELP}}
+        merged.update({k: getattr(a, k) for k in explicit})
+        merged["init_from"] = "resume"
+        a = TrainArgs(**merged)
+        validate_args(a)
+        tokenizer = ckpt["tokenizer"]
+        params, opt_state = ckpt["params"], ckpt["opt_state"]
+        meta = ckpt["meta"]
+        state = {"step": int(meta["step"]), "best_val_loss": meta.get("best_val_loss"),
+                 "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
+                 "elapsed_s": float(meta.get("elapsed_s", 0.0))}
+        text = read_text(a.data, a.encoding_errors)
+        ids = tokenizer.encode(text)
+    else:
+        text = read_text(a.data, a.encoding_errors)
+        tokenizer = CharTokenizer.from_text(text)
+        config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
+                             n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
+        ids = tokenizer.encode(text)
+        params = M.init_params(config, seed=a.seed)
+        opt_state = adamw_init(params)
+        state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
+                 "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
+                 "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
+    del text
+    train_ids, val_ids = train_val_split(ids)
+    check_long_enough(train_ids, val_ids, config.block_size)
+    return a, config, tokenizer, params, opt_state, state, {"train": train_ids, "val": val_ids}
+
+
+def rng_from_state(bit_state):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = bit_state
+    return rng
+
+
+def train(a, explicit=(), log=print):
+    """Train as the args say. Returns a summary dict. Raises TinyLMError on any problem the user can fix."""
+    validate_args(a)
+    prepare_out_dir(a.out_dir)
+    a, config, tokenizer, params, opt_state, state, splits = setup(a, explicit)
+    ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
+    best_path = os.path.join(a.out_dir, "best.npz")
+    metrics_path = os.path.join(a.out_dir, "metrics.jsonl")
+    batch_rng = rng_from_state(state["batch_rng"])
+    dropout_rng = rng_from_state(state["dropout_rng"])
+    start = state["step"]
+    best = state["best_val_loss"]
+    tokens_per_step = a.batch_size * config.block_size
+    log(f"tinylm: {M.count_params(config):,} parameters, vocab {config.vocab_size}, "
+        f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
+
+    def save(step, path=ckpt_path, with_optimizer=True):
+        meta = {"step": step, "best_val_loss": best, "train_args": dataclasses.asdict(a),
+                "rng": {"batch": batch_rng.bit_generator.state, "dropout": dropout_rng.bit_generator.state},
+                "elapsed_s": elapsed()}
+        save_checkpoint(path, params, config, tokenizer, opt_state if with_optimizer else None, meta)
+
+    t0 = time.perf_counter()
+    elapsed = lambda: state["elapsed_s"] + time.perf_counter() - t0
+    last = {"loss": float("nan"), "tok_s": 0.0}
+    bar = tqdm(total=a.max_iters, initial=start, unit="step", disable=not a.progress, dynamic_ncols=True,
+               desc="train", file=sys.stderr)
+    step = start
+    with StopRequested() as stop:
+        try:
+            while True:
+                is_eval = step % a.eval_interval == 0 or step == a.max_iters
+                if is_eval and not (step == start and start > 0):
+                    losses = estimate_loss(params, config, splits, a, step)
+                    if best is None or losses["val"] < best:
+                        best = losses["val"]
+                        save(step, best_path, with_optimizer=False)
+                    record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                              "lr": learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters),
+                              "elapsed_s": round(elapsed(), 3), "tokens_per_s": round(last["tok_s"], 1)}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    save(step)
+                    bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if step >= a.max_iters:
+                    break
+                if stop.requested:      # checked between steps, so the saved state is always whole
+                    save(step)
+                    raise Interrupted(f"interrupted at step {step}; saved {ckpt_path}; "
+                                      f"continue with: python train.py --out_dir {a.out_dir} --init_from resume")
+                lr = learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
+                t_step = time.perf_counter()
+                x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
+                loss, grads = M.loss_and_grads(params, config, x, y, train=True, rng=dropout_rng)
+                norm = clip_by_global_norm(grads, a.grad_clip)
+                if not (np.isfinite(loss) and np.isfinite(norm)):
+                    raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
+                                      f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
+                adamw_step(params, grads, opt_state, lr, a.beta1, a.beta2, weight_decay=a.weight_decay)
+                step += 1
+                dt = time.perf_counter() - t_step
+                last["loss"] = loss
+                last["tok_s"] = tokens_per_step / dt if last["tok_s"] == 0 else 0.9 * last["tok_s"] + 0.1 * tokens_per_step / dt
+                bar.update(1)
+                if step % 10 == 0 or step == a.max_iters:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tok_s']:.0f}", refresh=False)
+        finally:
+            bar.close()
+
+    summary = {"step": step, "best_val_loss": best, "elapsed_s": elapsed(), "checkpoint": ckpt_path}
+    if a.sample_tokens:
+        rng = np.random.default_rng(a.seed)
+        prompt = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", "") else np.array([0])
+        pick = lambda logits: sample_next(logits, temperature=0.8, top_k=200, rng=rng)
+        text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
+        log(f"--- sample after {step} steps ---\n{text}\n---")
+        summary["sample"] = text
+    log(f"done: {step} steps in {summary['elapsed_s']:.1f}s, best val loss {best:.4f}; saved {ckpt_path} and {best_path}")
+    return summary

@@ -113,9 +113,14 @@ def effective_rank(W):
 
 
 def condition_number(W):
-    """σ_max / σ_min over the min(m, n) singular values (inf if σ_min = 0).   W (m, n) -> float."""
+    """σ_max / σ_min over the min(m, n) singular values; inf if W is numerically rank-deficient.   W (m, n) -> float.
+
+    A singular value below numerical_rank's tolerance is round-off, not a
+    stretch factor, so the ratio (~1e16 or more) would be noise: we return inf.
+    """
+    W = _as_matrix(W)
     s = singular_values(W)
-    if s[-1] == 0:
+    if numerical_rank(W) < len(s):
         return math.inf
     return float(s[0] / s[-1])
 

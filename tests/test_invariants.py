@@ -83,3 +83,15 @@ def test_float32_and_float64_forward_agree():
     l32, _, _ = M.forward(p32, config, idx)
     assert l32.dtype == np.float32
     assert np.allclose(l32, l64, atol=1e-5)
+
+
+def test_trace_forward_matches_forward_and_keeps_the_insides():
+    config = M.GPTConfig(block_size=8, vocab_size=10, n_layer=3, n_head=2, n_embd=16, bias=True)
+    params = M.init_params(config, seed=0, dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, 10, size=(2, 8))
+    rec = M.trace_forward(params, config, idx)
+    logits, _, cache = M.forward(params, config, idx)
+    np.testing.assert_allclose(rec["logits"], logits, atol=1e-12)
+    assert len(rec["residual"]) == 4 and rec["residual"][0].shape == (2, 8, 16)
+    for att, c in zip(rec["attention"], cache["blocks"]):
+        np.testing.assert_allclose(att, c["attn"][3], atol=1e-12)

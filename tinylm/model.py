@@ -212,11 +212,13 @@ def new_kv_cache(config, batch_size, dtype):
     return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype), "len": 0}
 
 
-def forward_cached(params, config, idx, kv):
+def forward_cached(params, config, idx, kv, record=None):
     """Logits for idx (B,t), the tokens that follow the kv["len"] already cached; appends their keys and values.
 
     Each new position computes only its own q, k, v and attends to every cached key:
     the same numbers as a full forward over the whole context, at the cost of t positions.
+    If record is a dict, the residual stream after the embedding and after every block
+    (record["residual"]) and every block's attention weights (record["attention"]) are kept.
     """
     B, t = idx.shape
     start = kv["len"]
@@ -225,6 +227,8 @@ def forward_cached(params, config, idx, kv):
     P, get, H = params, params.get, config.n_head
     x = P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][start:start + t]
     scale = 1.0 / math.sqrt(config.n_embd // H)
+    if record is not None:
+        record.update(residual=[x], attention=[])
     for i in range(config.n_layer):
         pre = block_prefix(i)
         h, _ = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
@@ -241,10 +245,24 @@ def forward_cached(params, config, idx, kv):
         f, _ = L.gelu_forward(f)
         m, _ = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
         x = x + m
+        if record is not None:
+            record["residual"].append(x)
+            record["attention"].append(att)
     kv["len"] = start + t
     x, _ = L.layernorm_forward(x, P["transformer.ln_f.weight"], get("transformer.ln_f.bias"))
     logits, _ = L.linear_forward(x, P["transformer.wte.weight"])
     return logits
+
+
+def trace_forward(params, config, idx):
+    """The forward pass with its insides kept, for analysis (no dropout, no backward).
+
+    idx (B,T) -> {"residual": [(B,T,C)] * (n_layer + 1), "attention": [(B,H,T,T)] * n_layer, "logits": (B,T,V)}
+    """
+    record = {}
+    kv = new_kv_cache(config, idx.shape[0], params["transformer.wte.weight"].dtype)
+    record["logits"] = forward_cached(params, config, idx, kv, record)
+    return record
 
 
 def refill_window(config):

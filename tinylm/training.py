@@ -49,6 +49,7 @@ class TrainArgs:
     encoding_errors: str = "strict"
     sample_tokens: int = 300
     progress: bool = True
+    track_spectra: bool = False
 
 
 HELP = {
@@ -77,6 +78,7 @@ HELP = {
     "encoding_errors": "'strict' refuses text that is not UTF-8; 'replace' reads it with U+FFFD for bad bytes",
     "sample_tokens": "length of the sample printed at the end (0 for none)",
     "progress": "show the progress bar (true/false)",
+    "track_spectra": "at every evaluation, log each weight matrix's spectral metrics to OUT_DIR/spectra.jsonl",
 }
 
 
@@ -247,6 +249,9 @@ def train(a, explicit=(), log=print):
                               "elapsed_s": round(elapsed(), 3), "tokens_per_s": round(last["tok_s"], 1)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if a.track_spectra:
+                        from .analysis.tracking import log_spectra
+                        log_spectra(params, config, step, os.path.join(a.out_dir, "spectra.jsonl"))
                     save(step)
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:

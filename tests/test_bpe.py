@@ -89,7 +89,7 @@ def test_hand_written_splits_agree_with_regex():
         assert regex.findall(GPT2_PATTERN, text) == expected, text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("ab's tdlrvem1 \t\n\u00a0\x1c.!é日🙂\u0301")), max_size=30))
 def test_pretokenize_equals_regex_on_random_text(text):
     regex = pytest.importorskip("regex")
@@ -351,9 +351,15 @@ def test_save_and_reload_encode_identically(tokenizer, shakespeare, tmp_path):
     tokenizer.save(tmp_path)
     reloaded = BPETokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
     assert reloaded.vocab == tokenizer.vocab and reloaded.merges == tokenizer.merges
-    text = shakespeare[-3000:] + "\n".join(TRICKY[:-4])
+    text = shakespeare[-3000:] + "\n".join(TRICKY)
+    assert np.array_equal(reloaded.encode(text), tokenizer.encode(text))
+
+
+def test_saved_files_encode_as_gpt2s_algorithm_does(tokenizer, shakespeare, tmp_path):
+    tokenizer.save(tmp_path)
+    reloaded = BPETokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    text = shakespeare[-3000:] + "\n".join(TRICKY)
     ours = reloaded.encode(text, allow_special=False).tolist()
-    assert ours == tokenizer.encode(text, allow_special=False).tolist()
     assert ours == gpt2_reference_encode(tmp_path / "vocab.json", tmp_path / "merges.txt", text)
 
 

@@ -2,6 +2,11 @@ import os
 import subprocess
 import sys
 
+# One BLAS thread: the tests' matrices are small, and two threads contending with a busy
+# second core run far slower than one. Must be set before NumPy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 

@@ -204,30 +204,42 @@ def spectra_figures(sec):
     trained, init = sec["trained"], sec.get("init")
     names = _whole(trained)
     figs = []
-    fig, axes = _grid(len(names), 6)
-    # log10 on linear axes rather than log axes: log-axis tick layout is slow with this many panels.
-    for ax, n in zip(axes, names):
-        ax.plot(np.log10(np.maximum(trained[n]["singular_values"], 1e-12)), label="trained")
-        if init:
-            ax.plot(np.log10(np.maximum(init[n]["singular_values"], 1e-12)), "--", color="grey", label="init")
-        ax.set_title(n, fontsize=8)
-    axes[0].legend(fontsize=6)
-    figs.append(("log₁₀ of the singular values σᵢ (descending) of every whole matrix" +
+    # One panel per kind of matrix, one line per layer: 8 panels draw far faster than one per matrix.
+    kinds = []
+    for n in names:
+        kind = n.split(".", 1)[1] if n.startswith("h") and "." in n else n
+        if kind not in kinds:
+            kinds.append(kind)
+    fig, axes = _grid(len(kinds), 4, 3.2, 2.4)
+    for ax, kind in zip(axes, kinds):
+        members = [n for n in names if n == kind or n.endswith("." + kind) and n.split(".", 1)[1] == kind]
+        for i, n in enumerate(members):
+            ax.plot(np.log10(np.maximum(trained[n]["singular_values"], 1e-12)), color=f"C{i}", lw=1, label=n.split(".")[0])
+            if init:
+                ax.plot(np.log10(np.maximum(init[n]["singular_values"], 1e-12)), "--", color=f"C{i}", lw=0.7, alpha=0.6)
+        ax.set_title(kind, fontsize=8)
+        if len(members) > 1:
+            ax.legend(fontsize=5)
+    figs.append(("log₁₀ of the singular values σᵢ (descending) of every whole matrix, one line per layer" +
                  (", trained (solid) and at initialization (dashed)" if init else ""), _png(fig)))
 
-    pairs = [(n, trained[n], "trained") for n in names]
-    if init:
-        pairs = [p for n in names for p in ((n, trained[n], "trained"), (n, init[n], "init"))]
-    fig, axes = _grid(len(pairs), 6 if not init else 8, 2.3, 1.9)
-    for ax, (n, m, which) in zip(axes, pairs):
+    fig, axes = _grid(len(names), 6, 2.4, 1.9)
+    for ax, n in zip(axes, names):
+        m = trained[n]
         ev = np.asarray(m["esd"], dtype=float)
         ev = ev[ev > 0]
         if len(ev) < 2:
             continue
         # Histogram of log10 λ; the density of log10 λ is p(λ)·λ·ln 10, so a power law λ^-α is a line of slope 1-α.
         lg = np.log10(ev)
+        if init:     # the same matrix at initialization, in the same panel (grey outline)
+            iev = np.asarray(init[n]["esd"], dtype=float)
+            iev = iev[iev > 0]
+            if len(iev) > 1:
+                counts, edges = np.histogram(np.log10(iev), bins=30, density=True)
+                ax.stairs(counts, edges, color="grey", lw=0.8)
         counts, edges = np.histogram(lg, bins=30, density=True)
-        ax.stairs(counts, edges, fill=True, color="C0" if which == "trained" else "grey", alpha=0.7)   # one artist, not 30 bars
+        ax.stairs(counts, edges, fill=True, color="C0", alpha=0.6)   # one artist, not 30 bars
         if m.get("alpha") is not None and m.get("xmin") is not None:
             xs = np.linspace(np.log10(m["xmin"]), lg.max(), 20)
             frac = m["n_tail"] / len(ev)   # the tail's share of the density
@@ -238,9 +250,9 @@ def spectra_figures(sec):
         if m.get("bulk_max") is not None and m["bulk_max"] > 0:
             ax.axvline(np.log10(m["bulk_max"]), color="g", ls="--", lw=0.8)
         ax.set_yticks([])   # the density's scale says nothing here, and tick labels cost drawing time
-        ax.set_title(f"{n} ({which}) α={_num(m.get('alpha'), '{:.2f}')}", fontsize=7)
+        ax.set_title(f"{n} α={_num(m.get('alpha'), '{:.2f}')}" + (f" (init {_num(init[n].get('alpha'), '{:.2f}')})" if init else ""), fontsize=7)
     figs.append(("ESD: histogram of log₁₀ of the eigenvalues of WᵀW with the power-law tail fit (red; dotted: xmin) "
-                 "and the Marchenko-Pastur bulk edge (green dashed)" + ("; each trained matrix beside itself at init" if init else ""), _png(fig)))
+                 "and the Marchenko-Pastur bulk edge (green dashed)" + ("; grey outline: the same matrix at initialization" if init else ""), _png(fig)))
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 3))

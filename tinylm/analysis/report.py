@@ -176,8 +176,8 @@ def _png(fig):
     """Figure -> base64 PNG text (and closes it)."""
     plt = _plt()
     buf = io.BytesIO()
-    # No bbox_inches="tight": it draws the figure twice, and with dozens of panels drawing is the cost.
-    fig.savefig(buf, format="png", dpi=72)
+    # Grids of many panels skip bbox_inches="tight": it draws the figure twice, and drawing is the cost.
+    fig.savefig(buf, format="png", dpi=72, bbox_inches=None if getattr(fig, "_many_panels", False) else "tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -188,6 +188,7 @@ def _grid(n, cols, w=2.6, h=2.0):
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=0.95, wspace=0.3, hspace=0.55)
+    fig._many_panels = True
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     for ax in axes.ravel()[:n]:
@@ -289,12 +290,14 @@ def circuits_figures(sec, chars, prompt):
         for h in s["heads"]:
             copy[h["layer"], h["head"]] = h["copying_score"]
         for ax, (title, M, lim) in zip(axes[r], [("copying score", copy, (-1, 1)),
-                                                 ("previous-token score", s["patterns"]["previous_token"], (0, 1)),
-                                                 ("induction score", s["patterns"]["induction"], (0, 1))]):
+                                                 ("previous-token score", np.asarray(s["patterns"]["previous_token"]), (0, 1)),
+                                                 ("induction score", np.asarray(s["patterns"]["induction"]), (0, 1))]):
             im = ax.imshow(np.asarray(M), vmin=lim[0], vmax=lim[1], cmap="RdBu_r" if lim[0] < 0 else "viridis")
             for (i, j), v in np.ndenumerate(np.asarray(M)):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if lim[0] == 0 and v < 0.6 else "k")
             ax.set_title(f"{title} ({label})", fontsize=9)
+            ax.set_xticks(range(M.shape[1]))
+            ax.set_yticks(range(M.shape[0]))
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, fraction=0.046)
@@ -325,6 +328,8 @@ def circuits_figures(sec, chars, prompt):
     att = np.asarray(sec["prompt_attention"])
     L, H = att.shape[:2]
     fig, axes = plt.subplots(L, H, figsize=(2.6 * H, 2.6 * L), squeeze=False)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=0.96, wspace=0.25, hspace=0.3)
+    fig._many_panels = True
     labels = [c for c in prompt]
     for i in range(L):
         for j in range(H):

@@ -1,0 +1,73 @@
+"""analyze.py end to end on a small trained model, and its one-line errors."""
+import json
+import os
+
+import pytest
+
+from conftest import SHAKESPEARE, run_script
+
+from tinylm.analysis.report import SECTIONS
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """A tiny model trained for a few seconds with --track_spectra on a slice of Tiny Shakespeare."""
+    from tinylm.training import TrainArgs, train
+    root = tmp_path_factory.mktemp("analyze")
+    data = root / "text.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        data.write_text(f.read()[:60_000], encoding="utf-8")
+    out = root / "run"
+    train(TrainArgs(data=str(data), out_dir=str(out), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
+                    max_iters=40, lr_decay_iters=40, warmup_iters=5, eval_interval=20, eval_iters=2,
+                    learning_rate=3e-3, sample_tokens=0, progress=False, track_spectra=True), log=lambda *a: None)
+    return out
+
+
+def test_track_spectra_logs_a_line_per_evaluation(tracked_run):
+    rows = [json.loads(l) for l in open(tracked_run / "spectra.jsonl")]
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert {"wte", "h1.attn.q", "h1.mlp.c_proj"} <= set(rows[-1]["matrices"])
+
+
+def test_report_has_every_section_json_and_figures(tracked_run, tmp_path):
+    report = tmp_path / "report"
+    proc = run_script("analyze.py", tracked_run / "ckpt.npz", "--report", report, "--only", "all", "--compare-init",
+                      "--n-boot", "10", "--eval-seqs", "8", "--hessian-k", "1", "--hessian-batch", "2", "--no-progress",
+                      env={"OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    # the terminal table
+    assert "stable rk" in proc.stdout and "h1.mlp.c_fc" in proc.stdout and "curvature:" in proc.stdout
+    page = (report / "index.html").read_text(encoding="utf-8")
+    for name, (title, concepts, where) in SECTIONS.items():
+        assert f"id='{name}'" in page and where.split(":")[0] in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page      # opens offline
+    metrics = json.loads((report / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert set(SECTIONS) <= set(metrics)
+    assert metrics["spectra"]["init"]["wte"]["shape"] == [metrics["config"]["vocab_size"], 32]
+    assert len(metrics["training"]["spectra"]) == 3
+    pytest.importorskip("matplotlib")
+    assert page.count("data:image/png;base64,") >= 10
+
+
+def test_default_run_prints_the_table_without_a_report(tracked_run):
+    proc = run_script("analyze.py", tracked_run, "--only", "spectra,embeddings", "--n-boot", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:2] == ["matrix", "shape"]
+    assert "embeddings:" in proc.stdout and "circuits:" not in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["missing.npz"], ["not found"]),
+    (["DAMAGED"], ["checkpoint"]),
+    (["CKPT", "--only", "spectra,bogus"], ["unknown", "bogus"]),
+])
+def test_errors_are_one_line(tracked_run, tmp_path, args, words):
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes((tracked_run / "ckpt.npz").read_bytes()[:5000])
+    args = [str(damaged) if a == "DAMAGED" else str(tracked_run / "ckpt.npz") if a == "CKPT" else a for a in args]
+    proc = run_script("analyze.py", *args)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]

@@ -1,0 +1,185 @@
+"""analyze.py: measure what a checkpoint's weights learned; a table in the terminal, optionally an HTML report."""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint
+from ..cli import OneLineParser, run_cli
+from ..errors import TinyLMError
+from ..model import count_params
+from . import report as R
+
+DEFAULT_SECTIONS = ("spectra", "circuits", "embeddings", "probes", "lowrank", "training")
+DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
+
+
+def analyze_parser():
+    ap = OneLineParser(prog="analyze.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Measure what a trained tinylm model learned: weight spectra (SVD, power-law ESD fits), "
+                       "attention circuits, embedding geometry, least-squares probes, low-rank compression, Hessian "
+                       "curvature and training curves. Prints a per-matrix table; --report also writes HTML and JSON.")
+    ap.add_argument("checkpoint", help="a checkpoint file (e.g. out/ckpt.npz), or a folder holding ckpt.npz")
+    ap.add_argument("--report", metavar="DIR", help="write DIR/index.html (self-contained, figures need matplotlib) and DIR/metrics.json")
+    ap.add_argument("--only", metavar="LIST", default=",".join(DEFAULT_SECTIONS),
+                    help="comma-separated sections from: " + ", ".join(R.SECTION_NAMES) + ", or 'all'. "
+                    "curvature (Hessian eigenvalues by Lanczos, the slow one: up to a minute) is left out unless named")
+    ap.add_argument("--compare-init", action="store_true",
+                    help="also analyse the same model at initialization (the run's seed) and show it beside the trained one")
+    ap.add_argument("--data", metavar="FILE", help="text to evaluate on (default: the run's training file, its validation split)")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="text whose attention patterns are drawn")
+    ap.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples for alpha's confidence interval (0: none)")
+    ap.add_argument("--eval-seqs", type=int, default=32, help="validation windows for probes and low-rank losses")
+    ap.add_argument("--hessian-k", type=int, default=3, help="number of top Hessian eigenvalues")
+    ap.add_argument("--hessian-batch", type=int, default=8, help="sequences in the fixed batch of the Hessian")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def parse_sections(text):
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(R.SECTION_NAMES)
+    unknown = [n for n in names if n not in R.SECTION_NAMES]
+    if unknown or not names:
+        raise TinyLMError(f"unknown --only section(s): {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(R.SECTION_NAMES)} or all")
+    return [n for n in R.SECTION_NAMES if n in names]
+
+
+def checkpoint_path(arg):
+    return os.path.join(arg, "ckpt.npz") if os.path.isdir(arg) else arg
+
+
+def run_analysis(ckpt, path, sections, args, log=print):
+    """Every requested section on a loaded checkpoint.   -> results dict (NumPy inside; report.to_jsonable for JSON)"""
+    from .textdata import fixed_windows, resolve_data_path, validation_ids
+    params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"]
+    chars = getattr(tok, "chars", None) or [str(i) for i in range(config.vocab_size)]
+    progress = not args.no_progress
+    init = None
+    if args.compare_init:
+        from .weight_spectra import init_like
+        init, init_seed = init_like(config, meta)
+    results = {"checkpoint": path, "config": config.to_dict(), "step": meta.get("step"),
+               "n_params": count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
+    needs_text = {"circuits", "probes", "lowrank", "curvature"} & set(sections)
+    if needs_text:
+        train_args = meta.get("train_args") or {}
+        data_path = resolve_data_path(meta, args.data)
+        val = validation_ids(tok, data_path, train_args.get("encoding_errors", "strict"))
+        x, y = fixed_windows(val, config.block_size, max(1, args.eval_seqs), seed=0)
+        results["data"] = data_path
+    prompt = args.prompt
+    if "circuits" in sections:
+        try:
+            prompt_idx = tok.encode(prompt)
+        except TinyLMError:
+            raise TinyLMError("--prompt has characters outside the model's vocabulary") from None
+        if len(prompt_idx) == 0:
+            raise TinyLMError("--prompt must not be empty")
+        prompt = tok.decode(prompt_idx[-config.block_size:])
+    results["prompt"] = prompt
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        results["timings_s"][name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    for name in sections:
+        if name == "spectra":
+            from .weight_spectra import analyze_spectra
+
+            def run():
+                sec = {"trained": analyze_spectra(params, config, args.n_boot, progress=progress), "n_boot": args.n_boot}
+                if init is not None:
+                    sec["init"] = analyze_spectra(init, config, args.n_boot, progress=progress, desc="spectra (init)")
+                    sec["init_seed"] = init_seed
+                return sec
+        elif name == "circuits":
+            from .circuits import analyze_circuits
+
+            def run():
+                sec = analyze_circuits(params, config, x[:8], prompt_idx)
+                if init is not None:
+                    sec["init"] = analyze_circuits(init, config, x[:8], prompt_idx)
+                    del sec["init"]["prompt_attention"]
+                return sec
+        elif name == "embeddings":
+            from .embeddings import analyze_embeddings
+
+            def run():
+                sec = analyze_embeddings(params, config, list(chars))
+                if init is not None:
+                    sec["init"] = analyze_embeddings(init, config, list(chars))
+                return sec
+        elif name == "probes":
+            from .probes import analyze_probes
+            run = lambda: analyze_probes(params, config, x, y, list(chars))
+        elif name == "lowrank":
+            from .lowrank import rank_sweep
+            run = lambda: rank_sweep(params, config, [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)], progress=progress)
+        elif name == "curvature":
+            from .hessian import analyze_curvature
+            nb = max(1, args.hessian_batch)
+            run = lambda: analyze_curvature(params, config, x[:nb], y[:nb], meta.get("train_args") or {}, meta.get("step"),
+                                            ckpt.get("opt_state"), k=max(1, args.hessian_k), progress=progress)
+        elif name == "training":
+            run = lambda: training_logs(path)
+        results[name] = timed(name, run)
+    return results
+
+
+def training_logs(path):
+    """metrics.jsonl and spectra.jsonl from the checkpoint's folder (either may be missing)."""
+    from .tracking import read_jsonl
+    folder = os.path.dirname(os.path.abspath(path))
+    out = {"metrics": [], "spectra": [], "note": ""}
+    for key, fname in (("metrics", "metrics.jsonl"), ("spectra", "spectra.jsonl")):
+        p = os.path.join(folder, fname)
+        if os.path.isfile(p):
+            out[key] = read_jsonl(p)
+    if not out["metrics"]:
+        out["note"] = f"no metrics.jsonl next to the checkpoint in {folder}"
+    return out
+
+
+def _analyze(argv):
+    a = analyze_parser().parse_args(argv)
+    sections = parse_sections(a.only)
+    if a.n_boot < 0 or a.eval_seqs < 1 or a.hessian_k < 1 or a.hessian_batch < 1:
+        raise TinyLMError("--n-boot must be >= 0; --eval-seqs, --hessian-k and --hessian-batch >= 1")
+    path = checkpoint_path(a.checkpoint)
+    if a.report:
+        try:
+            os.makedirs(a.report, exist_ok=True)
+        except OSError as e:
+            raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(path, with_optimizer="curvature" in sections)
+    results = run_analysis(ckpt, path, sections, a)
+    out = sys.stdout
+    if "spectra" in results:
+        out.write(R.text_table(R.SPECTRA_HEADER, R.spectra_rows(results["spectra"]["trained"])) + "\n\n")
+    for line in R.section_summaries(results):
+        out.write(line + "\n")
+    if a.report:
+        figures = R.have_matplotlib()
+        R.write_json(results, os.path.join(a.report, "metrics.json"))
+        t1 = time.perf_counter()
+        R.write_html(results, os.path.join(a.report, "index.html"), figures=figures)
+        results["timings_s"]["report"] = round(time.perf_counter() - t1, 3)
+        out.write(f"\nwrote {os.path.join(a.report, 'index.html')} and metrics.json\n")
+        if not figures:
+            out.write("figures need matplotlib: pip install -e '.[plot]'\n")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings_s"].items())
+    out.write(f"done in {time.perf_counter() - t0:.1f}s ({timings})\n")
+    return 0
+
+
+def analyze_main(argv=None):
+    return run_cli(_analyze, argv)

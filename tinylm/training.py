@@ -298,8 +298,12 @@ def train(a, explicit=(), log=print):
         try:      # floating-point warnings stay quiet: a non-finite loss or gradient is checked below
             while True:
                 is_eval = step % a.eval_interval == 0 or step == a.max_iters
-                if is_eval and not (step == start and start > 0):
+                if is_eval and not (step == start and a.init_from == "resume"):   # evaluated before it was saved
                     losses = estimate_loss(params, config, splits, a, step)
+                    if not all(np.isfinite(v) for v in losses.values()):
+                        raise TinyLMError(f"training diverged at step {step}: evaluation loss {losses['train']} (train), "
+                                          f"{losses['val']} (val); {ckpt_path} keeps the last good state; "
+                                          f"try a lower --learning_rate")
                     if best is None or losses["val"] < best:
                         best = losses["val"]
                         save(step, best_path, with_optimizer=False)

@@ -14,7 +14,7 @@ from .errors import TinyLMError
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt")
 ENCODING_ERRORS = ("strict", "replace", "bytes")
-CHUNK_BYTES = 1 << 22
+CHUNK_BYTES = 1 << 20
 BOM = codecs.BOM_UTF8
 CR, LF = 13, 10
 

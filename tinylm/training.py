@@ -131,7 +131,7 @@ def check_saved_args(saved, ckpt_path):
               isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
               isinstance(v, int) and not isinstance(v, bool) if want is int else isinstance(v, want))
         if not ok:
-            raise CheckpointError(f"checkpoint {ckpt_path}: saved setting {k!r} is {v!r}, not a {want.__name__}")
+            raise CheckpointError(f"checkpoint {ckpt_path}: saved setting {k!r} is {v!r}, not of type {want.__name__}")
         good[k] = want(v)
     return good
 

@@ -158,3 +158,29 @@ def test_huge_learning_rate_stops_with_the_step_and_keeps_the_last_good_checkpoi
     proc = run_script("train.py", *flags(shakespeare_head, again, good, learning_rate=1e6, dropout=0.0), env=ENV)
     assert proc.returncode == 0, proc.stderr
     same_state(ckpt, load_checkpoint(os.path.join(again, "ckpt.npz")))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """Belt and braces behind the loss checks: if a weight became inf while the losses stayed finite,
+    the save refuses it and the previous checkpoint stays."""
+    import pytest
+    from tinylm import training
+    from tinylm.errors import TinyLMError
+    data = tmp_path / "t.txt"
+    data.write_text("abcdefgh ijklmnop\n" * 300)
+    real_step = training.adamw_step
+
+    def poisoned_step(params, grads, state, *args, **kw):
+        real_step(params, grads, state, *args, **kw)
+        if state["t"] == 4:       # the update that leads to step 4, an evaluation (and save) step
+            params["transformer.wpe.weight"][-1, 0] = np.inf
+
+    monkeypatch.setattr(training, "adamw_step", poisoned_step)
+    monkeypatch.setattr(training, "estimate_loss", lambda *a: {"train": 1.0, "val": 1.0})
+    args = training.TrainArgs(data=str(data), out_dir=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=8,
+                              block_size=8, batch_size=2, max_iters=10, eval_interval=2, eval_iters=1,
+                              sample_tokens=0, progress=False)
+    with pytest.raises(TinyLMError, match="diverged before step 4: transformer.wpe.weight is not finite"):
+        training.train(args, log=lambda *a: None)
+    ckpt = load_checkpoint(str(tmp_path / "o" / "ckpt.npz"))
+    assert ckpt["meta"]["step"] == 2 and all(np.isfinite(p).all() for p in ckpt["params"].values())

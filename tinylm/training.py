@@ -116,7 +116,7 @@ def prepare_out_dir(out_dir):
             os.fsync(f.fileno())
     except OSError as e:
         raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
-    remove_stale_temp_files(out_dir)
+    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz", "metrics.jsonl"))
 
 
 def check_saved_args(saved, ckpt_path):
@@ -150,7 +150,7 @@ def trim_metrics(metrics_path, last_step):
             if line.endswith(b"\n") and isinstance(row, dict) and isinstance(row.get("step"), int) \
                     and row["step"] <= last_step:
                 keep.append(line)
-    tmp = metrics_path + ".tmp"
+    tmp = f"{metrics_path}.{os.getpid()}.tmp"      # removed by remove_stale_temp_files if a crash leaves it
     with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, metrics_path)

@@ -5,13 +5,31 @@ Inside the zip: every weight under its nanoGPT name, the AdamW moments under
 holding the format version, model config, tokenizer, step, best validation loss,
 random states and training arguments.
 
-The reader does not trust the file: it parses each array's .npy header itself,
-accepts only the names, dtypes and shapes that the config in the same file implies,
-and reads exactly that many bytes. A hostile file is only data.
+Writing: the bytes go to an unnamed file in the target's folder (Linux O_TMPFILE; elsewhere a
+file named `<name>.<pid>.tmp`), are flushed to disk, then get a name and are renamed over the
+target. A crash at any moment leaves the old file or the new one, never a mix; on Linux a
+crash while writing leaves no temporary file at all, and `remove_stale_temp_files` clears any
+left elsewhere. A failed write (a full disk) removes its temporary file and raises
+CheckpointError; the previous checkpoint is untouched.
+
+Test hook: TINYLM_TEST_SLOW_SAVE=<seconds> makes every save print a line to stderr and sleep
+that long between writing the data and renaming it into place, so a test can kill the
+process while a checkpoint is being written. It is not meant for anything else.
+
+Reading: the reader does not trust the file. It accepts only stored (uncompressed) .npy
+members, parses each array's .npy header itself, accepts only the names, dtypes and shapes
+that the config in the same file implies, checks before reading that those arrays fit in the
+file, and reads exactly that many bytes (the zip CRC is then checked). A hostile file is only
+data: every failure is a CheckpointError, and no allocation exceeds the file's own size.
 """
+import errno
 import json
+import math
 import os
-import tempfile
+import re
+import struct
+import sys
+import time
 import zipfile
 import zlib
 
@@ -32,11 +50,91 @@ class CheckpointError(TinyLMError):
     """A checkpoint that cannot be read or does not hold what a tinylm checkpoint holds."""
 
 
+def _write_npz(f, arrays):
+    """The one place the bytes are written (tests replace it to simulate a full disk)."""
+    np.savez(f, **arrays)
+
+
+def _temp_name(path):
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def remove_stale_temp_files(folder, names=("ckpt.npz", "best.npz")):
+    """Delete `<name>.<anything>.tmp` left in folder by a crash mid-save (old or fallback writer). Returns them."""
+    pattern = re.compile("^(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        if pattern.match(entry):
+            try:
+                os.unlink(os.path.join(folder, entry))
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _write_to(fd, path, arrays):
+    """Write the archive to fd, flush it to disk; returns the open file object (caller closes it)."""
+    f = os.fdopen(fd, "wb")
+    try:
+        _write_npz(f, arrays)
+        f.flush()
+        os.fsync(f.fileno())
+        _test_pause(path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _write_unnamed(folder, tmp, path, arrays):
+    """Write to an unnamed file in folder (Linux O_TMPFILE), then link it as tmp. False where unavailable."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return False
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except OSError:
+        return False
+    with _write_to(fd, path, arrays) as f:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:     # a dir fd makes os.link use linkat(..., AT_SYMLINK_FOLLOW), which resolves /proc/self/fd/N
+            os.link(f"/proc/self/fd/{f.fileno()}", os.path.basename(tmp), dst_dir_fd=dir_fd, follow_symlinks=True)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return False        # e.g. no /proc magic links: write again under a name
+        finally:
+            os.close(dir_fd)
+    return True
+
+
+def _write_named(tmp, path, arrays):
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    _write_to(fd, path, arrays).close()
+
+
+def _test_pause(path):
+    delay = os.environ.get("TINYLM_TEST_SLOW_SAVE")
+    if delay:
+        sys.stderr.write(f"tinylm-test: saving {os.path.basename(path)}\n")
+        sys.stderr.flush()
+        time.sleep(float(delay))
+
+
 def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     """Write params (and optimizer moments, if given) with their metadata to path, atomically.
 
-    The file is written under a temporary name in the same folder, flushed to disk and
-    renamed over `path`, so a crash at any moment leaves either the old file or the new one.
+    The data is written to an unnamed (or temporary) file in the same folder, flushed to disk
+    and renamed over `path`, so a crash at any moment leaves either the old file or the new one.
+    An OSError while writing (e.g. a full disk) becomes a CheckpointError; the old file stays.
     """
     meta = dict(meta or {})
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, config=config.to_dict(),
@@ -50,17 +148,21 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = _temp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            if not _write_unnamed(folder, tmp, path, arrays):
+                _write_named(tmp, path, arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+                              f"any previous checkpoint there is unchanged") from e
     try:     # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -72,64 +174,116 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     return path
 
 
+def _read_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+def _read_exactly(f, nbytes, what, path):
+    """nbytes from the member, then make sure nothing follows (which also makes zipfile check the CRC)."""
+    data = f.read(nbytes)
+    trailing = f.read(1)
+    if len(data) != nbytes or trailing:
+        raise CheckpointError(f"damaged checkpoint {path}: {what} does not match its header")
+    return data
+
+
 def _read_npy(zf, info, expected_dtype, expected_shape, path):
     """One array from the zip member, checked against the dtype and shape it must have."""
     name = info.filename[:-4]
     with zf.open(info) as f:
         try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            shape, fortran, dtype = _read_header(f)
+        except (ValueError, SyntaxError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"damaged checkpoint {path}: array {name!r} has a bad header ({e})") from None
         if dtype.hasobject or dtype != np.dtype(expected_dtype):
             raise CheckpointError(f"checkpoint {path}: array {name!r} has dtype {dtype}, expected {np.dtype(expected_dtype)}")
         if tuple(shape) != tuple(expected_shape):
             raise CheckpointError(f"checkpoint {path}: array {name!r} has shape {tuple(shape)}, "
                                   f"expected {tuple(expected_shape)} from the config")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        try:
-            data = f.read(nbytes)
-            trailing = f.read(1)       # also makes zipfile verify the member's CRC
-        except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-            raise CheckpointError(f"damaged checkpoint {path}: array {name!r} cannot be read ({e})") from None
-        if len(data) != nbytes or trailing:
-            raise CheckpointError(f"damaged checkpoint {path}: array {name!r} does not match its header")
+        data = _read_exactly(f, math.prod(shape) * dtype.itemsize, f"array {name!r}", path)
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return np.array(array, order="C")      # writable, owns its memory
 
 
-def _read_meta(zf, members, path):
+def _read_meta(zf, members, path, file_size):
     info = members.get(META_KEY)
     if info is None:
         raise CheckpointError(f"not a tinylm checkpoint (no {META_KEY}): {path}")
-    if info.file_size > MAX_META_BYTES:
+    if info.file_size > min(MAX_META_BYTES, file_size):
         raise CheckpointError(f"checkpoint {path}: metadata is implausibly large ({info.file_size} bytes)")
     with zf.open(info) as f:
         try:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0(f))
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            shape, _, dtype = _read_header(f)
+        except (ValueError, SyntaxError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"damaged checkpoint {path}: bad metadata header ({e})") from None
-        if dtype != np.uint8 or len(shape) != 1 or shape[0] > MAX_META_BYTES:
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] > info.file_size:
             raise CheckpointError(f"checkpoint {path}: metadata has the wrong form")
-        raw = f.read(shape[0])
+        raw = _read_exactly(f, shape[0], "the metadata", path)
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointError(f"damaged checkpoint {path}: metadata is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"not a tinylm checkpoint: {path}")
     version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this tinylm reads "
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this tinylm reads "
                               f"version {FORMAT_VERSION} (upgrade tinylm to read newer files)")
+    _check_meta_fields(meta, path)
     return meta
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_meta_fields(meta, path):
+    """The fields training and sampling rely on, when present, have the types they need."""
+    def bad(field, why):
+        raise CheckpointError(f"checkpoint {path}: metadata field {field!r} {why}")
+    for field in ("step", "optim_t"):
+        if field in meta and not (_is_int(meta[field]) and 0 <= meta[field] < 2 ** 62):
+            bad(field, "is not a non-negative integer")
+    if meta.get("best_val_loss") is not None and (isinstance(meta["best_val_loss"], bool)
+                                                  or not isinstance(meta["best_val_loss"], (int, float))):
+        bad("best_val_loss", "is not a number")
+    if "elapsed_s" in meta and (isinstance(meta["elapsed_s"], bool) or not isinstance(meta["elapsed_s"], (int, float))):
+        bad("elapsed_s", "is not a number")
+    if "train_args" in meta and not isinstance(meta["train_args"], dict):
+        bad("train_args", "is not an object")
+    if "rng" in meta:
+        rng = meta["rng"]
+        if not isinstance(rng, dict) or set(rng) != {"batch", "dropout"}:
+            bad("rng", "does not hold the batch and dropout random states")
+        for key, state in rng.items():
+            try:
+                np.random.default_rng().bit_generator.state = state
+            except (TypeError, ValueError, KeyError, OverflowError, AttributeError):
+                bad("rng", f"holds an invalid {key} random state")
+
+
+def _members(zf, path, file_size):
+    """{array name: ZipInfo} for a zip of stored, unencrypted .npy members that lie inside the file."""
+    members = {}
+    for info in zf.infolist():
+        name = info.filename
+        if not name.endswith(".npy") or name[:-4] in members:
+            raise CheckpointError(f"checkpoint {path} has an unexpected entry {name!r}")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise CheckpointError(f"checkpoint {path}: entry {name!r} is compressed or encrypted; "
+                                  f"tinylm writes and reads only stored arrays")
+        if info.compress_size != info.file_size or info.header_offset + info.file_size > file_size:
+            raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} claims {info.file_size} bytes "
+                                  f"that the file does not hold")
+        members[name[:-4]] = info
+    return members
 
 
 def load_checkpoint(path, with_optimizer=True):
@@ -142,42 +296,66 @@ def load_checkpoint(path, with_optimizer=True):
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"not a readable checkpoint (damaged, truncated or not a .npz file): {path}") from None
-    with zf:
-        members = {}
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy") or info.filename[:-4] in members:
-                raise CheckpointError(f"checkpoint {path} has an unexpected entry {info.filename!r}")
-            members[info.filename[:-4]] = info
-        meta = _read_meta(zf, members, path)
-        config = GPTConfig.from_dict(meta.get("config"))
-        tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
-        if tokenizer.vocab_size != config.vocab_size:
-            raise CheckpointError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens "
-                                  f"but the model expects {config.vocab_size}")
-        dtype = FLOAT_DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"checkpoint {path}: unsupported dtype {meta.get('dtype')!r}")
-        shapes = param_shapes(config)
-        has_optimizer = "optim_t" in meta
-        expected = set(shapes) | {META_KEY}
-        if has_optimizer:
-            expected |= {f"optim.{m}.{k}" for k in shapes for m in "mv"}
-        missing, extra = expected - set(members), set(members) - expected
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
-        if extra:
-            raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(sorted(extra)[:3])}")
-        try:
-            params = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in shapes.items()}
-            opt_state = None
-            if has_optimizer and with_optimizer:
-                opt_state = {"t": int(meta["optim_t"]),
-                             "m": {k: _read_npy(zf, members["optim.m." + k], dtype, s, path) for k, s in shapes.items()},
-                             "v": {k: _read_npy(zf, members["optim.v." + k], dtype, s, path) for k, s in shapes.items()}}
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise CheckpointError(f"damaged checkpoint {path}: {e}") from None
-    return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": opt_state, "meta": meta}
+        return _load(path, with_optimizer)
+    except CheckpointError:
+        raise
+    except TinyLMError as e:            # a config or tokenizer that cannot work
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, struct.error, ValueError,
+            NotImplementedError, RuntimeError, OverflowError, UnicodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"not a readable checkpoint (damaged, truncated or not a .npz file): {path} "
+                              f"({type(e).__name__}: {e})") from e
 
+
+def _load(path, with_optimizer):
+    with open(path, "rb") as raw:
+        file_size = os.fstat(raw.fileno()).st_size
+        try:
+            zf = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
+            raise CheckpointError(f"not a readable checkpoint (damaged, truncated or not a .npz file): {path}") from e
+        with zf:
+            return _load_from_zip(zf, path, file_size, with_optimizer)
+
+
+def _load_from_zip(zf, path, file_size, with_optimizer):
+    members = _members(zf, path, file_size)
+    meta = _read_meta(zf, members, path, file_size)
+    config = GPTConfig.from_dict(meta.get("config"))
+    try:
+        tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
+    except ImportError as e:
+        raise CheckpointError(f"checkpoint {path} needs a tokenizer this tinylm does not have ({e})") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens "
+                              f"but the model expects {config.vocab_size}")
+    dtype = FLOAT_DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"checkpoint {path}: unsupported dtype {meta.get('dtype')!r}")
+    shapes = param_shapes(config)
+    has_optimizer = "optim_t" in meta
+    expected = set(shapes) | {META_KEY}
+    if has_optimizer:
+        expected |= {f"optim.{m}.{k}" for k in shapes for m in "mv"}
+    missing, extra = expected - set(members), set(members) - expected
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
+    if extra:
+        raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(sorted(extra)[:3])}")
+    # Bound every allocation before making it: the arrays the config implies must fit in the file.
+    itemsize = np.dtype(dtype).itemsize
+    implied = sum(math.prod(s) for s in shapes.values()) * itemsize * (3 if has_optimizer else 1)
+    if implied > file_size:
+        raise CheckpointError(f"checkpoint {path}: its config implies {implied:,} bytes of arrays, "
+                              f"but the file has only {file_size:,} bytes")
+    for k, s in shapes.items():
+        for name in [k] + ([f"optim.m.{k}", f"optim.v.{k}"] if has_optimizer else []):
+            if members[name].file_size < math.prod(s) * itemsize:
+                raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} is too small for shape {s}")
+    params = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in shapes.items()}
+    opt_state = None
+    if has_optimizer and with_optimizer:
+        opt_state = {"t": int(meta["optim_t"]),
+                     "m": {k: _read_npy(zf, members["optim.m." + k], dtype, s, path) for k, s in shapes.items()},
+                     "v": {k: _read_npy(zf, members["optim.v." + k], dtype, s, path) for k, s in shapes.items()}}
+    return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": opt_state, "meta": meta}

@@ -23,7 +23,7 @@ def run_cli(main, argv):
     except TinyLMError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{getattr(e, 'prefix', 'error: ')}{e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         if debug:
@@ -126,8 +126,12 @@ def _sample(argv):
 
     a = sample_parser().parse_args(argv)
     check_sampling_args(a.temperature, a.top_k, a.top_p)
-    if a.num_samples < 1 or a.max_new_tokens < 0:
-        raise TinyLMError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    if a.num_samples < 1:
+        raise TinyLMError(f"--num_samples must be >= 1, got {a.num_samples}")
+    if a.max_new_tokens < 0:
+        raise TinyLMError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    if a.seed < 0:
+        raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
     path = a.checkpoint if os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and not \
         os.path.exists(os.path.join(a.out_dir, a.checkpoint)) else os.path.join(a.out_dir, a.checkpoint)
     ckpt = load_checkpoint(path, with_optimizer=False)

@@ -1,7 +1,8 @@
 """The character tokenizer: one token per distinct character of the training text, in sorted order.
 
-Encoding goes through NumPy (the text's code points, then a binary search in the
-sorted vocabulary), so a large file never becomes a Python object per character.
+Encoding goes through NumPy (the text's code points, then a lookup table from code
+point to token id), so a large file never becomes a Python object per character;
+`encode_points` takes code points directly, so data.py can encode a file chunk by chunk.
 """
 import numpy as np
 
@@ -34,14 +35,20 @@ class CharTokenizer:
         self.chars = chars
         self._points = points
         self.dtype = smallest_id_dtype(len(chars))
+        self._lut = None
+
+    @classmethod
+    def from_points(cls, points):
+        """The tokenizer whose characters are these distinct code points (any integer array)."""
+        points = np.unique(np.asarray(points, dtype=np.uint32))
+        return cls(points.tobytes().decode("utf-32-le", "surrogatepass"))
 
     @classmethod
     def from_text(cls, text):
         """The sorted set of the text's characters."""
         if not text:
             raise TinyLMError("cannot build a tokenizer from an empty text")
-        points = np.unique(code_points(text))
-        return cls(points.tobytes().decode("utf-32-le", "surrogatepass"))
+        return cls.from_points(code_points(text))
 
     @property
     def vocab_size(self):
@@ -49,12 +56,22 @@ class CharTokenizer:
 
     def encode(self, text):
         """str -> 1-D array of token ids (uint8/uint16). Refuses characters outside the vocabulary."""
-        points = code_points(text)
-        ids = np.searchsorted(self._points, points)
-        ids_clipped = np.minimum(ids, len(self._points) - 1)
-        unknown = self._points[ids_clipped] != points
+        return self.encode_points(code_points(text))
+
+    def encode_points(self, points):
+        """Code points (uint8 or uint32 array) -> token ids, through a table of at most 0x110000 entries."""
+        if self._lut is None:
+            self._lut = np.full(int(self._points[-1]) + 1, -1, dtype=np.int32)
+            self._lut[self._points] = np.arange(len(self._points), dtype=np.int32)
+        points = np.asarray(points)
+        if points.size and int(points.max()) >= len(self._lut):
+            ids = self._lut[np.minimum(points, len(self._lut) - 1)]
+            ids[points >= len(self._lut)] = -1
+        else:
+            ids = self._lut[points]
+        unknown = ids < 0
         if np.any(unknown):
-            bad = sorted({chr(c) for c in points[unknown][:1000]})
+            bad = sorted({chr(c) for c in points[unknown][:1000].tolist()})
             shown = ", ".join(repr(c) for c in bad[:5])
             raise TinyLMError(f"text has character(s) the model never saw: {shown}"
                               f"{' ...' if len(bad) > 5 else ''}; use only characters of its training text")

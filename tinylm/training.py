@@ -11,12 +11,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import model as M
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DEFAULT_DATA, check_long_enough, get_batch, read_text, train_val_split
+from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, train_val_split
 from .errors import TinyLMError
 from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
 from .sampling import sample_next
-from .tokenizer import CharTokenizer
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
@@ -75,7 +74,8 @@ HELP = {
     "eval_interval": "evaluate, log and checkpoint every this many steps",
     "eval_iters": "batches per loss estimate at each evaluation",
     "seed": "random seed for initialization, batches and dropout",
-    "encoding_errors": "'strict' refuses text that is not UTF-8; 'replace' reads it with U+FFFD for bad bytes",
+    "encoding_errors": "'strict' refuses text that is not UTF-8 (naming the first bad byte); 'replace' reads it "
+                       "with U+FFFD for bad bytes; 'bytes' reads every byte as one character (Latin-1), never fails",
     "sample_tokens": "length of the sample printed at the end (0 for none)",
     "progress": "show the progress bar (true/false)",
     "track_spectra": "at every evaluation, log each weight matrix's spectral metrics to OUT_DIR/spectra.jsonl",
@@ -100,18 +100,60 @@ def validate_args(a):
             raise TinyLMError(f"--{name} must be in [0, 1), got {getattr(a, name)}")
     if a.init_from not in ("scratch", "resume"):
         raise TinyLMError(f"--init_from must be 'scratch' or 'resume', got {a.init_from!r}")
-    if a.encoding_errors not in ("strict", "replace"):
-        raise TinyLMError(f"--encoding_errors must be 'strict' or 'replace', got {a.encoding_errors!r}")
+    if a.encoding_errors not in ENCODING_ERRORS:
+        raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {a.encoding_errors!r}")
+    if a.seed < 0:
+        raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
 
 
 def prepare_out_dir(out_dir):
-    """Create out_dir and prove it is writable now, not after an hour of training."""
+    """Create out_dir and prove it is writable now, not after an hour of training; clear temp files of a crash."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
+        with tempfile.TemporaryFile(dir=out_dir) as f:
+            f.write(b"tinylm")
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz", "metrics.jsonl"))
+
+
+def check_saved_args(saved, ckpt_path):
+    """Training settings kept in a checkpoint, each of the type its flag takes (a stranger's file is only data)."""
+    defaults = TrainArgs()
+    good = {}
+    for k, v in saved.items():
+        if k not in HELP:
+            continue
+        want = type(getattr(defaults, k))
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+              isinstance(v, int) and not isinstance(v, bool) if want is int else isinstance(v, want))
+        if not ok:
+            raise CheckpointError(f"checkpoint {ckpt_path}: saved setting {k!r} is {v!r}, not of type {want.__name__}")
+        good[k] = want(v)
+    return good
+
+
+def trim_metrics(metrics_path, last_step):
+    """On resume: keep only whole log lines up to the resumed step (a killed run may have logged past it)."""
+    if not os.path.exists(metrics_path):
+        return
+    keep = []
+    with open(metrics_path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith(b"\n") and isinstance(row, dict) and isinstance(row.get("step"), int) \
+                    and row["step"] <= last_step:
+                keep.append(line)
+    tmp = f"{metrics_path}.{os.getpid()}.tmp"      # removed by remove_stale_temp_files if a crash leaves it
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+    os.replace(tmp, metrics_path)
 
 
 def estimate_loss(params, config, splits, a, step):
@@ -128,34 +170,44 @@ def estimate_loss(params, config, splits, a, step):
 
 
 class StopRequested:
-    """Turns the first Ctrl-C into a flag checked between steps; a second one stops at once."""
+    """Turns the first Ctrl-C (or SIGTERM) into a flag checked between steps; a second one stops at once."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signum = None
+        self.previous = {}
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT"):
+        for sig in self.SIGNALS:
             try:
-                self.previous = signal.signal(signal.SIGINT, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:       # not in the main thread: leave signals alone
-                self.previous = None
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
         return False
 
 
 class Interrupted(TinyLMError):
-    """Training stopped by Ctrl-C after saving; exit status 130."""
+    """Training stopped by Ctrl-C after saving; exit status 130 (143 for SIGTERM). Printed without 'error:'."""
     exit_code = 130
+    prefix = ""
+
+    def __init__(self, message, signum=None):
+        super().__init__(message)
+        if signum is not None:
+            self.exit_code = 128 + int(signum)
 
 
 def setup(a, explicit=()):
@@ -165,7 +217,11 @@ def setup(a, explicit=()):
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["opt_state"] is None:
             raise CheckpointError(f"{ckpt_path} has no optimizer state, so it cannot be resumed")
-        saved = ckpt["meta"].get("train_args", {})
+        meta = ckpt["meta"]
+        for field in ("step", "rng"):
+            if field not in meta:
+                raise CheckpointError(f"{ckpt_path} has no {field!r} in its metadata, so it cannot be resumed")
+        saved = check_saved_args(meta.get("train_args", {}), ckpt_path)
         config = ckpt["config"]
         for name in MODEL_FIELDS:
             if name in explicit and getattr(a, name) != getattr(config, name):
@@ -174,28 +230,27 @@ def setup(a, explicit=()):
         merged = {**dataclasses.asdict(TrainArgs()), **{k: v for k, v in saved.items() if k in HELP}}
         merged.update({k: getattr(a, k) for k in explicit})
         merged["init_from"] = "resume"
+        merged["out_dir"] = a.out_dir          # where the checkpoint was found, not where it was first written
         a = TrainArgs(**merged)
         validate_args(a)
         tokenizer = ckpt["tokenizer"]
         params, opt_state = ckpt["params"], ckpt["opt_state"]
-        meta = ckpt["meta"]
         state = {"step": int(meta["step"]), "best_val_loss": meta.get("best_val_loss"),
                  "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
                  "elapsed_s": float(meta.get("elapsed_s", 0.0))}
-        text = read_text(a.data, a.encoding_errors)
-        ids = tokenizer.encode(text)
+        _, ids = load_ids(a.data, a.encoding_errors, tokenizer)
+        trim_metrics(os.path.join(a.out_dir, "metrics.jsonl"), state["step"])
     else:
-        text = read_text(a.data, a.encoding_errors)
-        tokenizer = CharTokenizer.from_text(text)
+        M.GPTConfig(block_size=a.block_size, vocab_size=1, n_layer=a.n_layer, n_head=a.n_head,
+                    n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()     # before reading the data
+        tokenizer, ids = load_ids(a.data, a.encoding_errors)
         config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
                              n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
-        ids = tokenizer.encode(text)
         params = M.init_params(config, seed=a.seed)
         opt_state = adamw_init(params)
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
                  "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
                  "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
-    del text
     train_ids, val_ids = train_val_split(ids)
     check_long_enough(train_ids, val_ids, config.block_size)
     return a, config, tokenizer, params, opt_state, state, {"train": train_ids, "val": val_ids}
@@ -224,6 +279,10 @@ def train(a, explicit=(), log=print):
         f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
 
     def save(step, path=ckpt_path, with_optimizer=True):
+        bad = [k for k, p in params.items() if not np.isfinite(p).all()]
+        if bad:        # never replace a good checkpoint with a broken state
+            raise TinyLMError(f"training diverged before step {step}: {bad[0]} is not finite; "
+                              f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
         meta = {"step": step, "best_val_loss": best, "train_args": dataclasses.asdict(a),
                 "rng": {"batch": batch_rng.bit_generator.state, "dropout": dropout_rng.bit_generator.state},
                 "elapsed_s": elapsed()}
@@ -235,12 +294,16 @@ def train(a, explicit=(), log=print):
     bar = tqdm(total=a.max_iters, initial=start, unit="step", disable=not a.progress, dynamic_ncols=True,
                desc="train", file=sys.stderr)
     step = start
-    with StopRequested() as stop:
-        try:
+    with StopRequested() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:      # floating-point warnings stay quiet: a non-finite loss or gradient is checked below
             while True:
                 is_eval = step % a.eval_interval == 0 or step == a.max_iters
-                if is_eval and not (step == start and start > 0):
+                if is_eval and not (step == start and a.init_from == "resume"):   # evaluated before it was saved
                     losses = estimate_loss(params, config, splits, a, step)
+                    if not all(np.isfinite(v) for v in losses.values()):
+                        raise TinyLMError(f"training diverged at step {step}: evaluation loss {losses['train']} (train), "
+                                          f"{losses['val']} (val); {ckpt_path} keeps the last good state; "
+                                          f"try a lower --learning_rate")
                     if best is None or losses["val"] < best:
                         best = losses["val"]
                         save(step, best_path, with_optimizer=False)
@@ -259,7 +322,8 @@ def train(a, explicit=(), log=print):
                 if stop.requested:      # checked between steps, so the saved state is always whole
                     save(step)
                     raise Interrupted(f"interrupted at step {step}; saved {ckpt_path}; "
-                                      f"continue with: python train.py --out_dir {a.out_dir} --init_from resume")
+                                      f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
+                                      stop.signum if stop.signum != getattr(signal, "SIGINT", None) else None)
                 lr = learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
@@ -287,5 +351,6 @@ def train(a, explicit=(), log=print):
         text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
         log(f"--- sample after {step} steps ---\n{text}\n---")
         summary["sample"] = text
-    log(f"done: {step} steps in {summary['elapsed_s']:.1f}s, best val loss {best:.4f}; saved {ckpt_path} and {best_path}")
+    best_text = "n/a" if best is None else f"{best:.4f}"
+    log(f"done: {step} steps in {summary['elapsed_s']:.1f}s, best val loss {best_text}; saved {ckpt_path} and {best_path}")
     return summary

@@ -25,6 +25,12 @@ def run_cli(main, argv):
             traceback.print_exc()
         print(f"{getattr(e, 'prefix', 'error: ')}{e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+    except BrokenPipeError:       # e.g. `python sample.py | head`: the reader has all it wanted
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

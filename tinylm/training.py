@@ -11,13 +11,15 @@ import numpy as np
 from tqdm import tqdm
 
 from . import model as M
+from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
-from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, train_val_split
+from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
 from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
 from .sampling import sample_next
+from .tokenizer import CharTokenizer
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size")
 
 
 @dataclasses.dataclass
@@ -46,6 +48,8 @@ class TrainArgs:
     eval_iters: int = 20
     seed: int = 1337
     encoding_errors: str = "strict"
+    tokenizer: str = "char"
+    vocab_size: int = 512
     sample_tokens: int = 300
     progress: bool = True
     track_spectra: bool = False
@@ -74,6 +78,8 @@ HELP = {
     "eval_interval": "evaluate, log and checkpoint every this many steps",
     "eval_iters": "batches per loss estimate at each evaluation",
     "seed": "random seed for initialization, batches and dropout",
+    "tokenizer": "'char' (one token per distinct character) or 'bpe' (byte-level BPE learned from the text)",
+    "vocab_size": "with --tokenizer bpe: vocabulary size, at least 257 (256 bytes + <|endoftext|>)",
     "encoding_errors": "'strict' refuses text that is not UTF-8 (naming the first bad byte); 'replace' reads it "
                        "with U+FFFD for bad bytes; 'bytes' reads every byte as one character (Latin-1), never fails",
     "sample_tokens": "length of the sample printed at the end (0 for none)",
@@ -100,6 +106,10 @@ def validate_args(a):
             raise TinyLMError(f"--{name} must be in [0, 1), got {getattr(a, name)}")
     if a.init_from not in ("scratch", "resume"):
         raise TinyLMError(f"--init_from must be 'scratch' or 'resume', got {a.init_from!r}")
+    if a.tokenizer not in ("char", "bpe"):
+        raise TinyLMError(f"--tokenizer must be 'char' or 'bpe', got {a.tokenizer!r}")
+    if a.tokenizer == "bpe" and a.vocab_size < 257:
+        raise TinyLMError(f"--vocab_size must be at least 257 for --tokenizer bpe, got {a.vocab_size}")
     if a.encoding_errors not in ENCODING_ERRORS:
         raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {a.encoding_errors!r}")
     if a.seed < 0:
@@ -210,6 +220,13 @@ class Interrupted(TinyLMError):
             self.exit_code = 128 + int(signum)
 
 
+def encode_file(path, errors, tokenizer):
+    """The file's token ids under an existing tokenizer: chunked for characters, whole text for BPE."""
+    if isinstance(tokenizer, CharTokenizer):
+        return load_ids(path, errors, tokenizer)[1]
+    return tokenizer.encode(read_text(path, errors))
+
+
 def setup(a, explicit=()):
     """Build or resume everything training needs: (args, config, tokenizer, params, opt_state, state, splits)."""
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
@@ -238,12 +255,16 @@ def setup(a, explicit=()):
         state = {"step": int(meta["step"]), "best_val_loss": meta.get("best_val_loss"),
                  "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
                  "elapsed_s": float(meta.get("elapsed_s", 0.0))}
-        _, ids = load_ids(a.data, a.encoding_errors, tokenizer)
+        ids = encode_file(a.data, a.encoding_errors, tokenizer)
         trim_metrics(os.path.join(a.out_dir, "metrics.jsonl"), state["step"])
     else:
         M.GPTConfig(block_size=a.block_size, vocab_size=1, n_layer=a.n_layer, n_head=a.n_head,
                     n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()     # before reading the data
-        tokenizer, ids = load_ids(a.data, a.encoding_errors)
+        if a.tokenizer == "bpe":
+            tokenizer = train_bpe(read_text(a.data, a.encoding_errors), a.vocab_size, verbose=a.progress)
+            ids = encode_file(a.data, a.encoding_errors, tokenizer)
+        else:
+            tokenizer, ids = load_ids(a.data, a.encoding_errors)
         config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
                              n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
         params = M.init_params(config, seed=a.seed)
@@ -346,7 +367,10 @@ def train(a, explicit=(), log=print):
     summary = {"step": step, "best_val_loss": best, "elapsed_s": elapsed(), "checkpoint": ckpt_path}
     if a.sample_tokens:
         rng = np.random.default_rng(a.seed)
-        prompt = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", "") else np.array([0])
+        try:
+            prompt = tokenizer.encode("\n")
+        except TinyLMError:        # a text without line breaks: start from its first token
+            prompt = np.array([0])
         pick = lambda logits: sample_next(logits, temperature=0.8, top_k=200, rng=rng)
         text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
         log(f"--- sample after {step} steps ---\n{text}\n---")

@@ -1,6 +1,5 @@
 """analyze.py end to end on a small trained model, and its one-line errors."""
 import json
-import os
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The model-facing analysis on inputs whose answers are known: head extraction, circuits, head detection,
 probes and logit lens, low-rank truncation, Hessian-vector products and tracking."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Every backward agrees with central finite differences in float64, and the checker itself can fail."""
-import numpy as np
 import pytest
 
 from tinylm import gradcheck, layers

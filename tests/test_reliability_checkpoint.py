@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tinylm import atomic
 from tinylm import checkpoint as C
 from tinylm import model as M
 from tinylm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -224,7 +225,7 @@ def test_the_named_temp_file_fallback_also_cleans_up(tmp_path, monkeypatch, real
     and a crash's leftover is removed when training next starts in that folder."""
     ck = real["ckpt"]
     path = tmp_path / "ckpt.npz"
-    monkeypatch.setattr(C, "_write_unnamed", lambda *a: False)
+    monkeypatch.setattr(atomic, "write_unnamed", lambda *a: False)
     save_checkpoint(str(path), ck["params"], ck["config"], ck["tokenizer"], ck["opt_state"], {"step": 1})
     before = path.read_bytes()
 

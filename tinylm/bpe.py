@@ -26,7 +26,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
+from tinylm.atomic import atomic_write
 from tinylm.errors import TinyLMError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -415,19 +415,8 @@ def _validate(vocab, merges) -> None:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """Write ``text`` as UTF-8 to ``path`` so that a crash leaves the old file or the new one."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------- training

@@ -5,16 +5,9 @@ Inside the zip: every weight under its nanoGPT name, the AdamW moments under
 holding the format version, model config, tokenizer, step, best validation loss,
 random states and training arguments.
 
-Writing: the bytes go to an unnamed file in the target's folder (Linux O_TMPFILE; elsewhere a
-file named `<name>.<pid>.tmp`), are flushed to disk, then get a name and are renamed over the
-target. A crash at any moment leaves the old file or the new one, never a mix; on Linux a
-crash while writing leaves no temporary file at all, and `remove_stale_temp_files` clears any
-left elsewhere. A failed write (a full disk) removes its temporary file and raises
+Writing goes through `atomic.atomic_write`: a crash at any moment leaves the old file or the
+new one, never a mix, and no temporary file. A failed write (a full disk) raises
 CheckpointError; the previous checkpoint is untouched.
-
-Test hook: TINYLM_TEST_SLOW_SAVE=<seconds> makes every save print a line to stderr and sleep
-that long between writing the data and renaming it into place, so a test can kill the
-process while a checkpoint is being written. It is not meant for anything else.
 
 Reading: the reader does not trust the file. It accepts only stored (uncompressed) .npy
 members, parses each array's .npy header itself, accepts only the names, dtypes and shapes
@@ -22,19 +15,16 @@ that the config in the same file implies, checks before reading that those array
 file, and reads exactly that many bytes (the zip CRC is then checked). A hostile file is only
 data: every failure is a CheckpointError, and no allocation exceeds the file's own size.
 """
-import errno
 import json
 import math
 import os
-import re
 import struct
-import sys
-import time
 import zipfile
 import zlib
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import TinyLMError
 from .model import GPTConfig, param_shapes
 from .tokenizer import tokenizer_from_dict
@@ -55,80 +45,6 @@ def _write_npz(f, arrays):
     np.savez(f, **arrays)
 
 
-def _temp_name(path):
-    return f"{path}.{os.getpid()}.tmp"
-
-
-def remove_stale_temp_files(folder, names=("ckpt.npz", "best.npz")):
-    """Delete `<name>.<anything>.tmp` left in folder by a crash mid-save (old or fallback writer). Returns them."""
-    pattern = re.compile("^(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]+\.tmp$")
-    removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        if pattern.match(entry):
-            try:
-                os.unlink(os.path.join(folder, entry))
-                removed.append(entry)
-            except OSError:
-                pass
-    return removed
-
-
-def _write_to(fd, path, arrays):
-    """Write the archive to fd, flush it to disk; returns the open file object (caller closes it)."""
-    f = os.fdopen(fd, "wb")
-    try:
-        _write_npz(f, arrays)
-        f.flush()
-        os.fsync(f.fileno())
-        _test_pause(path)
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def _write_unnamed(folder, tmp, path, arrays):
-    """Write to an unnamed file in folder (Linux O_TMPFILE), then link it as tmp. False where unavailable."""
-    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
-        return False
-    try:
-        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
-    except OSError:
-        return False
-    with _write_to(fd, path, arrays) as f:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:     # a dir fd makes os.link use linkat(..., AT_SYMLINK_FOLLOW), which resolves /proc/self/fd/N
-            os.link(f"/proc/self/fd/{f.fileno()}", os.path.basename(tmp), dst_dir_fd=dir_fd, follow_symlinks=True)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            return False        # e.g. no /proc magic links: write again under a name
-        finally:
-            os.close(dir_fd)
-    return True
-
-
-def _write_named(tmp, path, arrays):
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    _write_to(fd, path, arrays).close()
-
-
-def _test_pause(path):
-    delay = os.environ.get("TINYLM_TEST_SLOW_SAVE")
-    if delay:
-        sys.stderr.write(f"tinylm-test: saving {os.path.basename(path)}\n")
-        sys.stderr.flush()
-        time.sleep(float(delay))
-
-
 def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     """Write params (and optimizer moments, if given) with their metadata to path, atomically.
 
@@ -147,30 +63,11 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
             arrays["optim.v." + name] = opt_state["v"][name]
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = _temp_name(path)
     try:
-        try:
-            if not _write_unnamed(folder, tmp, path, arrays):
-                _write_named(tmp, path, arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda f: _write_npz(f, arrays))
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                               f"any previous checkpoint there is unchanged") from e
-    try:     # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
     return path
 
 

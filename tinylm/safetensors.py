@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from tinylm.atomic import atomic_write
 from tinylm.errors import TinyLMError
 
 # A header larger than this is refused before it is read (the reference
@@ -97,38 +97,13 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
     header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # keeps the data region 8-byte aligned
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            for array in arrays:
-                # A byte view of the array itself: no copy of the tensor is made.
-                f.write(array.reshape(-1).view(np.uint8).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_folder(folder)
+    def write(f):
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for array in arrays:
+            f.write(array.reshape(-1).view(np.uint8).data)    # a byte view: no copy of the tensor
 
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable where the OS allows syncing a directory."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some systems (e.g. Windows) cannot fsync a directory; the data is already safe
-    finally:
-        os.close(fd)
+    atomic_write(path, write)
 
 
 def load_file(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:

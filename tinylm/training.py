@@ -11,8 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import model as M
+from .atomic import atomic_write, remove_stale_temp_files
 from .bpe import train_bpe
-from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
 from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
@@ -160,10 +161,7 @@ def trim_metrics(metrics_path, last_step):
             if line.endswith(b"\n") and isinstance(row, dict) and isinstance(row.get("step"), int) \
                     and row["step"] <= last_step:
                 keep.append(line)
-    tmp = f"{metrics_path}.{os.getpid()}.tmp"      # removed by remove_stale_temp_files if a crash leaves it
-    with open(tmp, "wb") as f:
-        f.writelines(keep)
-    os.replace(tmp, metrics_path)
+    atomic_write(metrics_path, lambda f: f.writelines(keep))
 
 
 def estimate_loss(params, config, splits, a, step):

@@ -4,7 +4,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 from ..checkpoint import load_checkpoint
 from ..cli import OneLineParser, run_cli

@@ -33,10 +33,10 @@ def _export(argv):
     if os.path.exists(a.folder):
         if not os.path.isdir(a.folder):
             raise TinyLMError(f"{a.folder} exists and is not a folder")
-        if os.listdir(a.folder) and not a.force:
-            raise TinyLMError(f"{a.folder} is not empty; pass --force to write into it anyway")
         if os.path.isdir(a.checkpoint) and os.path.samefile(a.checkpoint, a.folder):
             raise TinyLMError("the source and the target are the same folder")
+        if os.listdir(a.folder) and not a.force:
+            raise TinyLMError(f"{a.folder} is not empty; pass --force to write into it anyway")
     result = export_hf(a.checkpoint, a.folder, dtype=a.dtype)
     print(f"wrote {a.folder}: {', '.join(result['files'])}")
     for note in result["notes"]:

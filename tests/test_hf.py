@@ -414,3 +414,15 @@ def test_exported_tokenizer_files_encode_the_same_in_transformers(tmp_path, hf, 
     char_slow = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path / "char"))
     sample = text[:2000]
     assert char_slow.encode(sample) == char.encode(sample).tolist()
+
+
+def test_sample_py_reads_an_exported_folder_like_the_checkpoint(trained_dir, tmp_path):
+    """sample.py --init_from FOLDER gives, seed for seed, the text the checkpoint itself gives."""
+    from conftest import run_script
+    folder = tmp_path / "hf"
+    export_hf(os.path.join(trained_dir["dir"], "ckpt.npz"), str(folder))
+    args = ("--start", "ROMEO:", "--num_samples", 2, "--max_new_tokens", 40, "--seed", 7)
+    from_folder = run_script("sample.py", "--init_from", folder, *args)
+    from_ckpt = run_script("sample.py", "--out_dir", trained_dir["dir"], *args)
+    assert from_folder.returncode == 0, from_folder.stderr
+    assert from_folder.stdout == from_ckpt.stdout and from_folder.stdout.startswith("ROMEO:")

@@ -109,6 +109,9 @@ def sample_parser():
     ap.add_argument("--out_dir", default="out", help="folder holding the checkpoint")
     ap.add_argument("--checkpoint", default="ckpt.npz",
                     help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
+    ap.add_argument("--init_from", default=None, metavar="PATH",
+                    help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
+                         "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw")
     ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
@@ -126,7 +129,7 @@ def sample_main(argv=None):
 
 
 def _sample(argv):
-    from .checkpoint import load_checkpoint
+    from .hf import load_any
     from .model import generate
     from .sampling import check_sampling_args, sample_next
 
@@ -138,9 +141,14 @@ def _sample(argv):
         raise TinyLMError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
     if a.seed < 0:
         raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
-    path = a.checkpoint if os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and not \
-        os.path.exists(os.path.join(a.out_dir, a.checkpoint)) else os.path.join(a.out_dir, a.checkpoint)
-    ckpt = load_checkpoint(path, with_optimizer=False)
+    if a.init_from:
+        path = a.init_from
+    elif os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and \
+            not os.path.exists(os.path.join(a.out_dir, a.checkpoint)):
+        path = a.checkpoint
+    else:
+        path = os.path.join(a.out_dir, a.checkpoint)
+    ckpt = load_any(path)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
     start = a.start
     if start.startswith("FILE:"):

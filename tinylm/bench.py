@@ -121,12 +121,16 @@ def matmul_only_ms(B, T, L_, C, V, H, workers, repeats=3):
     halves = [B // workers + (i < B % workers) for i in range(workers)]
 
     def products(b):
+        arrays = {}                                   # one set of operands per distinct shape, reused
         out = []
-        for batch, m, k, n in step_matmul_shapes(b, T, L_, C, V, H):
-            scale = batch * m if batch > 1 else 1     # batched shapes already carry b; plain ones scale N
-            a = rng.standard_normal((batch, m, k) if batch > 1 else (m, k), dtype=np.float32)
-            w = rng.standard_normal((batch, k, n) if batch > 1 else (k, n), dtype=np.float32)
-            out.append((a, w, np.empty((batch, m, n) if batch > 1 else (m, n), np.float32)))
+        for shape in step_matmul_shapes(b, T, L_, C, V, H):
+            if shape not in arrays:
+                batch, m, k, n = shape
+                lead = (batch,) if batch > 1 else ()
+                arrays[shape] = (rng.standard_normal(lead + (m, k), dtype=np.float32),
+                                 rng.standard_normal(lead + (k, n), dtype=np.float32),
+                                 np.empty(lead + (m, n), np.float32))
+            out.append(arrays[shape])
         return out
 
     work = [products(b) for b in halves]

@@ -109,6 +109,16 @@ def init_params(config, seed=0, dtype=np.float32):
 # ----------------------------------------------------------------------------- forward / backward
 
 
+def without_input(linear_cache):
+    """A linear layer's cache with its input x dropped, for an input that is cheaper to recompute than to keep."""
+    return (None,) + tuple(linear_cache[1:])
+
+
+def with_input(linear_cache, x):
+    """The cache again, with the recomputed input x put back."""
+    return (x,) + tuple(linear_cache[1:])
+
+
 def forward(params, config, idx, targets=None, train=False, rng=None):
     """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
 
@@ -138,8 +148,10 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        f, c["gelu"] = L.gelu_forward(f)
-        m, c["mlp_proj"] = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        g, _ = L.gelu_forward(f)
+        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        # keep GELU's input only: its tanh and output (2·B·T·4C numbers) are recomputed in the backward
+        c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -171,9 +183,11 @@ def backward(params, config, cache):
         c = cache["blocks"][i]
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
-        df, g = L.linear_backward(dm, c["mlp_proj"])
+        gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])         # recomputed, not kept (see forward)
+        df, g = L.linear_backward(dm, with_input(c["mlp_proj"], gelu_out))
+        del gelu_out
         put(pre + "mlp.c_proj", g)
-        df = L.gelu_backward(df, c["gelu"])
+        df = L.gelu_backward(df, gelu_cache)
         dh, g = L.linear_backward(df, c["c_fc"])
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])

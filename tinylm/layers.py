@@ -4,7 +4,13 @@ Every `*_forward` returns `(out, cache)`; every `*_backward(dout, cache)` return
 gradient with respect to the input(s) and, for layers with weights, a dict of
 parameter gradients. Shapes: B batch, T time, C channels, V vocabulary, H heads,
 D = C / H head size. All functions work in whatever float dtype they are given.
+
+Written for speed without hiding the math: every matrix product is one `np.matmul`
+on views (no copies), element-wise passes are done in place where the algebra allows,
+and caches keep only what the backward cannot cheaply recompute (docs/performance.md
+says what each choice bought).
 """
+import functools
 import math
 
 import numpy as np
@@ -15,16 +21,30 @@ import numpy as np
 def embedding_forward(idx, wte, wpe):
     """x[b,t] = wte[idx[b,t]] + wpe[t].   idx (B,T) ints, wte (V,C), wpe (block,C) -> x (B,T,C)"""
     T = idx.shape[1]
-    x = wte[idx] + wpe[:T]
+    x = wte[idx]
+    x += wpe[:T]
     return x, (idx, wte.shape, wpe.shape)
+
+
+def scatter_add_rows(idx, rows, n):
+    """out[v] = Σ_{i: idx[i]=v} rows[i].   idx (N,) ints, rows (N,C) -> out (n,C)
+
+    The same as np.add.at(out, idx, rows), computed by sorting idx once and summing each
+    run of equal indices with np.add.reduceat, which is several times faster.
+    """
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_idx[1:] != sorted_idx[:-1])))
+    out = np.zeros((n, rows.shape[1]), dtype=rows.dtype)
+    out[sorted_idx[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
 
 
 def embedding_backward(dx, cache):
     """dwte[v] = Σ_{b,t: idx[b,t]=v} dx[b,t];  dwpe[t] = Σ_b dx[b,t]."""
     idx, wte_shape, wpe_shape = cache
     C = dx.shape[-1]
-    dwte = np.zeros(wte_shape, dtype=dx.dtype)
-    np.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))   # scatter-add: a token may repeat
+    dwte = scatter_add_rows(idx.reshape(-1), dx.reshape(-1, C), wte_shape[0])   # a token may repeat
     dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
     dwpe[: idx.shape[1]] = dx.sum(axis=0)
     return {"wte": dwte, "wpe": dwpe}
@@ -35,7 +55,7 @@ def embedding_backward(dx, cache):
 
 def linear_forward(x, W, b=None):
     """y = x Wᵀ + b.   x (..., in), W (out, in), b (out,) or None -> y (..., out)"""
-    x2 = x.reshape(-1, x.shape[-1])          # one 2-D matmul: BLAS is fastest on it
+    x2 = x.reshape(-1, x.shape[-1])          # one 2-D matmul: BLAS is fastest on it (Wᵀ is a view)
     y = x2 @ W.T
     if b is not None:
         y += b
@@ -57,13 +77,21 @@ def linear_backward(dy, cache):
 # ----------------------------------------------------------------------------- layer norm
 
 
+def rowdot(a, b):
+    """Σ_c a[..., c] b[..., c], kept as a trailing axis of length 1: (..., C), (..., C) -> (..., 1)"""
+    return np.einsum("...c,...c->...", a, b)[..., None]   # a plain reduction: no temporary a ⊙ b
+
+
 def layernorm_forward(x, w, b=None, eps=1e-5):
     """y = (x − μ)/√(σ² + ε) ⊙ w + b, μ and σ² over the last axis.   x (..., C), w (C,), b (C,) -> y (..., C)"""
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc * rstd
+    C = x.shape[-1]
+    xhat = x - x.mean(axis=-1, keepdims=True)
+    rstd = rowdot(xhat, xhat)
+    rstd /= C
+    rstd += eps
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    xhat *= rstd                                # now x̂, normalized in place
     y = xhat * w
     if b is not None:
         y += b
@@ -73,10 +101,13 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
 def layernorm_backward(dy, cache):
     """dx = rstd (g − mean(g) − x̂ mean(g ⊙ x̂)) with g = dy ⊙ w;  dw = Σ dy ⊙ x̂;  db = Σ dy."""
     xhat, rstd, w, has_bias = cache
-    g = dy * w
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
     C = dy.shape[-1]
-    grads = {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C), optimize=True)}
+    g = dy * w
+    dx = xhat * (rowdot(g, xhat) / C)
+    np.subtract(g, dx, out=dx)
+    dx -= g.mean(axis=-1, keepdims=True)
+    dx *= rstd
+    grads = {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))}
     if has_bias:
         grads["b"] = dy.reshape(-1, C).sum(axis=0)
     return dx, grads
@@ -90,15 +121,32 @@ GELU_CUBIC = 0.044715
 
 def gelu_forward(x):
     """y = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³))), GPT-2's tanh approximation.   any shape"""
-    t = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
-    return 0.5 * x * (1.0 + t), (x, t)
+    t = x * x
+    t *= GELU_SCALE * GELU_CUBIC
+    t += GELU_SCALE
+    t *= x                      # √(2/π) (x + 0.044715 x³), built in one buffer
+    np.tanh(t, out=t)
+    y = t + 1.0
+    y *= x
+    y *= 0.5
+    return y, (x, t)
 
 
 def gelu_backward(dy, cache):
     """dx = dy (½(1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²)),  t the forward's tanh."""
     x, t = cache
-    dtanh_arg = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dtanh_arg)
+    inner = x * x
+    inner *= 3.0 * GELU_CUBIC * GELU_SCALE
+    inner += GELU_SCALE                  # √(2/π)(1 + 3·0.044715 x²)
+    inner *= x
+    one_minus_t2 = t * t
+    np.subtract(1.0, one_minus_t2, out=one_minus_t2)
+    inner *= one_minus_t2                # x (1 − t²) √(2/π)(1 + 3·0.044715 x²)
+    inner += t
+    inner += 1.0
+    inner *= 0.5
+    inner *= dy
+    return inner
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -108,13 +156,21 @@ def dropout_forward(x, p, rng=None):
     """y = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p).   any shape; the identity when p = 0 or rng is None"""
     if p == 0.0 or rng is None:
         return x, None
-    scaled_mask = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype) / (1.0 - p)
-    return x * scaled_mask, scaled_mask
+    keep = rng.random(x.shape, dtype=np.float32) >= p      # a boolean mask: 1 byte an entry
+    scale = 1.0 / (1.0 - p)
+    y = x * keep
+    y *= scale
+    return y, (keep, scale)
 
 
 def dropout_backward(dy, cache):
     """dx = dy ⊙ m / (1 − p)."""
-    return dy if cache is None else dy * cache
+    if cache is None:
+        return dy
+    keep, scale = cache
+    dx = dy * keep
+    dx *= scale
+    return dx
 
 
 # ----------------------------------------------------------------------------- residual
@@ -134,7 +190,7 @@ def residual_backward(dy, cache):
 
 
 def split_heads(x, n_head):
-    """(B,T,C) -> (B,H,T,D)."""
+    """(B,T,C) -> (B,H,T,D), a view."""
     B, T, C = x.shape
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
@@ -145,38 +201,87 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
+@functools.lru_cache(maxsize=64)
+def causal_bias(Tq, Tk, offset, dtype):
+    """(Tq, Tk) additive mask: 0 where query i may see key j (j ≤ i + offset), −∞ elsewhere."""
+    future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + offset
+    bias = np.where(future, -np.inf, 0.0).astype(dtype)
+    bias.flags.writeable = False
+    return bias
+
+
+def causal_softmax_(scores, offset=0):
+    """softmax over the last axis of scores + causal mask, computed in place; returns scores.
+
+    The same numbers as causal_softmax, in five passes over the (…, Tq, Tk) array and
+    no temporary of its size: add the mask, subtract the row max, exp, sum, scale.
+    """
+    scores += causal_bias(*scores.shape[-2:], offset, scores.dtype)
+    scores -= scores.max(axis=-1, keepdims=True)   # exp never overflows
+    np.exp(scores, out=scores)
+    scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
 def causal_softmax(scores, offset=0):
     """Row-wise softmax of scores (..., Tq, Tk) where query i may see keys j ≤ i + offset."""
-    Tq, Tk = scores.shape[-2:]
-    future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + offset
-    scores = np.where(future, -np.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)   # exp never overflows
-    e = np.exp(scores)
-    return e / e.sum(axis=-1, keepdims=True)
+    return causal_softmax_(np.array(scores, copy=True), offset)
+
+
+def qkv_heads(qkv, n_head):
+    """(B,T,3C) -> q, k, v, each (B,H,T,D): views into qkv, no copy."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
 
 
 def attention_forward(qkv, n_head, dropout=0.0, rng=None):
-    """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) -> y (B,T,C)"""
-    C = qkv.shape[-1] // 3
-    q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))
-    scale = 1.0 / math.sqrt(C // n_head)
-    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)        # (B,H,T,T), rows sum to 1
+    """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) -> y (B,T,C)
+
+    All heads of all sequences go through one batched matmul. The scale 1/√D is applied
+    to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
+    """
+    B, T, C3 = qkv.shape
+    q, k, v = qkv_heads(qkv, n_head)
+    scale = 1.0 / math.sqrt(C3 // (3 * n_head))
+    qs = q * scale                                                   # (B,H,T,D), contiguous
+    att = causal_softmax_(qs @ k.transpose(0, 1, 3, 2))              # (B,H,T,T), rows sum to 1
     att_dropped, drop_cache = dropout_forward(att, dropout, rng)
-    y = merge_heads(att_dropped @ v)
-    return y, (q, k, v, att, att_dropped, drop_cache, scale)
+    y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    np.matmul(att_dropped, v, out=split_heads(y, n_head))           # written straight into (B,T,C)
+    # the dropped weights are not kept: the backward rebuilds them from att and the mask
+    return y, (qs, k, v, att, drop_cache, scale)
 
 
 def attention_backward(dy, cache):
     """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D."""
-    q, k, v, att, att_dropped, drop_cache, scale = cache
-    n_head = q.shape[1]
-    dy = split_heads(dy, n_head)
-    dv = att_dropped.transpose(0, 1, 3, 2) @ dy
-    datt = dropout_backward(dy @ v.transpose(0, 1, 3, 2), drop_cache)
-    dscores = att * (datt - np.sum(datt * att, axis=-1, keepdims=True))   # masked entries have att = 0
-    dq = (dscores @ k) * scale
-    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale
-    return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+    qs, k, v, att, drop_cache, scale = cache
+    B, H, T, D = qs.shape
+    dy = split_heads(dy, H)
+    dqkv = np.empty((B, T, 3 * H * D), dtype=dy.dtype)
+    dq, dk, dv = qkv_heads(dqkv, H)                                  # views: results land in place
+    att_dropped = att if drop_cache is None else dropout_forward_again(att, drop_cache)
+    np.matmul(att_dropped.transpose(0, 1, 3, 2), dy, out=dv)
+    del att_dropped
+    datt = dy @ v.transpose(0, 1, 3, 2)
+    if drop_cache is not None:                                       # dropout's backward, in place
+        keep, p_scale = drop_cache
+        datt *= keep
+        datt *= p_scale
+    dscores = datt
+    dscores -= np.einsum("...ij,...ij->...i", datt, att)[..., None]
+    dscores *= att                                                   # masked entries have att = 0
+    np.matmul(dscores, k, out=dq)
+    dq *= scale
+    np.matmul(dscores.transpose(0, 1, 3, 2), qs, out=dk)             # qs already carries the scale
+    return dqkv
+
+
+def dropout_forward_again(x, drop_cache):
+    """The forward's dropout output x ⊙ m / (1 − p), rebuilt from its cache (recomputing beats keeping)."""
+    keep, scale = drop_cache
+    y = x * keep
+    y *= scale
+    return y
 
 
 # ----------------------------------------------------------------------------- loss
@@ -187,19 +292,19 @@ def cross_entropy_forward(logits, targets):
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    sum_e = e.sum(axis=1, keepdims=True)
     t = targets.reshape(-1)
     rows = np.arange(t.size)
-    loss = float(np.mean(np.log(sum_e[:, 0]) - z[rows, t]))
-    probs = e / sum_e
-    return loss, (probs, t, logits.shape)
+    picked = z[rows, t]
+    np.exp(z, out=z)
+    sum_e = z.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(sum_e[:, 0]) - picked))
+    z /= sum_e                                   # z now holds the probabilities
+    return loss, (z, t, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """dlogits = (softmax(logits) − onehot(target)) · dloss / N,  N = B·T."""
     probs, t, shape = cache
-    dlogits = probs.copy()
-    dlogits[np.arange(t.size), t] -= 1.0
-    dlogits *= dloss / t.size
+    dlogits = probs * (dloss / t.size)
+    dlogits[np.arange(t.size), t] -= dloss / t.size
     return dlogits.reshape(shape)

@@ -109,6 +109,16 @@ def init_params(config, seed=0, dtype=np.float32):
 # ----------------------------------------------------------------------------- forward / backward
 
 
+def without_input(linear_cache):
+    """A linear layer's cache with its input x dropped, for an input that is cheaper to recompute than to keep."""
+    return (None,) + tuple(linear_cache[1:])
+
+
+def with_input(linear_cache, x):
+    """The cache again, with the recomputed input x put back."""
+    return (x,) + tuple(linear_cache[1:])
+
+
 def forward(params, config, idx, targets=None, train=False, rng=None):
     """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
 
@@ -138,8 +148,10 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        f, c["gelu"] = L.gelu_forward(f)
-        m, c["mlp_proj"] = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        g, _ = L.gelu_forward(f)
+        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        # keep GELU's input only: its tanh and output (2·B·T·4C numbers) are recomputed in the backward
+        c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -171,9 +183,11 @@ def backward(params, config, cache):
         c = cache["blocks"][i]
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
-        df, g = L.linear_backward(dm, c["mlp_proj"])
+        gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])         # recomputed, not kept (see forward)
+        df, g = L.linear_backward(dm, with_input(c["mlp_proj"], gelu_out))
+        del gelu_out
         put(pre + "mlp.c_proj", g)
-        df = L.gelu_backward(df, c["gelu"])
+        df = L.gelu_backward(df, gelu_cache)
         dh, g = L.linear_backward(df, c["c_fc"])
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])
@@ -202,6 +216,37 @@ def loss_and_grads(params, config, idx, targets, train=False, rng=None):
     return loss, backward(params, config, cache)
 
 
+def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None):
+    """loss_and_grads computed as `workers` slices of the batch on as many threads (default: one per core).
+
+    The loss is a mean over the N = B·T positions, so with slices of n_i positions
+    loss = Σ (n_i/N) loss_i  and  grads = Σ (n_i/N) grads_i:  the same numbers as
+    loss_and_grads up to float rounding. Each slice runs the plain forward and backward
+    on its own thread with one BLAS thread (see parallel.py). With dropout, slice i draws
+    its masks from a generator seeded by rng, so runs are reproducible but the masks differ
+    from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
+    """
+    from . import parallel
+    B = idx.shape[0]
+    workers = min(workers or parallel.usable_cores(), B)
+    if workers < 2 or not parallel.blas_available():
+        return loss_and_grads(params, config, idx, targets, train=train, rng=rng)
+    bounds = np.linspace(0, B, workers + 1).round().astype(int)
+    use_rng = train and rng is not None and config.dropout > 0
+    seeds = rng.integers(0, 2**63, size=workers) if use_rng else [None] * workers
+    jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None)
+            for a, b, s in zip(bounds[:-1], bounds[1:], seeds)]
+    results = parallel.run_parallel(loss_and_grads, jobs)
+    weights = np.diff(bounds) / B
+    loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
+    grads = results[0][1]
+    for name, g in grads.items():
+        g *= weights[0]
+        for w, (_, other) in zip(weights[1:], results[1:]):
+            g += w * other[name]            # float32 stays float32: w is a Python-sized scalar
+    return loss, grads
+
+
 # ----------------------------------------------------------------------------- generation with a KV cache
 
 
@@ -226,25 +271,27 @@ def forward_cached(params, config, idx, kv, record=None):
         raise TinyLMError(f"KV cache holds {config.block_size} positions; asked for {start + t}")
     P, get, H = params, params.get, config.n_head
     x = P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][start:start + t]
-    scale = 1.0 / math.sqrt(config.n_embd // H)
     if record is not None:
         record.update(residual=[x], attention=[])
     for i in range(config.n_layer):
         pre = block_prefix(i)
         h, _ = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
         qkv, _ = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
-        q, k, v = (L.split_heads(part, H) for part in np.split(qkv, 3, axis=-1))
+        q, k, v = L.qkv_heads(qkv, H)                                 # views, (B,H,t,D) each
         kv["k"][i, :, :, start:start + t] = k
         kv["v"][i, :, :, start:start + t] = v
         keys, values = kv["k"][i, :, :, :start + t], kv["v"][i, :, :, :start + t]
-        att = L.causal_softmax((q @ keys.transpose(0, 1, 3, 2)) * scale, offset=start)
-        a, _ = L.linear_forward(L.merge_heads(att @ values), P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
+        q = q * (1.0 / math.sqrt(config.n_embd // H))                  # scale Q: t·D numbers, not t·(start+t)
+        att = L.causal_softmax_(q @ keys.transpose(0, 1, 3, 2), offset=start)
+        y = np.empty((B, t, config.n_embd), dtype=x.dtype)
+        np.matmul(att, values, out=L.split_heads(y, H))
+        a, _ = L.linear_forward(y, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
         x = x + a
         h, _ = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, _ = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
         f, _ = L.gelu_forward(f)
         m, _ = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
-        x = x + m
+        x += m
         if record is not None:
             record["residual"].append(x)
             record["attention"].append(att)

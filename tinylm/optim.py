@@ -42,7 +42,11 @@ def decays(name, p):
 
 
 def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
-    """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g²."""
+    """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g².
+
+    Written with `out=` so that each parameter costs one scratch buffer and no other temporaries;
+    m̂/(√v̂ + ε) is computed as (m/(1 − β₁ᵗ)) / (√v/√(1 − β₂ᵗ) + ε).
+    """
     state["t"] += 1
     t = state["t"]
     bias1 = 1.0 - beta1 ** t
@@ -50,13 +54,18 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight
     step_size = lr / bias1
     for name, p in params.items():
         g, m, v = grads[name], state["m"][name], state["v"][name]
+        scratch = np.multiply(g, 1.0 - beta1)
         m *= beta1
-        m += (1.0 - beta1) * g
+        m += scratch                            # m ← β₁ m + (1 − β₁) g
+        np.multiply(g, g, out=scratch)
+        scratch *= 1.0 - beta2
         v *= beta2
-        v += (1.0 - beta2) * (g * g)
+        v += scratch                            # v ← β₂ v + (1 − β₂) g²
         if weight_decay and decays(name, p):
             p *= 1.0 - lr * weight_decay        # decoupled: shrinks θ, not added to g
-        denom = np.sqrt(v)
-        denom /= math.sqrt(bias2)
-        denom += eps
-        p -= step_size * (m / denom)
+        np.sqrt(v, out=scratch)
+        scratch *= 1.0 / math.sqrt(bias2)
+        scratch += eps
+        np.divide(m, scratch, out=scratch)
+        scratch *= step_size
+        p -= scratch

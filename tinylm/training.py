@@ -346,7 +346,7 @@ def train(a, explicit=(), log=print):
                 lr = learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
-                loss, grads = M.loss_and_grads(params, config, x, y, train=True, rng=dropout_rng)
+                loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng)
                 norm = clip_by_global_norm(grads, a.grad_clip)
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "

@@ -1,0 +1,31 @@
+"""`python -m tinylm.bench --quick` runs and prints sane numbers. Its speed is never checked."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_bench_prints_a_sane_table():
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tinylm.bench", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "load average" in out and "MFU" in out and "peak RSS MB" in out
+    for name in ("cpu", "baby"):
+        row = re.search(rf"^{name}\s+L\d.*$", out, re.M)
+        assert row, out
+        nums = [float(v.replace(",", "").rstrip("%")) for v in row.group(0).split()[7:]]
+        params, gflop, ms, tok_s, gflops, peak, mfu, mm_ms, rss, load = nums
+        assert params > 0 and gflop > 0 and ms > 0 and tok_s > 0 and gflops > 0 and peak > 0
+        assert 0 < mfu < 100 * 1.5 and mm_ms > 0 and 20 < rss < 4000
+    # the breakdown covers the step: its percentages add up to 100
+    lines = out.split("where one single-threaded step's time goes")[1].splitlines()[2:12]
+    cpu_total = sum(float(line.split()[-4]) + float(line.split()[-3]) for line in lines)
+    assert abs(cpu_total - 100) < 1.0, lines
+    assert re.search(r"^\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x$", out, re.M), out
+    assert re.search(r"^\s+256\s+[\d,]+\s+[\d,]+\s+[\d.]+x$", out, re.M), out
+    assert time.perf_counter() - t0 < 60

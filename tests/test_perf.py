@@ -1,0 +1,101 @@
+"""The fast paths compute the same numbers as the plain ones: threaded batch split, in-place softmax, scatter-add."""
+import numpy as np
+import pytest
+
+from tinylm import gradcheck, layers as L, model as M, parallel
+
+
+def tiny(bias=True, dropout=0.0, dtype=np.float64, seed=0):
+    config = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=bias, dropout=dropout)
+    params = M.init_params(config, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for k in params:
+        params[k] += (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
+    return config, params
+
+
+@pytest.mark.parametrize("B", [2, 3, 5])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_threaded_split_gives_the_single_threaded_gradients(B, dtype, tol):
+    if not parallel.blas_available():
+        pytest.skip("BLAS thread count cannot be set here: the threaded path falls back to the plain one")
+    config, params = tiny(dtype=dtype)
+    rng = np.random.default_rng(1)
+    idx, targets = rng.integers(0, 11, size=(2, B, 8))
+    loss1, g1 = M.loss_and_grads(params, config, idx, targets)
+    loss2, g2 = M.loss_and_grads_parallel(params, config, idx, targets, workers=2)
+    assert abs(loss1 - loss2) <= tol * abs(loss1)
+    assert set(g1) == set(g2)
+    for k in g1:
+        assert g2[k].dtype == dtype
+        assert gradcheck.relative_error(g1[k], g2[k]) < tol, k
+
+
+def test_threaded_split_matches_finite_differences_in_float64():
+    config, params = tiny()
+    rng = np.random.default_rng(2)
+    idx, targets = rng.integers(0, 11, size=(2, 3, 8))
+    _, grads = M.loss_and_grads_parallel(params, config, idx, targets, workers=2)
+    for name in ("transformer.wte.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.h.0.attn.c_attn.bias"):
+        numeric = gradcheck.numerical_gradient(lambda: M.forward(params, config, idx, targets)[1], params[name],
+                                               max_entries=30, rng=rng)
+        assert gradcheck.compare(grads[name], numeric) < gradcheck.TOLERANCE, name
+
+
+def test_threaded_split_with_dropout_is_reproducible_and_leaves_params_alone():
+    config, params = tiny(dropout=0.2, dtype=np.float32)
+    before = {k: v.copy() for k, v in params.items()}
+    idx, targets = np.random.default_rng(3).integers(0, 11, size=(2, 4, 8))
+    runs = [M.loss_and_grads_parallel(params, config, idx, targets, train=True, rng=np.random.default_rng(7))
+            for _ in range(2)]
+    assert runs[0][0] == runs[1][0]
+    for k in params:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k])
+        np.testing.assert_array_equal(params[k], before[k])
+    plain, _ = M.loss_and_grads(params, config, idx, targets, train=False)
+    assert runs[0][0] != plain                       # dropout did act
+
+
+def test_one_worker_is_the_plain_path():
+    config, params = tiny()
+    idx, targets = np.random.default_rng(4).integers(0, 11, size=(2, 2, 8))
+    l1, g1 = M.loss_and_grads(params, config, idx, targets)
+    l2, g2 = M.loss_and_grads_parallel(params, config, idx, targets, workers=1)
+    assert l1 == l2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
+
+
+def test_blas_thread_count_is_restored():
+    before = parallel.blas_thread_count()
+    with parallel.blas_threads(1) as ok:
+        if ok:
+            assert parallel.blas_thread_count() == 1
+    assert parallel.blas_thread_count() == before
+
+
+def test_in_place_causal_softmax_equals_the_textbook_one():
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((2, 3, 4, 6))
+    for offset in (0, 2):
+        Tq, Tk = scores.shape[-2:]
+        future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + offset
+        e = np.exp(np.where(future, -np.inf, scores) - np.where(future, -np.inf, scores).max(-1, keepdims=True))
+        ref = e / e.sum(-1, keepdims=True)
+        np.testing.assert_allclose(L.causal_softmax(scores, offset), ref, rtol=1e-12, atol=1e-15)
+        assert not np.isnan(scores).any()           # causal_softmax leaves its input alone
+
+
+def test_scatter_add_rows_equals_add_at():
+    rng = np.random.default_rng(6)
+    idx = rng.integers(0, 9, size=50)
+    rows = rng.standard_normal((50, 4))
+    ref = np.zeros((12, 4))
+    np.add.at(ref, idx, rows)
+    np.testing.assert_allclose(L.scatter_add_rows(idx, rows, 12), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_stays_float32_through_the_step():
+    config, params = tiny(dtype=np.float32)
+    idx, targets = np.random.default_rng(8).integers(0, 11, size=(2, 2, 8))
+    logits, loss, cache = M.forward(params, config, idx, targets)
+    assert logits.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in M.backward(params, config, cache).values())

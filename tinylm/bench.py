@@ -1,0 +1,394 @@
+"""Benchmark a training step against the machine's own matmul peak.
+
+    python -m tinylm.bench              # CPU recipe and baby GPT, then sampling (several minutes)
+    python -m tinylm.bench --quick      # small shapes, a few seconds: checks that it runs
+    python -m tinylm.bench --compare    # alternate plain and threaded steps in one run
+
+Each training configuration runs in a fresh subprocess, so its peak memory is its own.
+Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens a step):
+
+  FLOPs/step   = 6·N·(12·L·C² + V·C)  +  12·N·L·T·C
+                 matrix products only, counted from the shapes: the forward costs
+                 2 FLOPs per multiply-add of x Wᵀ (12·L·C² weights in the blocks, V·C in
+                 the tied head) and 2·2·T·C per token per layer for QKᵀ and AV (the full
+                 T×T square, not halved for causality, as nanoGPT and PaLM count it); the
+                 backward costs twice the forward. Element-wise work is not counted.
+  ms/step      = median wall time of loss_and_grads_parallel + clipping + AdamW, after warm-up
+  tokens/s     = N / (ms/step)
+  GFLOP/s      = FLOPs/step / (ms/step)
+  peak GFLOP/s = the best of (a) one 2048×2048 @ 2048×2048 float32 product with BLAS on all
+                 cores and (b) one such product per core on parallel Python threads with
+                 one BLAS thread each; measured in the same run, just before the step
+  MFU          = GFLOP/s ÷ peak GFLOP/s
+  mm-only ms   = the step's own matrix products alone (same shapes, same two-thread split)
+  peak RSS     = the subprocess's high-water resident memory (VmHWM in /proc/self/status,
+                 else ru_maxrss), including Python and NumPy themselves
+  breakdown    = one single-threaded step (one BLAS thread), each layer function timed,
+                 in percent of that step; "glue" is the rest (Python between the calls)
+  sampling     = generate() with greedy picking and one BLAS thread, one sequence, model of the CPU recipe with
+                 block_size = context, prompt of `context` tokens: tokens/s with and without
+                 the key-value cache
+
+The machine is shared: the load average and BLAS thread count are printed beside the numbers.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from . import layers as L
+from . import model as M
+from . import parallel
+from .optim import adamw_init, adamw_step, clip_by_global_norm
+
+CONFIGS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, steps=30, warmup=5),
+    "baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, steps=3, warmup=1),
+}
+QUICK = {
+    "cpu": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, dropout=0.0, steps=3, warmup=1),
+    "baby": dict(n_layer=2, n_head=2, n_embd=96, block_size=64, batch_size=8, dropout=0.2, steps=2, warmup=1),
+}
+VOCAB = 65      # Tiny Shakespeare's characters
+
+
+def step_flops(B, T, L_, C, V):
+    """FLOPs of one training step's matrix products (see the module docstring)."""
+    N = B * T
+    return 6 * N * (12 * L_ * C * C + V * C) + 12 * N * L_ * T * C
+
+
+def peak_rss_mb():
+    """High-water resident memory of this process, in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def best_time(fn, repeats):
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peak(n=2048, repeats=3):
+    """(GFLOP/s with BLAS on all cores, GFLOP/s with one product per core on threads with one BLAS thread each)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    flops = 2 * n ** 3
+    blas_all = flops / best_time(lambda: a @ a, repeats) / 1e9
+    cores = parallel.usable_cores()
+    if cores < 2 or not parallel.blas_available():
+        return blas_all, None
+    mats = [a.copy() for _ in range(cores)]
+    split = cores * flops / best_time(lambda: parallel.run_parallel(np.matmul, [(m, m) for m in mats]), repeats) / 1e9
+    return blas_all, split
+
+
+def step_matmul_shapes(B, T, L_, C, V, H):
+    """Every matrix product of one training step as (batch, m, k, n): forward then backward."""
+    N, D = B * T, C // H
+    fwd_lin = [(N, C, 3 * C), (N, C, C), (N, C, 4 * C), (N, 4 * C, C)]
+    att = [(B * H, T, D, T), (B * H, T, T, D)]
+    shapes = []
+    for _ in range(L_):
+        shapes += [(1, m, k, n) for m, k, n in fwd_lin] + att
+        # backward: dx = dy W (m×n @ n×k) and dW = dyᵀ x (n×m @ m×k) per linear; 4 products in attention
+        shapes += [(1, m, n, k) for m, k, n in fwd_lin] + [(1, n, m, k) for m, k, n in fwd_lin]
+        shapes += [(B * H, T, T, D), (B * H, T, D, T), (B * H, T, T, D), (B * H, T, T, D)]
+    shapes += [(1, N, C, V), (1, N, V, C), (1, V, N, C)]
+    return shapes
+
+
+def matmul_only_ms(B, T, L_, C, V, H, workers, repeats=3):
+    """Wall time of the step's matrix products alone, split over `workers` threads as the step is."""
+    rng = np.random.default_rng(0)
+    halves = [B // workers + (i < B % workers) for i in range(workers)]
+
+    def products(b):
+        arrays = {}                                   # one set of operands per distinct shape, reused
+        out = []
+        for shape in step_matmul_shapes(b, T, L_, C, V, H):
+            if shape not in arrays:
+                batch, m, k, n = shape
+                lead = (batch,) if batch > 1 else ()
+                arrays[shape] = (rng.standard_normal(lead + (m, k), dtype=np.float32),
+                                 rng.standard_normal(lead + (k, n), dtype=np.float32),
+                                 np.empty(lead + (m, n), np.float32))
+            out.append(arrays[shape])
+        return out
+
+    work = [products(b) for b in halves]
+
+    def run(items):
+        for a, w, o in items:
+            np.matmul(a, w, out=o)
+
+    if workers > 1:
+        return 1e3 * best_time(lambda: parallel.run_parallel(run, [(w,) for w in work]), repeats)
+    return 1e3 * best_time(lambda: run(work[0]), repeats)
+
+
+# ----------------------------------------------------------------------------- breakdown
+
+CATEGORIES = ("embedding", "layer norm", "attention linear", "attention core", "MLP linear", "GELU",
+              "head + loss", "dropout + residual", "optimizer", "glue")
+
+
+def category_of(fn_name, args, names):
+    """Which row of the breakdown a layer call belongs to."""
+    if fn_name.startswith("embedding"):
+        return "embedding"
+    if fn_name.startswith("layernorm"):
+        return "layer norm"
+    if fn_name.startswith("attention"):
+        return "attention core"
+    if fn_name.startswith("gelu"):
+        return "GELU"
+    if fn_name.startswith("cross_entropy"):
+        return "head + loss"
+    if fn_name.startswith("linear"):
+        W = args[1] if fn_name == "linear_forward" else args[1][1]
+        name = names.get(id(W), "")
+        return "head + loss" if "wte" in name else "attention linear" if ".attn." in name else "MLP linear"
+    return "dropout + residual"
+
+
+def breakdown(params, config, x, y, rng, opt, repeats=3):
+    """{(category, 'fwd'|'bwd'): percent of one single-threaded step}, the best of `repeats` steps."""
+    names = {id(v): k for k, v in params.items()}
+    wrapped = [n for n in dir(L) if n.endswith(("_forward", "_backward")) and callable(getattr(L, n))]
+    originals = {n: getattr(L, n) for n in wrapped}
+    best = None
+    for _ in range(repeats):
+        spent = {}
+
+        depth = [0]
+
+        def timed(n, fn):
+            def inner(*args, **kw):
+                depth[0] += 1                    # a layer called inside another counts as its caller's time
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    depth[0] -= 1
+                    if depth[0] == 0:
+                        key = (category_of(n, args, names), "fwd" if n.endswith("_forward") else "bwd")
+                        spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+            return inner
+
+        for n in wrapped:
+            setattr(L, n, timed(n, originals[n]))
+        try:
+            with parallel.blas_threads(1):
+                t0 = time.perf_counter()
+                loss, grads = M.loss_and_grads(params, config, x, y, train=True, rng=rng)
+                t1 = time.perf_counter()
+                clip_by_global_norm(grads, 1.0)
+                adamw_step(params, grads, opt, 1e-4)
+                t2 = time.perf_counter()
+        finally:
+            for n in wrapped:
+                setattr(L, n, originals[n])
+        spent[("optimizer", "bwd")] = t2 - t1
+        spent[("glue", "fwd")] = (t1 - t0) - sum(v for k, v in spent.items() if k[0] != "optimizer")
+        total = t2 - t0
+        if best is None or total < best[0]:
+            best = (total, spent)
+    total, spent = best
+    return {f"{k[0]}|{k[1]}": 100 * v / total for k, v in spent.items()}, 1e3 * total
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+def run_config(name, spec, quick=False):
+    """Measure one training configuration; returns a dict (printed as JSON by the subprocess)."""
+    spec = dict(spec)
+    B, steps, warmup = spec.pop("batch_size"), spec.pop("steps"), spec.pop("warmup")
+    config = M.GPTConfig(vocab_size=VOCAB, **spec)
+    params = M.init_params(config, seed=0)
+    opt = adamw_init(params)
+    rng = np.random.default_rng(0)
+    T = config.block_size
+    x = rng.integers(0, VOCAB, size=(B, T))
+    y = rng.integers(0, VOCAB, size=(B, T))
+    workers = min(parallel.usable_cores(), B) if parallel.blas_available() else 1
+    flops = step_flops(B, T, config.n_layer, config.n_embd, VOCAB)
+
+    def step():
+        loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=rng)
+        clip_by_global_norm(grads, 1.0)
+        adamw_step(params, grads, opt, 1e-4)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    peak_all, peak_split = matmul_peak(512 if quick else 2048, 2 if quick else 3)
+    peak = max(peak_all, peak_split or 0.0)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t)
+    ms = 1e3 * float(np.median(times))
+    rss = peak_rss_mb()          # before the breakdown and mm-only probes allocate anything
+    mm_ms = matmul_only_ms(B, T, config.n_layer, config.n_embd, VOCAB, config.n_head, workers, 2 if quick else 3)
+    parts, single_ms = breakdown(params, config, x, y, rng, opt, repeats=1 if (quick or name == "baby") else 3)
+    return {"name": name, "params": M.count_params(config), "flops": flops, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
+            "gflops": flops / ms / 1e6, "peak_blas_all": peak_all, "peak_split": peak_split, "peak": peak,
+            "mfu": flops / ms / 1e6 / peak, "mm_ms": mm_ms, "mm_gflops": flops / mm_ms / 1e6, "rss_mb": rss,
+            "single_ms": single_ms, "breakdown": parts, "loss": loss, "workers": workers, "steps": steps,
+            "shape": f"L{config.n_layer} H{config.n_head} C{config.n_embd} T{T} B{B} p{config.dropout}",
+            "load": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling_speed(context, quick=False):
+    """(tokens/s with the KV cache, tokens/s without) generating greedily at the given context length."""
+    config = M.GPTConfig(block_size=context, vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=128)
+    params = M.init_params(config, seed=0)
+    prompt = np.random.default_rng(0).integers(0, VOCAB, size=context)
+    pick = lambda logits: int(np.argmax(logits))
+    speeds = []
+    with parallel.blas_threads(1):       # decoding is a chain of tiny products: one BLAS thread is best
+        return _sampling_speed(params, config, prompt, pick, quick)
+
+
+def _sampling_speed(params, config, prompt, pick, quick):
+    speeds = []
+    for use_cache, n in ((True, 64 if quick else 512), (False, 8 if quick else 48)):
+        list(M.generate(params, config, prompt, 4, pick, use_cache=use_cache))       # warm-up
+        t = time.perf_counter()
+        for _ in M.generate(params, config, prompt, n, pick, use_cache=use_cache):
+            pass
+        speeds.append(n / (time.perf_counter() - t))
+    return tuple(speeds)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def compare(rounds=20):
+    """Alternate the plain and the threaded step of the CPU recipe in one run; print both medians."""
+    spec = dict(CONFIGS["cpu"])
+    B = spec.pop("batch_size"); spec.pop("steps"); spec.pop("warmup")
+    config = M.GPTConfig(vocab_size=VOCAB, **spec)
+    params = M.init_params(config)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, VOCAB, size=(2, B, config.block_size))
+
+    def plain_1blas():
+        with parallel.blas_threads(1):
+            M.loss_and_grads(params, config, x, y)
+
+    variants = {"plain, BLAS default threads": lambda: M.loss_and_grads(params, config, x, y),
+                "plain, 1 BLAS thread": plain_1blas,
+                "two threads, 1 BLAS thread each": lambda: M.loss_and_grads_parallel(params, config, x, y)}
+    times = {k: [] for k in variants}
+    for r in range(rounds + 2):
+        for k, f in variants.items():
+            t = time.perf_counter()
+            f()
+            if r >= 2:
+                times[k].append(time.perf_counter() - t)
+    for k, v in times.items():
+        print(f"  {k:<34}{1e3 * np.median(v):8.1f} ms  (loss_and_grads only)")
+    print(f"  load {os.getloadavg()[0]:.2f}")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_line():
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    b = parallel.openblas()
+    return (f"{cpu}, {parallel.usable_cores()} cores; Python {sys.version.split()[0]}, NumPy {np.__version__}; "
+            f"BLAS {os.path.basename(b.path) if b.path else 'not found'} ({parallel.blas_thread_count()} threads); "
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+
+
+def print_table(rows):
+    print(f"{'config':<8}{'shape':<28}{'params':>10}{'GFLOP/step':>12}{'ms/step':>10}{'tokens/s':>10}"
+          f"{'GFLOP/s':>9}{'peak':>8}{'MFU':>7}{'mm-only ms':>12}{'peak RSS MB':>13}{'load':>6}")
+    for r in rows:
+        print(f"{r['name']:<8}{r['shape']:<28}{r['params']:>10,}{r['flops'] / 1e9:>12.2f}{r['ms']:>10.1f}"
+              f"{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}{r['peak']:>8.1f}{100 * r['mfu']:>6.1f}%"
+              f"{r['mm_ms']:>12.1f}{r['rss_mb']:>13.0f}{r['load'][0]:>6.2f}")
+    for r in rows:
+        split = f"{r['peak_split']:.1f}" if r["peak_split"] else "n/a"
+        print(f"  {r['name']}: peak = max(2048² BLAS all cores {r['peak_blas_all']:.1f}, one per core on threads "
+              f"{split}) GFLOP/s; the step's own products alone run at {r['mm_gflops']:.1f} GFLOP/s; "
+              f"{r['workers']} worker thread(s); median of {r['steps']} steps; loss {r['loss']:.3f}")
+    print("\nwhere one single-threaded step's time goes (percent; forward | backward):")
+    print(f"{'':<22}" + "".join(f"{r['name'] + ' fwd':>11}{r['name'] + ' bwd':>11}" for r in rows))
+    for cat in CATEGORIES:
+        cells = "".join(f"{r['breakdown'].get(cat + '|fwd', 0.0):>11.1f}{r['breakdown'].get(cat + '|bwd', 0.0):>11.1f}"
+                        for r in rows)
+        print(f"{cat:<22}{cells}")
+    print(f"{'single-thread step ms':<22}" + "".join(f"{r['single_ms']:>22.1f}" for r in rows))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Benchmark tinylm's training step and sampling against the matmul peak.")
+    ap.add_argument("--quick", action="store_true", help="small shapes and few steps: a smoke test")
+    ap.add_argument("--configs", default="cpu,baby", help="comma-separated: cpu, baby")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement")
+    ap.add_argument("--compare", action="store_true", help="alternate plain and threaded steps of the CPU recipe")
+    ap.add_argument("--one", help=argparse.SUPPRESS)     # internal: measure one config, print JSON
+    args = ap.parse_args(argv)
+    table = QUICK if args.quick else CONFIGS
+    if args.one:
+        print(json.dumps(run_config(args.one, table[args.one], args.quick)))
+        return 0
+    print(machine_line())
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}"
+          f"{'   (--quick: small shapes, numbers not meaningful)' if args.quick else ''}\n")
+    if args.compare:
+        compare(5 if args.quick else 20)
+        return 0
+    rows = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
+    for name in args.configs.split(","):
+        cmd = [sys.executable, "-m", "tinylm.bench", "--one", name] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print_table(rows)
+    if not args.no_sampling:
+        print("\nsampling, one sequence, greedy (tokens/s):")
+        print(f"{'context':>8}{'KV cache':>12}{'no cache':>12}{'speed-up':>10}")
+        for context in (64, 256):
+            cached, uncached = sampling_speed(context, args.quick)
+            print(f"{context:>8}{cached:>12,.0f}{uncached:>12,.0f}{cached / uncached:>9.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

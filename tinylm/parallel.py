@@ -1,0 +1,122 @@
+"""Run a training step as two halves of the batch on two Python threads, one BLAS thread each.
+
+NumPy releases the GIL inside matmul and most ufuncs, so two Python threads that each
+work on their own slice of the batch really do run at once. BLAS's own threading is the
+other way to use a second core, but it splits each (small) matrix product in two and
+pays for it in synchronisation, and batched matmuls (attention) get nothing from it.
+For the two threads not to fight over cores, the BLAS library must run one thread per
+call while they work: `blas_threads(1)` says so to OpenBLAS (the BLAS that NumPy's
+wheels ship) through its C API, found with ctypes among the loaded libraries.
+Anything else (another BLAS, no /proc) is reported as unavailable, and callers fall
+back to the plain single-threaded path.
+"""
+import concurrent.futures
+import contextlib
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+# symbol names of OpenBLAS's thread-count functions, as the various builds export them
+_SET_NAMES = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+              "openblas_set_num_threads")
+_GET_NAMES = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
+              "openblas_get_num_threads")
+
+
+def _loaded_libraries():
+    """Paths of the shared libraries mapped into this process (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split()[-1] for line in f if ".so" in line]
+    except OSError:
+        return []
+    return list(dict.fromkeys(paths))
+
+
+class _OpenBLAS:
+    """ctypes handles on OpenBLAS's set/get thread-count functions, or None where not found."""
+
+    def __init__(self):
+        self.set = self.get = None
+        self.path = None
+        np.ones((2, 2)) @ np.ones((2, 2))        # make sure NumPy's BLAS is loaded
+        for path in _loaded_libraries():
+            if "blas" not in os.path.basename(path).lower():
+                continue
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            set_fn = next((getattr(lib, n) for n in _SET_NAMES if hasattr(lib, n)), None)
+            get_fn = next((getattr(lib, n) for n in _GET_NAMES if hasattr(lib, n)), None)
+            if set_fn is not None and get_fn is not None:
+                set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
+                get_fn.argtypes, get_fn.restype = [], ctypes.c_int
+                self.set, self.get, self.path = set_fn, get_fn, path
+                return
+
+
+_blas = None
+_blas_lock = threading.Lock()
+
+
+def openblas():
+    """The process's _OpenBLAS handles, found once."""
+    global _blas
+    with _blas_lock:
+        if _blas is None:
+            _blas = _OpenBLAS()
+    return _blas
+
+
+def blas_available():
+    """True when the BLAS thread count can be set at run time."""
+    return openblas().set is not None
+
+
+def blas_thread_count():
+    """OpenBLAS's current thread count, or None if unknown."""
+    b = openblas()
+    return int(b.get()) if b.get is not None else None
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Within the block, BLAS uses n threads; the previous count is restored after. No-op if unavailable."""
+    b = openblas()
+    if b.set is None:
+        yield False
+        return
+    previous = b.get()
+    b.set(int(n))
+    try:
+        yield True
+    finally:
+        b.set(previous)
+
+
+def usable_cores():
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # not Linux
+        return os.cpu_count() or 1
+
+
+_pools = {}
+
+
+def pool(workers):
+    """A persistent pool of `workers` threads (creating threads each step would cost more than it saves)."""
+    if workers not in _pools:
+        _pools[workers] = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinylm")
+    return _pools[workers]
+
+
+def run_parallel(fn, args_list):
+    """[fn(*args) for args in args_list], each on its own thread with one BLAS thread; in order."""
+    with blas_threads(1):
+        futures = [pool(len(args_list)).submit(fn, *args) for args in args_list]
+        return [f.result() for f in futures]

@@ -25,6 +25,9 @@ def analyze_parser():
     ap.add_argument("--only", metavar="LIST", default=",".join(DEFAULT_SECTIONS),
                     help="comma-separated sections from: " + ", ".join(R.SECTION_NAMES) + ", or 'all'. "
                     "curvature (Hessian eigenvalues by Lanczos, the slow one: up to a minute) is left out unless named")
+    ap.add_argument("--poster", metavar="FILE",
+                    help="draw the seven concepts of the linear algebra, one panel each from this model, into one PNG "
+                    "(needs matplotlib); alone it draws only the poster, with --report or --only the sections run too")
     ap.add_argument("--compare-init", action="store_true",
                     help="also analyse the same model at initialization (the run's seed) and show it beside the trained one")
     ap.add_argument("--data", metavar="FILE", help="text to evaluate on (default: the run's training file, its validation split)")
@@ -153,6 +156,9 @@ def _analyze(argv):
     if a.n_boot < 0 or a.eval_seqs < 1 or a.hessian_k < 1 or a.hessian_batch < 1:
         raise TinyLMError("--n-boot must be >= 0; --eval-seqs, --hessian-k and --hessian-batch >= 1")
     path = checkpoint_path(a.checkpoint)
+    if a.poster and not R.have_matplotlib():
+        from .poster import PLOT_HINT
+        raise TinyLMError(PLOT_HINT)
     if a.report:
         try:
             os.makedirs(a.report, exist_ok=True)
@@ -160,8 +166,14 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, with_optimizer="curvature" in sections)
-    results = run_analysis(ckpt, path, sections, a)
     out = sys.stdout
+    if a.poster:
+        from .poster import make_poster
+        make_poster(ckpt, a.poster, data=a.data, prompt=a.prompt, source=os.path.basename(path))
+        out.write(f"wrote {a.poster}\n")
+        if not a.report and a.only == analyze_parser().get_default("only"):
+            return 0        # --poster alone: the poster, not the default sections
+    results = run_analysis(ckpt, path, sections, a)
     if "spectra" in results:
         out.write(R.text_table(R.SPECTRA_HEADER, R.spectra_rows(results["spectra"]["trained"])) + "\n\n")
     for line in R.section_summaries(results):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, SHAKESPEARE
 from tinylm.bpe import train_bpe
-from tinylm.checkpoint import load_checkpoint, save_checkpoint
+from tinylm.checkpoint import save_checkpoint
 from tinylm.errors import TinyLMError
 from tinylm.hf import export_hf, import_hf, is_transposed, load_any
 from tinylm.model import GPTConfig, forward, init_params

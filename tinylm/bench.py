@@ -37,7 +37,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -56,12 +55,6 @@ QUICK = {
     "baby": dict(n_layer=2, n_head=2, n_embd=96, block_size=64, batch_size=8, dropout=0.2, steps=2, warmup=1),
 }
 VOCAB = 65      # Tiny Shakespeare's characters
-
-
-def step_flops(B, T, L_, C, V):
-    """FLOPs of one training step's matrix products (see the module docstring)."""
-    N = B * T
-    return 6 * N * (12 * L_ * C * C + V * C) + 12 * N * L_ * T * C
 
 
 def peak_rss_mb():
@@ -230,7 +223,7 @@ def run_config(name, spec, quick=False):
     x = rng.integers(0, VOCAB, size=(B, T))
     y = rng.integers(0, VOCAB, size=(B, T))
     workers = min(parallel.usable_cores(), B) if parallel.blas_available() else 1
-    flops = step_flops(B, T, config.n_layer, config.n_embd, VOCAB)
+    flops = M.matmul_flops(config, B)["per_step"]
 
     def step():
         loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=rng)
@@ -268,7 +261,6 @@ def sampling_speed(context, quick=False):
     params = M.init_params(config, seed=0)
     prompt = np.random.default_rng(0).integers(0, VOCAB, size=context)
     pick = lambda logits: int(np.argmax(logits))
-    speeds = []
     with parallel.blas_threads(1):       # decoding is a chain of tiny products: one BLAS thread is best
         return _sampling_speed(params, config, prompt, pick, quick)
 

@@ -88,6 +88,23 @@ def count_params(config, include_positions=True):
     return n if include_positions else n - config.block_size * config.n_embd
 
 
+def matmul_flops(config, batch_size):
+    """Floating-point operations of one training step, counting matrix products only.   -> dict
+
+    A product (m, n) @ (n, k) costs 2·m·n·k (a multiply and an add per term). Per token, the
+    forward pass multiplies by every block weight and by the tied head (2 per weight), and
+    each attention layer forms QKᵀ and AV over T positions (2·2·T·C, the causal half not
+    skipped). The backward pass costs twice the forward (one product for dX, one for dW),
+    so a step is 3 forwards over batch_size·block_size tokens.
+    """
+    C, T, L = config.n_embd, config.block_size, config.n_layer
+    weights = L * 12 * C * C + config.vocab_size * C          # c_attn 3C², c_proj C², c_fc 4C², mlp c_proj 4C²; head
+    forward_per_token = 2 * weights + L * 4 * T * C
+    tokens = batch_size * T
+    return {"forward_per_token": forward_per_token, "tokens_per_step": tokens,
+            "per_step": 3 * forward_per_token * tokens}
+
+
 def init_params(config, seed=0, dtype=np.float32):
     """GPT-2 init: weights N(0, 0.02), residual projections N(0, 0.02/√(2·n_layer)), LN gain 1, biases 0."""
     config.validate()

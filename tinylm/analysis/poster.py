@@ -11,8 +11,7 @@ import os
 import numpy as np
 
 from ..errors import TinyLMError
-from ..model import count_params
-from . import linalg
+from ..model import count_params, matmul_flops
 from .circuits import attention_for_prompt
 from .embeddings import case_analogies, embedding_pca, head_subspace_overlaps, token_label
 from .probes import probe_targets, run_probes
@@ -26,23 +25,6 @@ CONCEPTS = ("1 vectors", "2 matrices", "3 linear maps", "4 inner products", "5 o
 # The matrix of panel 3 (layer 0's query projection W_Q (C, C)); panel 2 shows the c_attn it is cut from.
 MATRIX = "h0.attn.q"
 PLOT_HINT = "the poster needs matplotlib: pip install -e '.[plot]'"
-
-
-def matmul_flops(config, batch_size):
-    """Floating-point operations of one training step, counting matrix products only.   -> dict
-
-    A product (m, n) @ (n, k) costs 2·m·n·k (a multiply and an add per term). Per token, the
-    forward pass multiplies by every block weight and by the tied head (2 per weight), and
-    each attention layer forms QKᵀ and AV over T positions (2·2·T·C, the causal half not
-    skipped). The backward pass costs twice the forward (one product for dX, one for dW),
-    so a step is 3 forwards over batch_size·block_size tokens.
-    """
-    C, T, L = config.n_embd, config.block_size, config.n_layer
-    weights = L * 12 * C * C + config.vocab_size * C          # c_attn 3C², c_proj C², c_fc 4C², mlp c_proj 4C²; head
-    forward_per_token = 2 * weights + L * 4 * T * C
-    tokens = batch_size * T
-    return {"forward_per_token": forward_per_token, "tokens_per_step": tokens,
-            "per_step": 3 * forward_per_token * tokens}
 
 
 def _validation_windows(tok, meta, config, data, n_seq):

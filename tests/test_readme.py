@@ -29,3 +29,20 @@ def test_ci_runs_the_readmes_set_up_commands():
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         ci_lines = [l.strip() for l in f if l.strip() and not l.startswith("#")]
     assert test_command in ci_lines
+
+
+def test_links_point_at_files_that_exist_and_name_real_functions():
+    text = readme()
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if "://" not in link:
+            assert os.path.exists(os.path.join(ROOT, link)), link
+    for names, target in re.findall(r"\[((?:`\w+`(?:, | and )?)+)\]\((tinylm/[\w/]+\.py)\)", text):
+        with open(os.path.join(ROOT, target), encoding="utf-8") as f:
+            source = f.read()
+        for name in re.findall(r"`(\w+)`", names):
+            assert re.search(rf"^def {name}\(", source, re.M), f"{name} not defined in {target}"
+    anchors = re.findall(r"\]\(docs/tour\.md#([\w-]+)\)", text)
+    with open(os.path.join(ROOT, "docs", "tour.md"), encoding="utf-8") as f:
+        headings = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                    for h in re.findall(r"^#+ (.+)$", f.read(), re.M)}
+    assert len(anchors) == 7 and set(anchors) <= headings, (anchors, headings)

@@ -68,3 +68,12 @@ def test_resume_continues_the_same_trajectory_bit_for_bit(shakespeare_head, tmp_
     log_two = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
     strip = lambda rows: [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["step"] != 12]
     assert strip(log_one) == strip(log_two)          # step 12 is logged only where the first half ended
+
+
+def test_a_new_run_in_an_old_folder_starts_its_logs_afresh(shakespeare_head, tmp_path):
+    notes = []
+    train(_args(shakespeare_head, tmp_path, 10), log=notes.append)
+    train(_args(shakespeare_head, tmp_path, 5), log=notes.append)
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 5]
+    assert any("from an earlier run will be replaced" in n for n in notes)

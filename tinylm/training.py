@@ -20,6 +20,7 @@ from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
 from .sampling import sample_next
 from .tokenizer import CharTokenizer
 
+LOG_FILES = ("metrics.jsonl", "spectra.jsonl")     # one JSON line per evaluation
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size")
 
 
@@ -147,6 +148,17 @@ def check_saved_args(saved, ckpt_path):
     return good
 
 
+def start_fresh(out_dir, log):
+    """A run from scratch: its logs start empty, and an earlier run's checkpoint is named before it is replaced."""
+    if os.path.exists(os.path.join(out_dir, "ckpt.npz")):
+        log(f"note: {os.path.join(out_dir, 'ckpt.npz')} from an earlier run will be replaced at the first "
+            f"evaluation (continue it instead with --init_from resume, or choose another --out_dir)")
+    for log_name in LOG_FILES:
+        path = os.path.join(out_dir, log_name)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def trim_metrics(metrics_path, last_step):
     """On resume: keep only whole log lines up to the resumed step (a killed run may have logged past it)."""
     if not os.path.exists(metrics_path):
@@ -254,7 +266,8 @@ def setup(a, explicit=()):
                  "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
                  "elapsed_s": float(meta.get("elapsed_s", 0.0))}
         ids = encode_file(a.data, a.encoding_errors, tokenizer)
-        trim_metrics(os.path.join(a.out_dir, "metrics.jsonl"), state["step"])
+        for log_name in LOG_FILES:
+            trim_metrics(os.path.join(a.out_dir, log_name), state["step"])
     else:
         M.GPTConfig(block_size=a.block_size, vocab_size=1, n_layer=a.n_layer, n_head=a.n_head,
                     n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()     # before reading the data
@@ -294,6 +307,8 @@ def train(a, explicit=(), log=print):
     start = state["step"]
     best = state["best_val_loss"]
     tokens_per_step = a.batch_size * config.block_size
+    if a.init_from == "scratch":
+        start_fresh(a.out_dir, log)
     log(f"tinylm: {M.count_params(config):,} parameters, vocab {config.vocab_size}, "
         f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
 

@@ -121,3 +121,14 @@ def test_resume_without_a_checkpoint_says_so(shakespeare_head, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     proc = run_script("train.py", "--data", tmp_path / "nope.txt", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_a_shorter_run_decays_its_learning_rate_to_min_lr(shakespeare_head, tmp_path):
+    """On the command line --lr_decay_iters follows --max_iters unless given, so lr ends at min_lr."""
+    import json
+    proc = run_script("train.py", "--data", shakespeare_head, "--out_dir", tmp_path, "--n_layer", 1, "--n_embd", 16,
+                      "--n_head", 2, "--block_size", 8, "--max_iters", 20, "--eval_interval", 10, "--eval_iters", 1,
+                      "--warmup_iters", 2, "--sample_tokens", 0)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["step"] == 20 and abs(rows[-1]["lr"] - 1e-4) < 1e-12

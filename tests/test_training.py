@@ -77,3 +77,12 @@ def test_a_new_run_in_an_old_folder_starts_its_logs_afresh(shakespeare_head, tmp
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 5]
     assert any("from an earlier run will be replaced" in n for n in notes)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(shakespeare_head, tmp_path):
+    train(_args(shakespeare_head, tmp_path, 5), log=lambda *a: None)
+    before = open(tmp_path / "ckpt.npz", "rb").read()
+    notes = []
+    summary = train(_args(shakespeare_head, tmp_path, 5, init_from="resume"), explicit=("init_from",), log=notes.append)
+    assert summary["step"] == 5 and any(n.startswith("nothing to do") and "--max_iters" in n for n in notes)
+    assert open(tmp_path / "ckpt.npz", "rb").read() == before

@@ -95,6 +95,8 @@ def _train(argv):
     from .training import TrainArgs, train
     ns = vars(train_parser().parse_args(argv))
     ns.pop("debug", None)
+    if "max_iters" in ns and "lr_decay_iters" not in ns and ns.get("init_from", "scratch") == "scratch":
+        ns["lr_decay_iters"] = ns["max_iters"]    # a shorter run still decays its learning rate to min_lr
     args = dataclasses.replace(TrainArgs(), **ns)
     train(args, explicit=tuple(ns))
     return 0
@@ -112,7 +114,7 @@ def sample_parser():
     ap.add_argument("--init_from", default=None, metavar="PATH",
                     help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
                          "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
-    ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw")
     ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
@@ -130,6 +132,7 @@ def sample_main(argv=None):
 
 def _sample(argv):
     from .hf import load_any
+    from .parallel import blas_threads
     from .model import generate
     from .sampling import check_sampling_args, sample_next
 
@@ -160,16 +163,17 @@ def _sample(argv):
     rng = np.random.default_rng(a.seed)
     pick = lambda logits: sample_next(logits, a.temperature, a.top_k, a.top_p, rng)
     out = sys.stdout
-    for _ in range(a.num_samples):
-        out.write(start)
-        new = []
-        shown = ""
-        for token in generate(params, config, prompt, a.max_new_tokens, pick, use_cache=not a.no_cache):
-            new.append(token)
-            text = tok.decode(new)
-            out.write(text[len(shown):])     # decode the whole tail: a multi-byte token may complete later
+    with blas_threads(1):        # one token at a time: tiny products, one BLAS thread is fastest
+        for _ in range(a.num_samples):
+            out.write(start)
+            new = []
+            shown = ""
+            for token in generate(params, config, prompt, a.max_new_tokens, pick, use_cache=not a.no_cache):
+                new.append(token)
+                text = tok.decode(new)
+                out.write(text[len(shown):])     # decode the whole tail: a multi-byte token may complete later
+                out.flush()
+                shown = text
+            out.write("\n---------------\n")
             out.flush()
-            shown = text
-        out.write("\n---------------\n")
-        out.flush()
     return 0

@@ -146,8 +146,9 @@ def model_check(config, seed=0, max_entries=None, train=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Check every backward pass against finite differences (float64).")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m tinylm.gradcheck",
+                                 description="Check every backward pass against finite differences (float64).")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the random inputs and parameters (default: 0)")
     args = ap.parse_args(argv)
     worst = 0.0
     print(f"{'layer':<22}{'input':<10}{'relative error':>16}")

@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
 from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
+from .parallel import blas_threads
 from .sampling import sample_next
 from .tokenizer import CharTokenizer
 
@@ -72,7 +73,7 @@ HELP = {
     "learning_rate": "peak learning rate, reached after warmup",
     "min_lr": "learning rate at the end of the cosine decay",
     "warmup_iters": "steps of linear warmup",
-    "lr_decay_iters": "step at which the cosine decay reaches min_lr",
+    "lr_decay_iters": "step at which the cosine decay reaches min_lr; on the command line it follows --max_iters unless given",
     "weight_decay": "AdamW decoupled weight decay, applied to matrices only",
     "beta1": "AdamW first-moment decay",
     "beta2": "AdamW second-moment decay",
@@ -179,13 +180,14 @@ def trim_metrics(metrics_path, last_step):
 def estimate_loss(params, config, splits, a, step):
     """Mean loss over eval_iters batches of each split, without dropout; its own RNG, so training's is untouched."""
     out = {}
-    for name, ids in splits.items():
-        rng = np.random.default_rng([a.seed, step, len(name)])
-        losses = []
-        for _ in range(a.eval_iters):
-            x, y = get_batch(ids, config.block_size, a.batch_size, rng)
-            losses.append(M.forward(params, config, x, y)[1])
-        out[name] = float(np.mean(losses))
+    with blas_threads(1):     # small products: one BLAS thread is as fast, and far faster on a busy machine
+        for name, ids in splits.items():
+            rng = np.random.default_rng([a.seed, step, len(name)])
+            losses = []
+            for _ in range(a.eval_iters):
+                x, y = get_batch(ids, config.block_size, a.batch_size, rng)
+                losses.append(M.forward(params, config, x, y)[1])
+            out[name] = float(np.mean(losses))
     return out
 
 
@@ -309,6 +311,10 @@ def train(a, explicit=(), log=print):
     tokens_per_step = a.batch_size * config.block_size
     if a.init_from == "scratch":
         start_fresh(a.out_dir, log)
+    elif start >= a.max_iters:
+        log(f"nothing to do: the run in {a.out_dir} is at step {start}, which is --max_iters; to train on, "
+            f"pass a larger --max_iters (and --lr_decay_iters, for the learning rate to keep decaying)")
+        return {"step": start, "best_val_loss": best, "elapsed_s": 0.0, "checkpoint": ckpt_path}
     log(f"tinylm: {M.count_params(config):,} parameters, vocab {config.vocab_size}, "
         f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
 
@@ -348,7 +354,8 @@ def train(a, explicit=(), log=print):
                         f.write(json.dumps(record) + "\n")
                     if a.track_spectra:
                         from .analysis.tracking import log_spectra
-                        log_spectra(params, config, step, os.path.join(a.out_dir, "spectra.jsonl"))
+                        with blas_threads(1):
+                            log_spectra(params, config, step, os.path.join(a.out_dir, "spectra.jsonl"))
                     save(step)
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:
@@ -385,7 +392,8 @@ def train(a, explicit=(), log=print):
         except TinyLMError:        # a text without line breaks: start from its first token
             prompt = np.array([0])
         pick = lambda logits: sample_next(logits, temperature=0.8, top_k=200, rng=rng)
-        text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
+        with blas_threads(1):
+            text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
         log(f"--- sample after {step} steps ---\n{text}\n---")
         summary["sample"] = text
     best_text = "n/a" if best is None else f"{best:.4f}"

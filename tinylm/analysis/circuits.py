@@ -15,11 +15,17 @@ positive scalar for each token that is not a linear map (the same choice as
 "folding" layer norm in the interpretability literature). M[i, j] is how much
 attending to token j raises the logit of token i; copying means M has large
 positive real eigenvalues.
+
+M is never formed, not even as its (V, D)(D, V) factors: its nonzero eigenvalues are those
+of the D×D matrix W_V G_1 (W_E W_U) G_f W_O, and W_E W_U = wteᵀ wte is C×C, computed once.
+For GPT-2 (V = 50257, C = 768, D = 64) that is one V·C² product instead of one per head.
 """
 import numpy as np
+from tqdm import tqdm
 
 from . import linalg
 from ..model import block_prefix, trace_forward
+from .scale import MAX_PROMPT, eval_window
 from .weights import head_weights
 
 # A head whose score exceeds this is named a previous-token / induction head. Uniform attention over t
@@ -35,16 +41,22 @@ def _ln_linear_part(params, name, C):
     return g[:, None] * P
 
 
-def head_circuits(params, config, layer, fold_ln=True):
+def embedding_gram(params):
+    """W_E W_U = wteᵀ wte, the C×C Gram matrix of the token embeddings (float64).   -> (C, C)"""
+    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)       # (V, C)
+    return wte.T @ wte
+
+
+def head_circuits(params, config, layer, fold_ln=True, gram=None):
     """Per head of one layer: QK and OV singular values and eigenvalues, and the full OV circuit's copying score.   -> list of dicts.
 
-    Every product is handled as its two factors: W_QK = (W_Qᵀ)(W_K), W_OV = (W_O)(W_V), and the
+    Every product is handled as its factors: W_QK = (W_Qᵀ)(W_K), W_OV = (W_O)(W_V), and the
     token circuit M = (W_U G_f W_O)(W_V G_1 W_E) of shape (V, D)(D, V): its nonzero eigenvalues
-    are those of the D×D matrix W_V G_1 W_E W_U G_f W_O.
+    are those of the D×D matrix W_V G_1 (W_E W_U) G_f W_O. gram: wteᵀ wte (embedding_gram), to reuse.
     """
     C = config.n_embd
     hw = {k: np.asarray(v, dtype=np.float64) for k, v in head_weights(params, config, layer).items()}
-    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)       # (V, C)
+    gram = embedding_gram(params) if gram is None else gram
     if fold_ln:
         G1 = _ln_linear_part(params, block_prefix(layer) + "ln_1.weight", C)
         Gf = _ln_linear_part(params, "transformer.ln_f.weight", C)
@@ -55,7 +67,7 @@ def head_circuits(params, config, layer, fold_ln=True):
         W_Q, W_K, W_V, W_O = hw["W_Q"][h], hw["W_K"][h], hw["W_V"][h], hw["W_O"][h]
         qk = linalg.factored_spectrum(W_Q.T, W_K)
         ov = linalg.factored_spectrum(W_O, W_V)
-        full = linalg.factored_spectrum(wte @ Gf @ W_O, W_V @ G1 @ wte.T)
+        full = linalg.factored_spectrum(gram @ Gf @ W_O, W_V @ G1)          # (C, D)(D, C): the same nonzero eigenvalues as M
         out.append({
             "layer": layer, "head": h,
             "qk_singular_values": qk["singular_values"], "qk_eigenvalues": qk["eigenvalues"],
@@ -88,8 +100,8 @@ def induction_scores(att, period):
 
 
 def repeated_random_tokens(config, n_seq=8, seed=0):
-    """n_seq random sequences of length L = block_size // 2, each repeated twice.   -> (idx (n_seq, 2L), L)"""
-    L = config.block_size // 2
+    """n_seq random sequences of length L = eval_window // 2 (scale.py), each repeated twice.   -> (idx (n_seq, 2L), L)"""
+    L = eval_window(config) // 2
     rng = np.random.default_rng(seed)
     first = rng.integers(0, config.vocab_size, size=(n_seq, L))
     return np.concatenate([first, first], axis=1), L
@@ -112,14 +124,16 @@ def head_pattern_scores(params, config, text_idx, n_seq=8, seed=0, threshold=HEA
 
 
 def attention_for_prompt(params, config, idx):
-    """Attention weights of every layer for one prompt.   idx (T,) -> (n_layer, H, T, T)"""
-    idx = np.asarray(idx)[None, -config.block_size:]
+    """Attention weights of every layer for the last MAX_PROMPT tokens of a prompt.   idx (T,) -> (n_layer, H, T, T)"""
+    idx = np.asarray(idx)[None, -min(config.block_size, MAX_PROMPT):]
     return np.stack([a[0] for a in trace_forward(params, config, idx)["attention"]])
 
 
-def analyze_circuits(params, config, text_idx, prompt_idx, fold_ln=True):
+def analyze_circuits(params, config, text_idx, prompt_idx, fold_ln=True, progress=False):
     """Everything of this section: per-head circuits, head-pattern scores, attention for a prompt.   -> dict."""
-    heads = [c for i in range(config.n_layer) for c in head_circuits(params, config, i, fold_ln)]
+    gram = embedding_gram(params)
+    heads = [c for i in tqdm(range(config.n_layer), desc="circuits", disable=not progress, leave=False)
+             for c in head_circuits(params, config, i, fold_ln, gram)]
     return {
         "fold_ln": fold_ln,
         "heads": heads,

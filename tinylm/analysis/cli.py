@@ -5,11 +5,12 @@ import sys
 import time
 
 
-from ..checkpoint import load_checkpoint
 from ..cli import OneLineParser, run_cli
 from ..errors import TinyLMError
+from ..hf import CONFIG_FILE, load_any
 from ..model import count_params
 from . import report as R
+from . import scale
 
 DEFAULT_SECTIONS = ("spectra", "circuits", "embeddings", "probes", "lowrank", "training")
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
@@ -17,10 +18,12 @@ DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 def analyze_parser():
     ap = OneLineParser(prog="analyze.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="Flags take hyphens or underscores (--compare-init or --compare_init).",
                        description="Measure what a trained tinylm model learned: weight spectra (SVD, power-law ESD fits), "
                        "attention circuits, embedding geometry, least-squares probes, low-rank compression, Hessian "
                        "curvature and training curves. Prints a per-matrix table; --report also writes HTML and JSON.")
-    ap.add_argument("checkpoint", help="a checkpoint file (e.g. out/ckpt.npz), or a folder holding ckpt.npz")
+    ap.add_argument("checkpoint", help="a checkpoint file (e.g. out/ckpt.npz), a folder holding ckpt.npz, or a GPT-2 "
+                    "folder in the Hugging Face layout (config.json + model.safetensors + vocab.json/merges.txt)")
     ap.add_argument("--report", metavar="DIR", help="write DIR/index.html (self-contained, figures need matplotlib) and DIR/metrics.json")
     ap.add_argument("--only", metavar="LIST", default=",".join(DEFAULT_SECTIONS),
                     help="comma-separated sections from: " + ", ".join(R.SECTION_NAMES) + ", or 'all'. "
@@ -28,15 +31,20 @@ def analyze_parser():
     ap.add_argument("--poster", metavar="FILE",
                     help="draw the seven concepts of the linear algebra, one panel each from this model, into one PNG "
                     "(needs matplotlib); alone it draws only the poster, with --report or --only the sections run too")
-    ap.add_argument("--compare-init", action="store_true",
+    ap.add_argument("--compare-init", "--compare_init", action="store_true",
                     help="also analyse the same model at initialization (the run's seed) and show it beside the trained one")
-    ap.add_argument("--data", metavar="FILE", help="text to evaluate on (default: the run's training file, its validation split)")
+    ap.add_argument("--data", metavar="FILE",
+                    help="text to evaluate on; if not given, the validation split of the run's training file "
+                    "(or of the bundled Tiny Shakespeare)%(default).0s")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="text whose attention patterns are drawn")
-    ap.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples for alpha's confidence interval (0: none)")
-    ap.add_argument("--eval-seqs", type=int, default=32, help="validation windows for probes and low-rank losses")
-    ap.add_argument("--hessian-k", type=int, default=3, help="number of top Hessian eigenvalues")
-    ap.add_argument("--hessian-batch", type=int, default=8, help="sequences in the fixed batch of the Hessian")
-    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--n-boot", "--n_boot", type=int, default=None, help="bootstrap resamples for alpha's confidence interval (0: none; "
+                    f"default {scale.DEFAULT_N_BOOT}, {scale.BIG_N_BOOT} for models over {scale.BIG_MODEL:,} block parameters)")
+    ap.add_argument("--eval-seqs", "--eval_seqs", type=int, default=None,
+                    help=f"validation windows (of at most {scale.MAX_WINDOW} tokens) for probes and low-rank losses "
+                    f"(default {scale.DEFAULT_EVAL_SEQS}; {scale.BIG_EVAL_SEQS} for models over {scale.BIG_MODEL:,} block parameters)")
+    ap.add_argument("--hessian-k", "--hessian_k", type=int, default=3, help="number of top Hessian eigenvalues")
+    ap.add_argument("--hessian-batch", "--hessian_batch", type=int, default=8, help="sequences in the fixed batch of the Hessian")
+    ap.add_argument("--no-progress", "--no_progress", action="store_true", help="hide progress bars")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return ap
 
@@ -53,28 +61,38 @@ def parse_sections(text):
 
 
 def checkpoint_path(arg):
-    return os.path.join(arg, "ckpt.npz") if os.path.isdir(arg) else arg
+    """A folder holding ckpt.npz -> that file; a GPT-2 folder (or its config.json / model.safetensors) -> the folder."""
+    if os.path.isdir(arg):
+        return arg if os.path.isfile(os.path.join(arg, CONFIG_FILE)) else os.path.join(arg, "ckpt.npz")
+    return arg
 
 
 def run_analysis(ckpt, path, sections, args, log=print):
     """Every requested section on a loaded checkpoint.   -> results dict (NumPy inside; report.to_jsonable for JSON)"""
     from .textdata import fixed_windows, resolve_data_path, validation_ids
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"]
-    chars = getattr(tok, "chars", None) or [str(i) for i in range(config.vocab_size)]
+    chars = scale.token_labels(tok, config.vocab_size)
     progress = not args.no_progress
+    n_seqs = args.eval_seqs or scale.default_eval_seqs(config)
+    n_boot = scale.default_n_boot(config) if args.n_boot is None else args.n_boot
+    large = scale.is_large_vocab(config)
     init = None
     if args.compare_init:
         from .weight_spectra import init_like
         init, init_seed = init_like(config, meta)
     results = {"checkpoint": path, "config": config.to_dict(), "step": meta.get("step"),
                "n_params": count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
-    needs_text = {"circuits", "probes", "lowrank", "curvature"} & set(sections)
-    if needs_text:
+    # The text is needed for the windows, and for a large vocabulary's token subset (its most frequent tokens).
+    needs_text = {"circuits", "probes", "lowrank", "curvature"} | ({"embeddings"} if large else set())
+    if needs_text & set(sections):
         train_args = meta.get("train_args") or {}
         data_path = resolve_data_path(meta, args.data)
         val = validation_ids(tok, data_path, train_args.get("encoding_errors", "strict"))
-        x, y = fixed_windows(val, config.block_size, max(1, args.eval_seqs), seed=0)
+        window = scale.eval_window(config)
+        x, y = fixed_windows(val, window, n_seqs, seed=0)
         results["data"] = data_path
+        results["eval"] = {"window": window, "n_windows": n_seqs, "block_size": config.block_size,
+                           "big_model": scale.is_big_model(config), "large_vocab": large}
     prompt = args.prompt
     if "circuits" in sections:
         try:
@@ -83,7 +101,9 @@ def run_analysis(ckpt, path, sections, args, log=print):
             raise TinyLMError("--prompt has characters outside the model's vocabulary") from None
         if len(prompt_idx) == 0:
             raise TinyLMError("--prompt must not be empty")
-        prompt = tok.decode(prompt_idx[-config.block_size:])
+        prompt_idx = prompt_idx[-min(config.block_size, scale.MAX_PROMPT):]
+        prompt = tok.decode(prompt_idx)
+        results["prompt_tokens"] = [chars[i] for i in prompt_idx]
     results["prompt"] = prompt
 
     def timed(name, fn):
@@ -97,16 +117,16 @@ def run_analysis(ckpt, path, sections, args, log=print):
             from .weight_spectra import analyze_spectra
 
             def run():
-                sec = {"trained": analyze_spectra(params, config, args.n_boot, progress=progress), "n_boot": args.n_boot}
+                sec = {"trained": analyze_spectra(params, config, n_boot, progress=progress), "n_boot": n_boot}
                 if init is not None:
-                    sec["init"] = analyze_spectra(init, config, args.n_boot, progress=progress, desc="spectra (init)")
+                    sec["init"] = analyze_spectra(init, config, 0, progress=progress, desc="spectra (init)")  # no CI at init: it doubles the time
                     sec["init_seed"] = init_seed
                 return sec
         elif name == "circuits":
             from .circuits import analyze_circuits
 
             def run():
-                sec = analyze_circuits(params, config, x[:8], prompt_idx)
+                sec = analyze_circuits(params, config, x[:8], prompt_idx, progress=progress)
                 if init is not None:
                     sec["init"] = analyze_circuits(init, config, x[:8], prompt_idx)
                     del sec["init"]["prompt_attention"]
@@ -114,17 +134,23 @@ def run_analysis(ckpt, path, sections, args, log=print):
         elif name == "embeddings":
             from .embeddings import analyze_embeddings
 
+            subset, rule = scale.token_subset(chars, val) if large else (None, "")
+
             def run():
-                sec = analyze_embeddings(params, config, list(chars))
+                sec = analyze_embeddings(params, config, list(chars), subset, rule, progress=progress)
                 if init is not None:
-                    sec["init"] = analyze_embeddings(init, config, list(chars))
+                    sec["init"] = analyze_embeddings(init, config, list(chars), subset, rule, progress=progress)
                 return sec
         elif name == "probes":
             from .probes import analyze_probes
-            run = lambda: analyze_probes(params, config, x, y, list(chars))
+            run = lambda: analyze_probes(params, config, x, y, list(chars), progress=progress)
         elif name == "lowrank":
-            from .lowrank import rank_sweep
-            run = lambda: rank_sweep(params, config, [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)], progress=progress)
+            from .lowrank import DEFAULT_FRACTIONS, rank_sweep
+            big = scale.is_big_model(config)
+            xl, yl = (x[:scale.BIG_LOWRANK_SEQS], y[:scale.BIG_LOWRANK_SEQS]) if big else (x, y)
+            fractions = scale.BIG_FRACTIONS if big else DEFAULT_FRACTIONS
+            run = lambda: rank_sweep(params, config, [(xl[i:i + 8], yl[i:i + 8]) for i in range(0, len(xl), 8)],
+                                     fractions=fractions, progress=progress)
         elif name == "curvature":
             from .hessian import analyze_curvature
             nb = max(1, args.hessian_batch)
@@ -139,7 +165,7 @@ def run_analysis(ckpt, path, sections, args, log=print):
 def training_logs(path):
     """metrics.jsonl and spectra.jsonl from the checkpoint's folder (either may be missing)."""
     from .tracking import read_jsonl
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     out = {"metrics": [], "spectra": [], "note": ""}
     for key, fname in (("metrics", "metrics.jsonl"), ("spectra", "spectra.jsonl")):
         p = os.path.join(folder, fname)
@@ -153,7 +179,7 @@ def training_logs(path):
 def _analyze(argv):
     a = analyze_parser().parse_args(argv)
     sections = parse_sections(a.only)
-    if a.n_boot < 0 or a.eval_seqs < 1 or a.hessian_k < 1 or a.hessian_batch < 1:
+    if (a.n_boot or 0) < 0 or (a.eval_seqs is not None and a.eval_seqs < 1) or a.hessian_k < 1 or a.hessian_batch < 1:
         raise TinyLMError("--n-boot must be >= 0; --eval-seqs, --hessian-k and --hessian-batch >= 1")
     path = checkpoint_path(a.checkpoint)
     if a.poster and not R.have_matplotlib():
@@ -165,7 +191,7 @@ def _analyze(argv):
         except OSError as e:
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(path, with_optimizer="curvature" in sections)
+    ckpt = load_any(path, with_optimizer="curvature" in sections)
     out = sys.stdout
     if a.poster:
         from .poster import make_poster

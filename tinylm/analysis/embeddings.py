@@ -3,14 +3,19 @@ position-embedding similarity, and principal angles between the subspaces heads 
 import itertools
 
 import numpy as np
+from tqdm import tqdm
 
 from . import linalg
+from .scale import position_subset
 from .weights import head_weights
 
 
-def token_label(ch):
-    """A printable label for a character token ('\\n' for newline, '␣' for space)."""
-    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch if ch.isprintable() else repr(ch)[1:-1])
+ESCAPES = {"\n": "\\n", " ": "␣", "\t": "\\t", "\r": "\\r"}
+
+
+def token_label(text):
+    """A printable label for a token's text: '\\n' for newline, '␣' for space ('␣the'), escapes for the rest."""
+    return "".join(ESCAPES.get(ch, ch if ch.isprintable() else repr(ch)[1:-1]) for ch in text)
 
 
 def embedding_pca(wte, k=None):
@@ -19,12 +24,24 @@ def embedding_pca(wte, k=None):
     return linalg.pca(wte, k or min(C, V))
 
 
-def neighbours(wte, chars, k=5):
-    """Each token's k most cosine-similar tokens.   wte (V, C) -> {char: [(char, sim)] * k}"""
+def neighbours(wte, chars, k=5, queries=None, progress=False):
+    """The k most cosine-similar tokens of each query token, among all V.   wte (V, C) -> {label: [(label, sim)] * k}
+
+    queries: token ids (default: every token). Similarities are computed for 256 queries
+    at a time, (256, C)(C, V), so a 50257-token vocabulary never needs a V×V matrix.
+    """
+    unit = linalg._unit_rows(np.asarray(wte, dtype=np.float64))
+    queries = np.arange(len(chars)) if queries is None else np.asarray(queries)
+    k = min(k, len(chars) - 1)
     out = {}
-    for i, ch in enumerate(chars):
-        idx, sims = linalg.nearest_neighbours(wte, i, min(k, len(chars) - 1))
-        out[ch] = [[chars[j], float(s)] for j, s in zip(idx, sims)]
+    for start in tqdm(range(0, len(queries), 256), desc="neighbours", disable=not progress, leave=False):
+        q = queries[start:start + 256]
+        sims = unit[q] @ unit.T                                   # (q, V)
+        sims[np.arange(len(q)), q] = -np.inf                      # a token is not its own neighbour
+        top = np.argpartition(-sims, k, axis=1)[:, :k]
+        for row, i in enumerate(q):
+            idx = top[row][np.argsort(-sims[row, top[row]], kind="stable")]
+            out[chars[i]] = [[chars[j], float(sims[row, j])] for j in idx]
     return out
 
 
@@ -36,7 +53,7 @@ def case_analogies(wte, chars, max_show=12):
     candidates (1 = best), chance rank (V - 2) / 2, and the first max_show queries with their top hits.
     """
     index = {c: i for i, c in enumerate(chars)}
-    letters = [c for c in chars if c.isupper() and c.lower() in index]
+    letters = [c for c in chars if len(c) == 1 and c.isupper() and c.lower() in index]
     n_cand = len(chars) - 3
     ranks, shown = [], []
     for X, Y in itertools.permutations(letters, 2):
@@ -54,7 +71,7 @@ def case_analogies(wte, chars, max_show=12):
             "median_rank": float(np.median(ranks)), "chance_rank": (n_cand + 1) / 2, "examples": shown}
 
 
-def head_subspace_overlaps(params, config):
+def head_subspace_overlaps(params, config, progress=False):
     """Mean cos² of the principal angles between every pair of heads' read (W_V rows) and write (W_O columns) subspaces.
 
     -> {"labels": ["L0H0", ...], "read": (N, N), "write": (N, N), "random_baseline": D/C}
@@ -73,27 +90,41 @@ def head_subspace_overlaps(params, config):
     N = len(labels)
 
     def overlap(bases):
-        M = np.eye(N)
-        for a, b in itertools.combinations(range(N), 2):
-            M[a, b] = M[b, a] = float(np.mean(np.cos(linalg.principal_angles(bases[a], bases[b])) ** 2))
-        return M
+        # With orthonormal bases, Σ cos²θᵢ = ‖Q_Aᵀ Q_B‖_F² (the cosines are its singular values):
+        # one (D, C)(C, N·D) product per head instead of an SVD per pair of heads.
+        Q = np.stack([np.linalg.qr(b)[0] for b in bases])                  # (N, C, D)
+        flat = Q.transpose(1, 0, 2).reshape(C, N * D)                      # (C, N·D)
+        M = np.empty((N, N))
+        for a in tqdm(range(N), desc="head subspaces", disable=not progress, leave=False):
+            M[a] = ((Q[a].T @ flat) ** 2).reshape(D, N, D).sum(axis=(0, 2)) / D
+        return (M + M.T) / 2                                               # exactly symmetric
 
     return {"labels": labels, "read": overlap(reads), "write": overlap(writes), "random_baseline": D / C}
 
 
-def analyze_embeddings(params, config, chars):
-    """Everything of this section.   -> dict"""
+def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progress=False):
+    """Everything of this section.   -> dict
+
+    subset: token ids (see scale.token_subset) for the neighbour lists, the analogies and the
+    PCA map of a large vocabulary; None means every token. The PCA itself uses every token.
+    """
     wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)
     wpe = np.asarray(params["transformer.wpe.weight"], dtype=np.float64)
+    positions = position_subset(config.block_size)
     p = embedding_pca(wte)
     evr = p["explained_variance_ratio"]
+    ids = np.arange(len(chars)) if subset is None else np.asarray(subset)
+    labels = [chars[i] for i in ids]
     return {
-        "chars": chars,
+        "chars": labels,
+        "token_ids": ids,
+        "subset_rule": subset_rule,
         "pca_explained_variance_ratio": evr,
         "pca_components_for_90pct": int(np.searchsorted(np.cumsum(evr), 0.9) + 1),
-        "pca_map": p["projections"][:, :2],
-        "neighbours": neighbours(wte, chars),
-        "analogies": case_analogies(wte, chars),
-        "position_cosine": linalg.cosine_similarity_matrix(wpe),
-        "head_subspaces": head_subspace_overlaps(params, config),
+        "pca_map": p["projections"][ids, :2],
+        "neighbours": neighbours(wte, chars, queries=ids, progress=progress),
+        "analogies": case_analogies(wte[ids], labels),
+        "positions": positions,
+        "position_cosine": linalg.cosine_similarity_matrix(wpe[positions]),
+        "head_subspaces": head_subspace_overlaps(params, config, progress=progress),
     }

@@ -16,9 +16,10 @@ def mean_loss(params, config, batches):
     return float(np.mean([forward(params, config, x, y)[1] for x, y in batches]))
 
 
-def svd_all(params, names):
+def svd_all(params, names, progress=False):
     """name -> (U, s, Vt) of each weight, in float64, computed once for every rank tried."""
-    return {n: np.linalg.svd(np.asarray(params[n], dtype=np.float64), full_matrices=False) for n in names}
+    return {n: np.linalg.svd(np.asarray(params[n], dtype=np.float64), full_matrices=False)
+            for n in tqdm(names, desc="lowrank SVDs", disable=not progress, leave=False)}
 
 
 def truncated_params(params, factors, fraction):
@@ -41,7 +42,7 @@ def truncated_params(params, factors, fraction):
 def rank_sweep(params, config, batches, fractions=DEFAULT_FRACTIONS, tolerance=0.01, progress=True):
     """Loss against the fraction of block-linear parameters kept; the smallest rank fraction within tolerance.   -> dict"""
     names = linear_weight_names(config)
-    factors = svd_all(params, names)
+    factors = svd_all(params, names, progress)
     base = mean_loss(params, config, batches)
     rows = []
     for f in tqdm(sorted(fractions), desc="lowrank", disable=not progress, leave=False):

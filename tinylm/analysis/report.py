@@ -96,9 +96,31 @@ def text_table(header, rows):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def scale_note(results):
+    """What was cut down for a large vocabulary, a long context or a big model (scale.py), in one sentence; '' if nothing."""
+    ev = results.get("eval")
+    if not ev:
+        return ""
+    parts = []
+    if ev["window"] < ev["block_size"]:
+        parts.append(f"windows of {ev['window']} tokens (block_size {ev['block_size']})")
+    if ev["big_model"]:
+        big = f"big model: {ev['n_windows']} windows for probes and head patterns"
+        if "lowrank" in results:
+            lr = results["lowrank"]
+            big += f", {lr['n_tokens']} tokens and {len(lr['curve'])} rank fractions for low rank"
+        if "spectra" in results:
+            big += f", {results['spectra']['n_boot']} bootstrap resamples of alpha"
+        parts.append(big)
+    if ev["large_vocab"]:
+        parts.append("large vocabulary: token-level views on a subset of the tokens, probes over the most frequent tokens"
+                     + (f", logit lens on {results['probes']['logit_lens_tokens']} tokens" if "probes" in results else ""))
+    return ("Scaled down (tinylm/analysis/scale.py): " + "; ".join(parts) + ".") if parts else ""
+
+
 def section_summaries(results):
     """One short paragraph of plain text per section that ran (the terminal's view of everything but the big table)."""
-    out = []
+    out = [scale_note(results)] if scale_note(results) else []
     if "spectra" in results:
         sp = results["spectra"]["trained"]
         alphas = [m["alpha"] for n, m in sp.items() if ".head" not in n and m.get("alpha") is not None]
@@ -148,7 +170,7 @@ def section_summaries(results):
         if t["metrics"]:
             last = t["metrics"][-1]
             out.append(f"training: {len(t['metrics'])} evaluations, last at step {last.get('step')}: train {_num(last.get('train_loss'), '{:.4f}')}, "
-                       f"val {_num(last.get('val_loss'), '{:.4f}')}; spectra logged at {len(t['spectra'])} steps")
+                       f"val {_num(last.get('val_loss'), '{:.4f}')}; " + (f"spectra logged at {len(t['spectra'])} evaluations" if t['spectra'] else "no spectra logged (train with --track_spectra true)"))
         else:
             out.append("training: " + t["note"])
     return out
@@ -170,6 +192,11 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _mpl_text(text):
+    """Text that matplotlib draws literally: a pair of '$' would start mathtext."""
+    return text.replace("$", r"\$")
 
 
 def _png(fig):
@@ -278,7 +305,7 @@ def spectra_figures(sec):
     return figs
 
 
-def circuits_figures(sec, chars, prompt):
+def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     plt = _plt()
     figs = []
     rows = [("trained", sec)] + ([("init", sec["init"])] if sec.get("init") else [])
@@ -293,7 +320,7 @@ def circuits_figures(sec, chars, prompt):
                                                  ("previous-token score", np.asarray(s["patterns"]["previous_token"]), (0, 1)),
                                                  ("induction score", np.asarray(s["patterns"]["induction"]), (0, 1))]):
             im = ax.imshow(np.asarray(M), vmin=lim[0], vmax=lim[1], cmap="RdBu_r" if lim[0] < 0 else "viridis")
-            for (i, j), v in np.ndenumerate(np.asarray(M)):
+            for (i, j), v in np.ndenumerate(np.asarray(M)) if M.size <= 64 else ():     # numbers only while they fit
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if lim[0] == 0 and v < 0.6 else "k")
             ax.set_title(f"{title} ({label})", fontsize=9)
             ax.set_xticks(range(M.shape[1]))
@@ -330,7 +357,8 @@ def circuits_figures(sec, chars, prompt):
     fig, axes = plt.subplots(L, H, figsize=(2.6 * H, 2.6 * L), squeeze=False)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=0.96, wspace=0.25, hspace=0.3)
     fig._many_panels = True
-    labels = [c for c in prompt]
+    from .embeddings import token_label
+    labels = [_mpl_text(token_label(t)) for t in (prompt_tokens if prompt_tokens is not None else prompt)]
     for i in range(L):
         for j in range(H):
             ax = axes[i, j]
@@ -364,11 +392,14 @@ def embeddings_figures(sec):
         ax.scatter(xy[:, 0], xy[:, 1], s=0)
         from .embeddings import token_label
         for (px, py), ch in zip(xy, s["chars"]):
-            ax.text(px, py, token_label(ch), fontsize=7, ha="center", va="center",
-                    color="C3" if ch.isupper() else ("C0" if ch.isalpha() else "k"))
+            ax.text(px, py, _mpl_text(token_label(ch)), fontsize=7, ha="center", va="center",
+                    color="C3" if ch.strip().isupper() else ("C0" if ch.strip().isalpha() else "k"))
         ax.set_title(f"token embeddings on PC1-PC2 ({label})", fontsize=9)
         ax = axes[r, 2]
-        im = ax.imshow(np.asarray(s["position_cosine"]), cmap="RdBu_r", vmin=-1, vmax=1)
+        pos = np.asarray(s.get("positions", np.arange(len(s["position_cosine"]))))
+        half = (pos[1] - pos[0]) / 2 if len(pos) > 1 else 0.5     # pixels centred on the positions they show
+        im = ax.imshow(np.asarray(s["position_cosine"]), cmap="RdBu_r", vmin=-1, vmax=1,
+                       extent=(pos[0] - half, pos[-1] + half, pos[-1] + half, pos[0] - half))
         ax.set_title(f"cosine similarity of position embeddings ({label})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     figs.append(("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue) "
@@ -514,6 +545,7 @@ def _section_tables(name, sec, results):
                 + _table(["head", "copying score (W_U W_OV W_E)", "copying score (W_OV)", "σ₁(W_QK)", "σ₁(W_OV)",
                           "prev-token", "induction"], rows))
     if name == "embeddings":
+        from .embeddings import token_label
         an = sec["analogies"]
         out = (f"<p>{sec['pca_components_for_90pct']} principal components hold 90% of the variance of the token embeddings.</p>")
         if an.get("n"):
@@ -521,10 +553,15 @@ def _section_tables(name, sec, results):
                     f"top-5 {100 * an['top5_accuracy']:.1f}%, mean rank {an['mean_rank']:.1f}, median {an['median_rank']:.0f} "
                     f"(chance ≈ {an['chance_rank']:.0f}).</p>"
                     + _table(["query", "expected", "rank", "top 3"],
-                             [[x["query"], x["expected"], x["rank"], " ".join(x["top"])] for x in an["examples"]]))
-        from .embeddings import token_label
+                             [[x["query"], token_label(x["expected"]), x["rank"], " ".join(token_label(t) for t in x["top"])]
+                              for x in an["examples"]]))
         rows = [[token_label(ch)] + [f"{token_label(c)} {s:.2f}" for c, s in nb] for ch, nb in sec["neighbours"].items()]
-        out += f"<details><summary>cosine nearest neighbours of every token</summary>{_table(['token', '1', '2', '3', '4', '5'], rows)}</details>"
+        if sec.get("subset_rule"):
+            out += (f"<p class='note'>Large vocabulary: neighbour lists, analogies and the PCA map use {e(sec['subset_rule'])}. "
+                    "Neighbours are searched among all tokens; analogy answers are ranked within the subset. "
+                    "The PCA itself is of every token's embedding.</p>")
+        what = "of the tokens above" if sec.get("subset_rule") else "of every token"
+        out += f"<details><summary>cosine nearest neighbours {what}</summary>{_table(['token', '1', '2', '3', '4', '5'], rows)}</details>"
         return out
     if name == "probes":
         L = len(sec["logit_lens"]["loss"])
@@ -532,14 +569,17 @@ def _section_tables(name, sec, results):
         rows.append(["logit-lens loss"] + [f"{x:.3f}" for x in sec["logit_lens"]["loss"]])
         rows.append(["logit-lens accuracy"] + [f"{x:.3f}" for x in sec["logit_lens"]["accuracy"]])
         return (f"<p>Ridge probes (λ = {sec['lam']}) solved in closed form from the regularized normal equation "
-                f"(XᵀX + λI)B = XᵀY on {sec['n_tokens']} validation tokens, scored on a held-out quarter. "
-                f"Column l is the residual stream after l blocks (0: embeddings).</p>"
+                f"(XᵀX + λI)B = XᵀY on {sec['n_tokens']} validation tokens"
+                + (f" ({sec['n_windows']} windows of {sec['window']})" if "window" in sec else "") +
+                ", scored on a held-out quarter. "
+                "Column l is the residual stream after l blocks (0: embeddings).</p>"
                 + _table(["readout"] + [str(i) for i in range(L)], rows))
     if name == "lowrank":
         b = sec["smallest_within_tolerance"]
         rows = [[f"{r['rank_fraction']:.3f}", f"{r['param_fraction']:.3f}", f"{r['loss']:.4f}", f"{100 * r['relative_increase']:+.2f}%"]
                 for r in sec["curve"]]
-        head = (f"<p>Base loss {sec['base_loss']:.4f} on {sec['n_tokens']} validation tokens. " +
+        head = (f"<p>Base loss {sec['base_loss']:.4f} on {sec['n_tokens']} validation tokens, "
+                f"{len(sec['curve'])} rank fractions. " +
                 (f"Smallest rank within {100 * sec['tolerance']:.0f}%: {100 * b['rank_fraction']:.1f}% of each matrix's rank "
                  f"({100 * b['param_fraction']:.1f}% of the block parameters).</p>" if b else "No truncation stays within tolerance.</p>"))
         return head + _table(["rank / full rank", "params kept", "loss", "change"], rows)
@@ -569,7 +609,7 @@ def section_figures(name, sec, results):
     if name == "spectra":
         return spectra_figures(sec)
     if name == "circuits":
-        return circuits_figures(sec, results["chars"], results["prompt"])
+        return circuits_figures(sec, results["chars"], results["prompt"], results.get("prompt_tokens"))
     if name == "embeddings":
         return embeddings_figures(sec)
     if name == "probes":
@@ -591,6 +631,8 @@ def write_html(results, path, figures=True):
              f"<h1>tinylm analysis of {e(results['checkpoint'])}</h1>",
              f"<p>Step {e(str(results.get('step')))}; model: {e(', '.join(f'{k}={v}' for k, v in cfg.items()))}; "
              f"{results['n_params']:,} parameters.</p>"]
+    if scale_note(results):
+        parts.append(f"<p class='note'>{e(scale_note(results))}</p>")
     if not figures:
         parts.append("<p class='note'>Figures need matplotlib: <code>pip install -e '.[plot]'</code>, then run the command again.</p>")
     parts.append("<ul>" + "".join(f"<li><a href='#{n}'>{e(SECTIONS[n][0])}</a></li>" for n in SECTION_NAMES if n in results) + "</ul>")

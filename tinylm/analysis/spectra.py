@@ -419,7 +419,7 @@ def jensen_shannon_distance(p, q):
     return float(np.sqrt(max((kl(p, m) + kl(q, m)) / 2, 0.0)))
 
 
-def rand_distance(W, *, seed=0):
+def rand_distance(W, *, seed=0, evals=None):
     """WW rand_distance: JS distance between the sorted ESD of W and of W with its entries shuffled.   W (m, n) -> dict.
 
     As weightwatcher.apply_random_esd: the two sorted eigenvalue vectors are
@@ -427,12 +427,13 @@ def rand_distance(W, *, seed=0):
     both sums equal ‖W‖_F², which shuffling preserves). Near 0 when W looks
     like an i.i.d. random matrix; up to sqrt(ln 2) ≈ 0.83 when its spectrum is
     far from that of its shuffle. Also returns ww_softrank = max(λ_rand)/max(λ)
-    and max_rand_eval.
+    and max_rand_eval. evals: esd(W) when already known (one SVD fewer).
     """
     W = _as_matrix(W)
     rng = np.random.default_rng(seed)
     W_rand = rng.permutation(W.ravel()).reshape(W.shape)
-    evals, rand_evals = esd(W), esd(W_rand)
+    evals = esd(W) if evals is None else evals
+    rand_evals = esd(W_rand)
     return {
         "rand_distance": jensen_shannon_distance(evals, rand_evals),
         "ww_softrank": float(rand_evals.max() / evals.max()),
@@ -507,7 +508,7 @@ def matrix_metrics(W, *, n_boot=0, seed=0):
     out["entropy"] = _entropy_from_sv(s, W.shape) if lam_max > 0 else math.nan
     if lam_max > 0:
         out.update(marchenko_pastur(evals, *W.shape))
-        out.update(rand_distance(W, seed=seed))
+        out.update(rand_distance(W, seed=seed, evals=evals))
     if n_boot > 0:
         out.update(bootstrap_alpha(evals, n_boot=n_boot, seed=seed))
     return _jsonable(out)

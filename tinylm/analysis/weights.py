@@ -7,7 +7,6 @@ the concatenated head outputs back to the residual stream, so head h owns its
 columns h·D .. (h+1)·D. The score of query i and key j in head h is
 (W_Q x_i)·(W_K x_j) = x_iᵀ (W_Qᵀ W_K) x_j, and the head writes W_O W_V x_j.
 """
-import numpy as np
 
 from ..model import block_prefix
 
@@ -80,7 +79,3 @@ def linear_weight_names(config):
         names += [pre + "attn.c_attn.weight", pre + "attn.c_proj.weight", pre + "mlp.c_fc.weight", pre + "mlp.c_proj.weight"]
     return names
 
-
-def as_float64(params):
-    """A float64 copy of every parameter (analysis math is done in double precision)."""
-    return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}

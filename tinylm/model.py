@@ -136,6 +136,12 @@ def with_input(linear_cache, x):
     return (x,) + tuple(linear_cache[1:])
 
 
+# GELU's output and σ (2·B·T·4C numbers a layer) are kept for the backward when each is at most this
+# big (the CPU recipe: 0.8 MB a layer per thread), and recomputed from GELU's input when larger (baby
+# GPT: 50 MB a layer per thread, 1.2 GB in all): recomputing costs an extra GELU forward per layer.
+GELU_KEEP_BYTES = 8 << 20
+
+
 def forward(params, config, idx, targets=None, train=False, rng=None):
     """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
 
@@ -165,10 +171,13 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        g, _ = L.gelu_forward(f)
+        g, gelu_cache = L.gelu_forward(f)
         m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
-        # keep GELU's input only: its tanh and output (2·B·T·4C numbers) are recomputed in the backward
-        c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
+        if f.nbytes <= GELU_KEEP_BYTES:
+            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
+        else:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed in the backward
+            c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
+        del gelu_cache, proj_cache
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -200,9 +209,14 @@ def backward(params, config, cache):
         c = cache["blocks"][i]
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
-        gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])         # recomputed, not kept (see forward)
-        df, g = L.linear_backward(dm, with_input(c["mlp_proj"], gelu_out))
-        del gelu_out
+        if "gelu" in c:
+            gelu_cache, proj_cache = c["gelu"], c["mlp_proj"]
+        else:
+            gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])     # recomputed, not kept (see forward)
+            proj_cache = with_input(c["mlp_proj"], gelu_out)
+            del gelu_out
+        df, g = L.linear_backward(dm, proj_cache)
+        del proj_cache
         put(pre + "mlp.c_proj", g)
         df = L.gelu_backward(df, gelu_cache)
         dh, g = L.linear_backward(df, c["c_fc"])
@@ -244,6 +258,7 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
     """
     from . import parallel
+    parallel.keep_freed_memory()            # reuse the step's freed arrays instead of faulting in fresh pages
     B = idx.shape[0]
     workers = min(workers or parallel.usable_cores(), B)
     if workers < 2 or not parallel.blas_available():
@@ -254,13 +269,19 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None)
             for a, b, s in zip(bounds[:-1], bounds[1:], seeds)]
     results = parallel.run_parallel(loss_and_grads, jobs)
-    weights = np.diff(bounds) / B
+    weights = [float(w) for w in np.diff(bounds) / B]
     loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
     grads = results[0][1]
-    for name, g in grads.items():
-        g *= weights[0]
-        for w, (_, other) in zip(weights[1:], results[1:]):
-            g += w * other[name]            # float32 stays float32: w is a Python-sized scalar
+
+    def weighted_sum(names):               # grads[k] = Σ_i w_i grads_i[k], in place: w_0 g_0 → (…(g_0 w_0/w_1 + g_1) w_1/w_2 …) w_last
+        for name in names:
+            g = grads[name]
+            for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
+                g *= w_prev / w            # float32 stays float32: Python-float scalars
+                g += other[name]
+            g *= weights[-1]
+
+    parallel.for_each_split(weighted_sum, grads, workers=workers)
     return loss, grads
 
 

@@ -82,10 +82,26 @@ def rowdot(a, b):
     return np.einsum("...c,...c->...", a, b)[..., None]   # a plain reduction: no temporary a ⊙ b
 
 
+@functools.lru_cache(maxsize=16)
+def _averaging_vector(n, dtype):
+    v = np.full(n, 1.0 / n, dtype=dtype)
+    v.flags.writeable = False
+    return v
+
+
+def row_mean(x):
+    """mean over the last axis, kept as a trailing axis of length 1: (..., C) -> (..., 1)
+
+    Computed as the matrix-vector product x · (1/C, …, 1/C): BLAS does it several times faster
+    than x.mean(axis=-1) on these shapes.
+    """
+    return (x @ _averaging_vector(x.shape[-1], x.dtype))[..., None]
+
+
 def layernorm_forward(x, w, b=None, eps=1e-5):
     """y = (x − μ)/√(σ² + ε) ⊙ w + b, μ and σ² over the last axis.   x (..., C), w (C,), b (C,) -> y (..., C)"""
     C = x.shape[-1]
-    xhat = x - x.mean(axis=-1, keepdims=True)
+    xhat = x - row_mean(x)
     rstd = rowdot(xhat, xhat)
     rstd /= C
     rstd += eps
@@ -105,7 +121,7 @@ def layernorm_backward(dy, cache):
     g = dy * w
     dx = xhat * (rowdot(g, xhat) / C)
     np.subtract(g, dx, out=dx)
-    dx -= g.mean(axis=-1, keepdims=True)
+    dx -= row_mean(g)
     dx *= rstd
     grads = {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))}
     if has_bias:
@@ -228,7 +244,7 @@ def causal_softmax_(scores, offset=0):
     scores += causal_bias(*scores.shape[-2:], offset, scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)   # exp never overflows
     np.exp(scores, out=scores)
-    scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
+    scores /= (scores @ np.ones(scores.shape[-1], scores.dtype))[..., None]   # row sums as a product: BLAS
     return scores
 
 

@@ -108,7 +108,7 @@ def usable_cores():
 _allocator_tuned = False
 
 
-def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=32 << 20):
+def keep_freed_memory(trim_bytes=64 << 20, mmap_bytes=32 << 20):
     """Ask glibc's malloc to reuse freed memory rather than hand it back to the kernel; True if it could.
 
     A training step allocates and frees the same few hundred arrays every step. By default glibc

@@ -485,7 +485,11 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     prompt: 1-D token ids (at least one). With use_cache, the context of each step is the
     tokens held in the KV cache (see refill_window); without it, the last block_size tokens,
     recomputed from scratch each step. If trace is a list, (context ids, logits) is appended per step.
+
+    The model's products run with one BLAS thread (restored between tokens): one token's products are
+    far too small to split, and a second BLAS thread waiting for a busy core stalls every call.
     """
+    from .parallel import blas_threads
     tokens = [int(t) for t in prompt]
     if not tokens:
         raise TinyLMError("the prompt must contain at least one token")
@@ -493,7 +497,8 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     if not use_cache:
         for _ in range(max_new_tokens):
             context = tokens[-config.block_size:]
-            logits, _, _ = forward(params, config, np.array([context]))
+            with blas_threads(1):
+                logits, _, _ = forward(params, config, np.array([context]))
             last = logits[0, -1]
             if trace is not None:
                 trace.append((context, last))
@@ -503,7 +508,8 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
 
     def prefill(context):
         kv = new_kv_cache(config, 1, dtype)
-        return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
+        with blas_threads(1):
+            return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
 
     dw = decoding_weights(params, config)
     context = tokens[-config.block_size:]
@@ -520,4 +526,5 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
             context = context[-refill_window(config):]
             kv, last = prefill(context)
         else:
-            last = decode_next(dw, kv, tokens[-1])
+            with blas_threads(1):
+                last = decode_next(dw, kv, tokens[-1])

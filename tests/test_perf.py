@@ -99,3 +99,67 @@ def test_float32_stays_float32_through_the_step():
     logits, loss, cache = M.forward(params, config, idx, targets)
     assert logits.dtype == np.float32
     assert all(g.dtype == np.float32 for g in M.backward(params, config, cache).values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_decoding_equals_forward_cached(bias):
+    config, params = tiny(bias=bias)
+    dw = M.decoding_weights(params, config)
+    kv_fast, kv_plain = M.new_kv_cache(config, 1, np.float64), M.new_kv_cache(config, 1, np.float64)
+    M.forward_cached(params, config, np.array([[3, 1]]), kv_fast)
+    M.forward_cached(params, config, np.array([[3, 1]]), kv_plain)
+    for token in (4, 0, 10, 7, 2, 9):                  # fills the cache to block_size
+        fast = M.decode_next(dw, kv_fast, token)
+        plain = M.forward_cached(params, config, np.array([[token]]), kv_plain)[0, -1]
+        np.testing.assert_allclose(fast, plain, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(kv_fast["k"], kv_plain["k"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(kv_fast["v"], kv_plain["v"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(M.TinyLMError):
+        M.decode_next(dw, kv_fast, 1)                  # the cache is full
+
+
+def test_one_token_decoding_in_float32_stays_close():
+    config, params = tiny(dtype=np.float32)
+    dw = M.decoding_weights(params, config)
+    kv = M.new_kv_cache(config, 1, np.float32)
+    M.forward_cached(params, config, np.array([[3, 1, 4]]), kv)
+    fast = M.decode_next(dw, kv, 5)
+    assert fast.dtype == np.float32
+    reference, _, _ = M.forward(params, config, np.array([[3, 1, 4, 5]]))
+    np.testing.assert_allclose(fast, reference[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_draw_is_rng_choice():
+    from tinylm.sampling import draw, next_token_distribution
+    gen = np.random.default_rng(9)
+    for _ in range(200):
+        p = next_token_distribution(gen.standard_normal(65) * 3, 0.8, top_k=int(gen.integers(1, 80)))
+        seed = int(gen.integers(0, 2**32))
+        assert draw(p, np.random.default_rng(seed)) == np.random.default_rng(seed).choice(p.size, p=p)
+
+
+def test_gelu_recomputed_in_the_backward_gives_the_same_gradients(monkeypatch):
+    config, params = tiny()
+    idx, targets = np.random.default_rng(10).integers(0, 11, size=(2, 3, 8))
+    _, kept = M.loss_and_grads(params, config, idx, targets)
+    monkeypatch.setattr(M, "GELU_KEEP_BYTES", 0)          # as for baby GPT's large activations
+    _, recomputed = M.loss_and_grads(params, config, idx, targets)
+    for k in kept:
+        np.testing.assert_array_equal(kept[k], recomputed[k])
+
+
+def test_gelu_is_gpt2s_tanh_form_and_quiet_for_very_negative_inputs():
+    x = np.linspace(-30, 30, 2001)
+    reference = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(L.gelu_forward(x)[0], reference, rtol=1e-12, atol=1e-12)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is fine
+        y, _ = L.gelu_forward(x.astype(np.float32))       # e^{−2u} overflows to inf on purpose
+    np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_parallel_split_helpers():
+    groups = parallel.split_by_size(list("abcde"), [5, 4, 3, 2, 1], 2)
+    assert sorted(sum(groups, [])) == list("abcde") and len(groups) == 2
+    seen = []
+    parallel.for_each_split(seen.extend, {k: np.zeros(40_000) for k in "abc"}, workers=2)
+    assert sorted(seen) == list("abc")

@@ -3,6 +3,7 @@
     python -m tinylm.bench              # CPU recipe and baby GPT, then sampling (several minutes)
     python -m tinylm.bench --quick      # small shapes, a few seconds: checks that it runs
     python -m tinylm.bench --compare    # alternate plain and threaded steps in one run
+    python -m tinylm.bench --against ../main   # alternate another checkout's step with this one's
 
 Each training configuration runs in a fresh subprocess, so its peak memory is its own.
 Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens a step):
@@ -307,6 +308,67 @@ def compare(rounds=20):
     print(f"  load {os.getloadavg()[0]:.2f}")
 
 
+def against(other_root, rounds=20):
+    """Alternate another checkout's CPU-recipe step with this one's, in one process; print both medians.
+
+    other_root is a folder holding a tinylm package (e.g. a worktree of main). Its package is copied
+    under another name so that both import side by side. Each round runs, for both versions, one
+    single-threaded step (one BLAS thread) and one threaded step, each with clipping and AdamW.
+    Process-wide settings (BLAS threads, keep_freed_memory once either calls it) apply to both.
+    """
+    import importlib
+    import shutil
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="tinylm_against_")
+    shutil.copytree(os.path.join(other_root, "tinylm"), os.path.join(tmp, "tinylm_other"),
+                    ignore=shutil.ignore_patterns("data", "__pycache__"))
+    sys.path.insert(0, tmp)
+    try:
+        versions = {"other": {n: importlib.import_module(f"tinylm_other.{n}") for n in ("model", "parallel", "optim")},
+                    "this": {"model": M, "parallel": parallel, "optim": importlib.import_module(__package__ + ".optim")}}
+    finally:
+        sys.path.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    spec = dict(CONFIGS["cpu"])
+    B = spec.pop("batch_size"); spec.pop("steps"); spec.pop("warmup")
+    x, y = np.random.default_rng(0).integers(0, VOCAB, size=(2, B, spec["block_size"]))
+    variants = {}
+    for tag, mods in versions.items():
+        Mv, Pv, Ov = mods["model"], mods["parallel"], mods["optim"]
+        config = Mv.GPTConfig(vocab_size=VOCAB, **spec)
+        params = Mv.init_params(config)
+        opt = Ov.adamw_init(params)
+
+        def single(Mv=Mv, Pv=Pv, Ov=Ov, config=config, params=params, opt=opt):
+            with Pv.blas_threads(1):
+                _, g = Mv.loss_and_grads(params, config, x, y)
+                Ov.clip_by_global_norm(g, 1.0)
+                Ov.adamw_step(params, g, opt, 1e-4)
+
+        def threaded(Mv=Mv, Ov=Ov, config=config, params=params, opt=opt):
+            _, g = Mv.loss_and_grads_parallel(params, config, x, y)
+            Ov.clip_by_global_norm(g, 1.0)
+            Ov.adamw_step(params, g, opt, 1e-4)
+
+        variants[f"{tag}, one thread"] = single
+        variants[f"{tag}, threaded"] = threaded
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for r in range(rounds + 2):
+        for k, f in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            if r >= 2:
+                wall[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
+    print(f"  other = {other_root}; step = loss_and_grads(_parallel) + clipping + AdamW; medians of {rounds}")
+    for k in variants:
+        print(f"  {k:<22}{1e3 * np.median(wall[k]):8.1f} ms wall {1e3 * np.median(cpu[k]):8.1f} ms CPU (all threads)")
+    for kind in ("one thread", "threaded"):
+        print(f"  {kind}: other/this = {np.median(wall['other, ' + kind]) / np.median(wall['this, ' + kind]):.2f}x wall")
+    print(f"  load {os.getloadavg()[0]:.2f}")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -350,6 +412,8 @@ def main(argv=None):
     ap.add_argument("--configs", default="cpu,baby", help="comma-separated: cpu, baby")
     ap.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement")
     ap.add_argument("--compare", action="store_true", help="alternate plain and threaded steps of the CPU recipe")
+    ap.add_argument("--against", metavar="DIR", help="alternate the CPU-recipe step of the tinylm in DIR "
+                    "(e.g. a worktree of main) with this one's, in one process")
     ap.add_argument("--one", help=argparse.SUPPRESS)     # internal: measure one config, print JSON
     args = ap.parse_args(argv)
     table = QUICK if args.quick else CONFIGS
@@ -361,6 +425,9 @@ def main(argv=None):
           f"{'   (--quick: small shapes, numbers not meaningful)' if args.quick else ''}\n")
     if args.compare:
         compare(5 if args.quick else 20)
+        return 0
+    if args.against:
+        against(args.against, 5 if args.quick else 20)
         return 0
     rows = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(

@@ -136,6 +136,12 @@ def with_input(linear_cache, x):
     return (x,) + tuple(linear_cache[1:])
 
 
+# GELU's output and σ (2·B·T·4C numbers a layer) are kept for the backward when each is at most this
+# big (the CPU recipe: 0.8 MB a layer per thread), and recomputed from GELU's input when larger (baby
+# GPT: 50 MB a layer per thread, 1.2 GB in all): recomputing costs an extra GELU forward per layer.
+GELU_KEEP_BYTES = 8 << 20
+
+
 def forward(params, config, idx, targets=None, train=False, rng=None):
     """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
 
@@ -165,10 +171,13 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        g, _ = L.gelu_forward(f)
+        g, gelu_cache = L.gelu_forward(f)
         m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
-        # keep GELU's input only: its tanh and output (2·B·T·4C numbers) are recomputed in the backward
-        c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
+        if f.nbytes <= GELU_KEEP_BYTES:
+            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
+        else:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed in the backward
+            c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
+        del gelu_cache, proj_cache
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -200,9 +209,14 @@ def backward(params, config, cache):
         c = cache["blocks"][i]
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
-        gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])         # recomputed, not kept (see forward)
-        df, g = L.linear_backward(dm, with_input(c["mlp_proj"], gelu_out))
-        del gelu_out
+        if "gelu" in c:
+            gelu_cache, proj_cache = c["gelu"], c["mlp_proj"]
+        else:
+            gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])     # recomputed, not kept (see forward)
+            proj_cache = with_input(c["mlp_proj"], gelu_out)
+            del gelu_out
+        df, g = L.linear_backward(dm, proj_cache)
+        del proj_cache
         put(pre + "mlp.c_proj", g)
         df = L.gelu_backward(df, gelu_cache)
         dh, g = L.linear_backward(df, c["c_fc"])
@@ -244,6 +258,7 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
     """
     from . import parallel
+    parallel.keep_freed_memory()            # reuse the step's freed arrays instead of faulting in fresh pages
     B = idx.shape[0]
     workers = min(workers or parallel.usable_cores(), B)
     if workers < 2 or not parallel.blas_available():
@@ -254,13 +269,19 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None)
             for a, b, s in zip(bounds[:-1], bounds[1:], seeds)]
     results = parallel.run_parallel(loss_and_grads, jobs)
-    weights = np.diff(bounds) / B
+    weights = [float(w) for w in np.diff(bounds) / B]
     loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
     grads = results[0][1]
-    for name, g in grads.items():
-        g *= weights[0]
-        for w, (_, other) in zip(weights[1:], results[1:]):
-            g += w * other[name]            # float32 stays float32: w is a Python-sized scalar
+
+    def weighted_sum(names):               # grads[k] = Σ_i w_i grads_i[k], in place: w_0 g_0 → (…(g_0 w_0/w_1 + g_1) w_1/w_2 …) w_last
+        for name in names:
+            g = grads[name]
+            for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
+                g *= w_prev / w            # float32 stays float32: Python-float scalars
+                g += other[name]
+            g *= weights[-1]
+
+    parallel.for_each_split(weighted_sum, grads, workers=workers)
     return loss, grads
 
 
@@ -268,10 +289,14 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
 
 
 def new_kv_cache(config, batch_size, dtype):
-    """Room for block_size keys and values per layer: k, v (n_layer, B, H, block_size, D), and a length."""
+    """Room for block_size keys and values per layer: k, v (n_layer, B, H, block_size, D), and a length.
+
+    k and v are views into one array kv (n_layer, B, 2, H, block_size, D), so that decode_next writes a
+    position's key and value in one assignment.
+    """
     D = config.n_embd // config.n_head
-    shape = (config.n_layer, batch_size, config.n_head, config.block_size, D)
-    return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype), "len": 0}
+    both = np.zeros((config.n_layer, batch_size, 2, config.n_head, config.block_size, D), dtype)
+    return {"k": both[:, :, 0], "v": both[:, :, 1], "kv": both, "len": 0}     # k, v: views into one array
 
 
 def forward_cached(params, config, idx, kv, record=None):
@@ -318,6 +343,120 @@ def forward_cached(params, config, idx, kv, record=None):
     return logits
 
 
+def decoding_weights(params, config):
+    """The weights of `params` rearranged for decode_next, computing the same function as forward.
+
+    Plain math, per block (x̂ = layer norm without its gain w and shift b):
+        h W_attnᵀ + c_attn  with h = x̂ ⊙ w + b   =   x̂ (W_attn diag(w))ᵀ + (W_attn b + c_attn)
+    so each layer norm's gain and shift are folded into the matrix that follows it (ln_f's into the tied
+    head); the attention scale 1/√D is folded into the query rows of c_attn; and GELU's ½ into the MLP's
+    c_proj (decode_next computes 2·gelu). Biases are None when the model has none. Computed once per
+    generate() call: a few array copies, so the per-token loop does no rearranging.
+    """
+    P, get = params, params.get
+    C, H = config.n_embd, config.n_head
+
+    def fold(ln, W, c):
+        """(W diag(w), W b + c) for the layer norm `ln` followed by the linear layer (W, c)."""
+        w, b = P[ln + ".weight"], get(ln + ".bias")
+        shift = None if b is None else W @ b + (0 if c is None else c)
+        return W * w, (c if shift is None else shift)
+
+    layers = []
+    for i in range(config.n_layer):
+        pre = block_prefix(i)
+        W_attn, b_attn = fold(pre + "ln_1", P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        scale = 1.0 / math.sqrt(C // H)
+        W_attn[:C] *= scale
+        if b_attn is not None:
+            b_attn = np.array(b_attn, copy=True)
+            b_attn[:C] *= scale
+        W_fc, b_fc = fold(pre + "ln_2", P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        layers.append((W_attn, b_attn, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"),
+                       W_fc, b_fc, 0.5 * P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias")))
+    head, head_b = fold("transformer.ln_f", P["transformer.wte.weight"], None)
+    return {"wte": P["transformer.wte.weight"], "wpe": P["transformer.wpe.weight"], "layers": layers,
+            "head": head, "head_b": head_b, "n_head": H, "eps": 1e-5}
+
+
+def normalized_(x, eps, ones):
+    """x̂ = (x − mean x) / √(var x + ε) for a 1-D x (ones: a vector of x.size ones); a new array."""
+    xc = x - np.dot(x, ones) / x.size
+    xc *= 1.0 / math.sqrt(float(np.dot(xc, xc)) / x.size + eps)
+    return xc
+
+
+def twice_gelu(f):
+    """2·gelu(f) = f (1 + tanh(√(2/π) (f + 0.044715 f³))), in a new buffer."""
+    t = f * f
+    t *= L.GELU_SCALE * L.GELU_CUBIC
+    t += L.GELU_SCALE
+    t *= f
+    np.tanh(t, out=t)
+    t += 1.0
+    t *= f
+    return t
+
+
+def decoding_buffers(kv, dtype):
+    """Views for decode_next, made once per cache: per layer the cache's (2, H, block, D) slab (keys then
+    values), its keys as (H, D, block) and its values (H, block, D); one (3C,) buffer for q, k, v with
+    q seen as (H, 1, D) and k, v as (2, H, D); one (C,) buffer for the attention output seen as (H, 1, D)."""
+    n_layer, _, H, _, D = kv["k"].shape
+    both = kv["kv"]                                              # (n_layer, 1, 2, H, block, D)
+    qkv = np.empty(3 * H * D, dtype)
+    y = np.empty(H * D, dtype)
+    layers = [(both[i, 0], both[i, 0, 0].transpose(0, 2, 1), both[i, 0, 1]) for i in range(n_layer)]
+    return {"layers": layers, "qkv": qkv, "q": qkv[:H * D].reshape(H, 1, D), "kv": qkv[H * D:].reshape(2, H, D),
+            "y": y, "y_heads": y.reshape(H, 1, D), "ones": np.ones(H * D, dtype)}
+
+
+def decode_next(dw, kv, token):
+    """Logits (V,) for one more token of a single sequence whose earlier tokens are in kv (batch 1).
+
+    The same numbers as forward_cached(params, config, [[token]], kv)[0, -1], with the weights of
+    decoding_weights(params, config) = dw, written for one query: it sees every cached key, so no
+    causal mask is needed; vectors are 1-D, products write into preallocated buffers, and each block
+    costs ~30 NumPy calls (at one token a step, their overhead is the cost).
+    """
+    pos = kv["len"]
+    n = pos + 1
+    if n > kv["k"].shape[3]:
+        raise TinyLMError(f"KV cache holds {kv['k'].shape[3]} positions; asked for {n}")
+    if "decode" not in kv:
+        kv["decode"] = decoding_buffers(kv, kv["k"].dtype)
+    buf = kv["decode"]
+    qkv, q, new_kv, y, y_heads, ones = buf["qkv"], buf["q"], buf["kv"], buf["y"], buf["y_heads"], buf["ones"]
+    eps = dw["eps"]
+    x = dw["wte"][token] + dw["wpe"][pos]                       # (C,)
+    for (W_attn, b_attn, W_o, b_o, W_fc, b_fc, W_p, b_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
+        np.dot(W_attn, normalized_(x, eps, ones), out=qkv)      # q (already × 1/√D), k, v
+        if b_attn is not None:
+            qkv += b_attn
+        KV[:, :, pos] = new_kv                                  # append this position's key and value
+        s = np.matmul(q, Kt[:, :, :n])                          # (H, 1, n) scores against every cached key
+        s -= np.maximum.reduce(s, axis=2, keepdims=True)
+        np.exp(s, out=s)
+        s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
+        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y, as merge_heads
+        a = np.dot(W_o, y)
+        if b_o is not None:
+            a += b_o
+        x += a
+        f = np.dot(W_fc, normalized_(x, eps, ones))
+        if b_fc is not None:
+            f += b_fc
+        m = np.dot(W_p, twice_gelu(f))                          # W_p carries GELU's ½
+        if b_p is not None:
+            m += b_p
+        x += m
+    kv["len"] = n
+    logits = np.dot(dw["head"], normalized_(x, eps, ones))
+    if dw["head_b"] is not None:
+        logits += dw["head_b"]
+    return logits
+
+
 def trace_forward(params, config, idx):
     """The forward pass with its insides kept, for analysis (no dropout, no backward).
 
@@ -346,7 +485,11 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     prompt: 1-D token ids (at least one). With use_cache, the context of each step is the
     tokens held in the KV cache (see refill_window); without it, the last block_size tokens,
     recomputed from scratch each step. If trace is a list, (context ids, logits) is appended per step.
+
+    The model's products run with one BLAS thread (restored between tokens): one token's products are
+    far too small to split, and a second BLAS thread waiting for a busy core stalls every call.
     """
+    from .parallel import blas_threads
     tokens = [int(t) for t in prompt]
     if not tokens:
         raise TinyLMError("the prompt must contain at least one token")
@@ -354,7 +497,8 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     if not use_cache:
         for _ in range(max_new_tokens):
             context = tokens[-config.block_size:]
-            logits, _, _ = forward(params, config, np.array([context]))
+            with blas_threads(1):
+                logits, _, _ = forward(params, config, np.array([context]))
             last = logits[0, -1]
             if trace is not None:
                 trace.append((context, last))
@@ -364,8 +508,10 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
 
     def prefill(context):
         kv = new_kv_cache(config, 1, dtype)
-        return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
+        with blas_threads(1):
+            return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
 
+    dw = decoding_weights(params, config)
     context = tokens[-config.block_size:]
     kv, last = prefill(context)
     for step in range(max_new_tokens):
@@ -380,4 +526,5 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
             context = context[-refill_window(config):]
             kv, last = prefill(context)
         else:
-            last = forward_cached(params, config, np.array([[tokens[-1]]]), kv)[0, -1]
+            with blas_threads(1):
+                last = decode_next(dw, kv, tokens[-1])

@@ -41,18 +41,27 @@ def decays(name, p):
     return p.ndim >= 2
 
 
-def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, workers=None):
     """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g².
 
     Written with `out=` so that each parameter costs one scratch buffer and no other temporaries;
-    m̂/(√v̂ + ε) is computed as (m/(1 − β₁ᵗ)) / (√v/√(1 − β₂ᵗ) + ε).
+    m̂/(√v̂ + ε) is computed as (m/(1 − β₁ᵗ)) / (√v/√(1 − β₂ᵗ) + ε). The parameters are independent,
+    so large models update them in `workers` groups on as many threads (default: one per core).
     """
+    from .parallel import for_each_split
     state["t"] += 1
     t = state["t"]
     bias1 = 1.0 - beta1 ** t
     bias2 = 1.0 - beta2 ** t
     step_size = lr / bias1
-    for name, p in params.items():
+    for_each_split(lambda names: _adamw_update(params, grads, state, names, lr, beta1, beta2, eps, weight_decay,
+                                               bias2, step_size), params, workers=workers)
+
+
+def _adamw_update(params, grads, state, names, lr, beta1, beta2, eps, weight_decay, bias2, step_size):
+    """adamw_step's update of the parameters `names`."""
+    for name in names:
+        p = params[name]
         g, m, v = grads[name], state["m"][name], state["v"][name]
         scratch = np.multiply(g, 1.0 - beta1)
         m *= beta1

@@ -343,42 +343,6 @@ def forward_cached(params, config, idx, kv, record=None):
     return logits
 
 
-def decoding_weights(params, config):
-    """The weights of `params` rearranged for decode_next, computing the same function as forward.
-
-    Plain math, per block (x̂ = layer norm without its gain w and shift b):
-        h W_attnᵀ + c_attn  with h = x̂ ⊙ w + b   =   x̂ (W_attn diag(w))ᵀ + (W_attn b + c_attn)
-    so each layer norm's gain and shift are folded into the matrix that follows it (ln_f's into the tied
-    head); the attention scale 1/√D is folded into the query rows of c_attn; and GELU's ½ into the MLP's
-    c_proj (decode_next computes 2·gelu). Biases are None when the model has none. Computed once per
-    generate() call: a few array copies, so the per-token loop does no rearranging.
-    """
-    P, get = params, params.get
-    C, H = config.n_embd, config.n_head
-
-    def fold(ln, W, c):
-        """(W diag(w), W b + c) for the layer norm `ln` followed by the linear layer (W, c)."""
-        w, b = P[ln + ".weight"], get(ln + ".bias")
-        shift = None if b is None else W @ b + (0 if c is None else c)
-        return W * w, (c if shift is None else shift)
-
-    layers = []
-    for i in range(config.n_layer):
-        pre = block_prefix(i)
-        W_attn, b_attn = fold(pre + "ln_1", P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
-        scale = 1.0 / math.sqrt(C // H)
-        W_attn[:C] *= scale
-        if b_attn is not None:
-            b_attn = np.array(b_attn, copy=True)
-            b_attn[:C] *= scale
-        W_fc, b_fc = fold(pre + "ln_2", P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        layers.append((W_attn, b_attn, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"),
-                       W_fc, b_fc, 0.5 * P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias")))
-    head, head_b = fold("transformer.ln_f", P["transformer.wte.weight"], None)
-    return {"wte": P["transformer.wte.weight"], "wpe": P["transformer.wpe.weight"], "layers": layers,
-            "head": head, "head_b": head_b, "n_head": H, "eps": 1e-5}
-
-
 def normalized_(x, eps, ones):
     """x̂ = (x − mean x) / √(var x + ε) for a 1-D x (ones: a vector of x.size ones); a new array."""
     xc = x - np.dot(x, ones) / x.size
@@ -398,17 +362,75 @@ def twice_gelu(f):
     return t
 
 
+def decoding_weights(params, config):
+    """The weights of `params` rearranged for decode_next, computing the same function as forward.
+
+    Plain math, per block (x̂ = (x − x̄)/σ, σ = √(var x + ε); w, b the layer norm's gain and shift):
+        (x̂ ⊙ w + b) Wᵀ + c  =  x̂ (W diag(w))ᵀ + (W b + c)          gain and shift folded into W
+        x̂ Aᵀ = (x − x̄) Aᵀ / σ = x (A P)ᵀ / σ,   P = I − 11ᵀ/C          the centring folded too: A P is A
+                                                                       with each row's mean subtracted
+        x A'ᵀ / σ + d  =  [x, σ] [A', d]ᵀ / σ                          the shift as one more column
+    so each layer norm + linear layer is one matrix-vector product with the raw residual x followed by
+    one multiplication by 1/σ (decode_next keeps σ next to x). The attention scale 1/√D is folded into
+    the query rows of c_attn, and the attention and MLP output projections carry their biases as a
+    last column too (the vectors they multiply end in a 1). Computed once per generate() call: a few
+    array copies, so the per-token loop does no rearranging.
+    """
+    P, get = params, params.get
+    C, H = config.n_embd, config.n_head
+
+    def fold(ln, W, c):
+        """[A', d] (rows, C+1) for the layer norm `ln` followed by the linear layer (W, c)."""
+        w, b = P[ln + ".weight"], get(ln + ".bias")
+        A = W * w
+        A -= A.mean(axis=1, keepdims=True)
+        d = np.zeros(W.shape[0], W.dtype)
+        if b is not None:
+            d += W @ b
+        if c is not None:
+            d += c
+        return np.ascontiguousarray(np.concatenate([A, d[:, None]], axis=1))
+
+    def with_bias(W, c):
+        """[W, c] (rows, cols+1), c = 0 when the layer has no bias."""
+        col = np.zeros((W.shape[0], 1), W.dtype) if c is None else c[:, None]
+        return np.ascontiguousarray(np.concatenate([W, col], axis=1))
+
+    layers = []
+    for i in range(config.n_layer):
+        pre = block_prefix(i)
+        W_attn = fold(pre + "ln_1", P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        W_attn[:C] *= 1.0 / math.sqrt(C // H)
+        W_fc = fold(pre + "ln_2", P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        layers.append((W_attn, with_bias(P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias")),
+                       W_fc, with_bias(0.5 * P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))))
+    head = fold("transformer.ln_f", P["transformer.wte.weight"], None)
+    return {"wte": P["transformer.wte.weight"], "wpe": P["transformer.wpe.weight"], "layers": layers,
+            "head": head, "n_head": H, "eps": 1e-5}
+
+
 def decoding_buffers(kv, dtype):
-    """Views for decode_next, made once per cache: per layer the cache's (2, H, block, D) slab (keys then
-    values), its keys as (H, D, block) and its values (H, block, D); one (3C,) buffer for q, k, v with
-    q seen as (H, 1, D) and k, v as (2, H, D); one (C,) buffer for the attention output seen as (H, 1, D)."""
+    """Buffers and views for decode_next, made once per cache: per layer the cache's (2, H, block, D) slab
+    (keys then values), its keys as (H, D, block) and its values (H, block, D); the residual x inside a
+    (2, C+1) array [[1 … 1, 0], [x, σ]] so one product gives Σx and Σx²; one (3C,) buffer for q, k, v
+    with q seen as (H, 1, D) and k, v as (2, H, D); the attention output (C+1,) ending in a 1 and seen as
+    (H, 1, D); the MLP's hidden (4C,) and its 2·GELU (4C+1,) ending in a 1; a (C,) buffer for the
+    outputs of the two projections."""
     n_layer, _, H, _, D = kv["k"].shape
+    C = H * D
     both = kv["kv"]                                              # (n_layer, 1, 2, H, block, D)
-    qkv = np.empty(3 * H * D, dtype)
-    y = np.empty(H * D, dtype)
+    xs = np.zeros((2, C + 1), dtype)
+    xs[0, :C] = 1.0
+    qkv = np.empty(3 * C, dtype)
+    y = np.empty(C + 1, dtype)
+    y[C] = 1.0
+    g = np.empty(4 * C + 1, dtype)
+    g[4 * C] = 1.0
     layers = [(both[i, 0], both[i, 0, 0].transpose(0, 2, 1), both[i, 0, 1]) for i in range(n_layer)]
-    return {"layers": layers, "qkv": qkv, "q": qkv[:H * D].reshape(H, 1, D), "kv": qkv[H * D:].reshape(2, H, D),
-            "y": y, "y_heads": y.reshape(H, 1, D), "ones": np.ones(H * D, dtype)}
+    return {"layers": layers, "xs": xs, "sums_of": xs[:, :C], "x": xs[1, :C], "xa": xs[1], "sums": np.empty(2, dtype),
+            "qkv": qkv, "q": qkv[:C].reshape(H, 1, D), "kv": qkv[C:].reshape(2, H, D),
+            "y": y, "y_heads": y[:C].reshape(H, 1, D), "f": np.empty(4 * C, dtype), "g": g, "g_out": g[:4 * C],
+            "out": np.empty(C, dtype)}
 
 
 def decode_next(dw, kv, token):
@@ -416,44 +438,59 @@ def decode_next(dw, kv, token):
 
     The same numbers as forward_cached(params, config, [[token]], kv)[0, -1], with the weights of
     decoding_weights(params, config) = dw, written for one query: it sees every cached key, so no
-    causal mask is needed; vectors are 1-D, products write into preallocated buffers, and each block
-    costs ~30 NumPy calls (at one token a step, their overhead is the cost).
+    causal mask is needed; vectors are 1-D, every product writes into a preallocated buffer, and each
+    block costs ~30 NumPy calls and no allocation beyond the scores (at one token a step, the calls'
+    overhead is the cost). A layer norm is one product for Σx and Σx² plus the 1/σ after the next product.
     """
     pos = kv["len"]
     n = pos + 1
     if n > kv["k"].shape[3]:
         raise TinyLMError(f"KV cache holds {kv['k'].shape[3]} positions; asked for {n}")
-    if "decode" not in kv:
-        kv["decode"] = decoding_buffers(kv, kv["k"].dtype)
-    buf = kv["decode"]
-    qkv, q, new_kv, y, y_heads, ones = buf["qkv"], buf["q"], buf["kv"], buf["y"], buf["y_heads"], buf["ones"]
-    eps = dw["eps"]
-    x = dw["wte"][token] + dw["wpe"][pos]                       # (C,)
-    for (W_attn, b_attn, W_o, b_o, W_fc, b_fc, W_p, b_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
-        np.dot(W_attn, normalized_(x, eps, ones), out=qkv)      # q (already × 1/√D), k, v
-        if b_attn is not None:
-            qkv += b_attn
+    buf = kv.get("decode")
+    if buf is None:
+        buf = kv["decode"] = decoding_buffers(kv, kv["k"].dtype)
+    sums_of, x, xa, sums = buf["sums_of"], buf["x"], buf["xa"], buf["sums"]
+    qkv, q, new_kv, y, y_heads, f, g, g_out, out = (buf["qkv"], buf["q"], buf["kv"], buf["y"], buf["y_heads"],
+                                                   buf["f"], buf["g"], buf["g_out"], buf["out"])
+    C = x.size
+    eps, inv_C = dw["eps"], 1.0 / C
+    np.add(dw["wte"][token], dw["wpe"][pos], out=x)              # the residual stream, inside xa = [x, σ]
+    c1, c0 = L.GELU_SCALE * L.GELU_CUBIC, L.GELU_SCALE
+    for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
+        s1, s2 = np.dot(sums_of, x, out=sums).tolist()          # Σx, Σx²
+        mean = s1 * inv_C
+        sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
+        xa[C] = sigma
+        np.dot(W_attn, xa, out=qkv)
+        qkv *= 1.0 / sigma                                      # q (already × 1/√D), k, v
         KV[:, :, pos] = new_kv                                  # append this position's key and value
         s = np.matmul(q, Kt[:, :, :n])                          # (H, 1, n) scores against every cached key
         s -= np.maximum.reduce(s, axis=2, keepdims=True)
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
         np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y, as merge_heads
-        a = np.dot(W_o, y)
-        if b_o is not None:
-            a += b_o
-        x += a
-        f = np.dot(W_fc, normalized_(x, eps, ones))
-        if b_fc is not None:
-            f += b_fc
-        m = np.dot(W_p, twice_gelu(f))                          # W_p carries GELU's ½
-        if b_p is not None:
-            m += b_p
-        x += m
+        x += np.dot(W_o, y, out=out)                            # y ends in 1: c_proj's bias included
+        s1, s2 = np.dot(sums_of, x, out=sums).tolist()
+        mean = s1 * inv_C
+        sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
+        xa[C] = sigma
+        np.dot(W_fc, xa, out=f)
+        f *= 1.0 / sigma
+        np.multiply(f, f, out=g_out)                            # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
+        g_out *= c1
+        g_out += c0
+        g_out *= f
+        np.tanh(g_out, out=g_out)
+        g_out += 1.0
+        g_out *= f
+        x += np.dot(W_p, g, out=out)                            # W_p carries GELU's ½; g ends in 1: bias
     kv["len"] = n
-    logits = np.dot(dw["head"], normalized_(x, eps, ones))
-    if dw["head_b"] is not None:
-        logits += dw["head_b"]
+    s1, s2 = np.dot(sums_of, x, out=sums).tolist()
+    mean = s1 * inv_C
+    sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
+    xa[C] = sigma
+    logits = np.dot(dw["head"], xa)
+    logits *= 1.0 / sigma
     return logits
 
 

@@ -90,6 +90,9 @@ def blas_threads(n):
         yield False
         return
     previous = b.get()
+    if previous == int(n):       # already so (generate asks once a token): setting it costs ~4 µs a call
+        yield True
+        return
     b.set(int(n))
     try:
         yield True

@@ -39,3 +39,18 @@ def trained_dir(tmp_path_factory, shakespeare_head):
                      eval_iters=5, learning_rate=3e-3, sample_tokens=0, progress=False)
     summary = train(args, log=lambda *a: None)
     return {"dir": str(out), "summary": summary, "args": args}
+
+
+def check_markdown_links(text, folder):
+    """Every relative link in a Markdown text points at a file, and a link named after functions
+    (`[`f`, `g`](path.py)`) points at the file that defines them. folder: where the text lives."""
+    import re
+    links = [l for l in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if "://" not in l]
+    assert links
+    for link in links:
+        assert os.path.exists(os.path.join(folder, link)), link
+    for names, target in re.findall(r"\[((?:`\w+`(?:, | and )?)+)\]\(((?:\.\./)?tinylm/[\w/]+\.py)\)", text):
+        with open(os.path.normpath(os.path.join(folder, target)), encoding="utf-8") as f:
+            source = f.read()
+        for name in re.findall(r"`(\w+)`", names):
+            assert re.search(rf"^def {name}\(", source, re.M), f"{name} not defined in {target}"

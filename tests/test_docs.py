@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_markdown_links
 
 TOUR = os.path.join(ROOT, "docs", "tour.md")
 
@@ -68,16 +68,7 @@ def test_analyze_commands_run(workdir, monkeypatch, capsys):
 
 def test_links_and_figures_exist():
     text = tour()
-    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
-    assert links
-    for link in links:
-        assert os.path.exists(os.path.join(ROOT, "docs", link)), link
-    # a link named after a function points to the file that defines it
-    for names, target in re.findall(r"\[((?:`\w+`(?:, | and )?)+)\]\(\.\./(tinylm/[\w/]+\.py)\)", text):
-        with open(os.path.join(ROOT, target), encoding="utf-8") as f:
-            source = f.read()
-        for name in re.findall(r"`(\w+)`", names):
-            assert re.search(rf"^def {name}\(", source, re.M), f"{name} not defined in {target}"
+    check_markdown_links(text, os.path.join(ROOT, "docs"))
     figures = re.findall(r"!\[[^\]]*\]\((figures/[\w.]+\.png)\)", text)
     assert "figures/poster.png" in figures and len(figures) >= 8
     folder = os.path.join(ROOT, "docs", "figures")

@@ -3,7 +3,7 @@ import os
 import re
 import shutil
 
-from conftest import ROOT
+from conftest import ROOT, check_markdown_links
 
 
 def readme():
@@ -33,14 +33,7 @@ def test_ci_runs_the_readmes_set_up_commands():
 
 def test_links_point_at_files_that_exist_and_name_real_functions():
     text = readme()
-    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
-        if "://" not in link:
-            assert os.path.exists(os.path.join(ROOT, link)), link
-    for names, target in re.findall(r"\[((?:`\w+`(?:, | and )?)+)\]\((tinylm/[\w/]+\.py)\)", text):
-        with open(os.path.join(ROOT, target), encoding="utf-8") as f:
-            source = f.read()
-        for name in re.findall(r"`(\w+)`", names):
-            assert re.search(rf"^def {name}\(", source, re.M), f"{name} not defined in {target}"
+    check_markdown_links(text, ROOT)
     anchors = re.findall(r"\]\(docs/tour\.md#([\w-]+)\)", text)
     with open(os.path.join(ROOT, "docs", "tour.md"), encoding="utf-8") as f:
         headings = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")

@@ -407,7 +407,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark tinylm's training step and sampling against the matmul peak.")
+    ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description="Benchmark tinylm's training step and sampling against the matmul peak.")
     ap.add_argument("--quick", action="store_true", help="small shapes and few steps: a smoke test")
     ap.add_argument("--configs", default="cpu,baby", help="comma-separated: cpu, baby")
     ap.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement")

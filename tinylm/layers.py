@@ -220,12 +220,6 @@ def split_heads(x, n_head):
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def merge_heads(x):
-    """(B,H,T,D) -> (B,T,C)."""
-    B, H, T, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-
-
 @functools.lru_cache(maxsize=64)
 def causal_bias(Tq, Tk, offset, dtype):
     """(Tq, Tk) additive mask: 0 where query i may see key j (j ≤ i + offset), −∞ elsewhere."""

@@ -468,7 +468,7 @@ def decode_next(dw, kv, token):
         s -= np.maximum.reduce(s, axis=2, keepdims=True)
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
-        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y, as merge_heads
+        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (B,H,T,D) -> (B,T,C)
         x += np.dot(W_o, y, out=out)                            # y ends in 1: c_proj's bias included
         s1, s2 = np.dot(sums_of, x, out=sums).tolist()
         mean = s1 * inv_C

@@ -146,7 +146,7 @@ def _panel_stretch(ax, d):
 def _panel_attention(ax, d):
     A, labels = d["attention"], d["prompt_labels"]
     ax.imshow(A, cmap="Blues", vmin=0, vmax=max(float(A.max()), 1e-9), interpolation="nearest")
-    step = max(1, math.ceil(len(labels) / 32))
+    step = max(1, math.ceil(len(labels) / 16))
     ticks = range(0, len(labels), step)
     ax.set_xticks(list(ticks))
     ax.set_xticklabels([labels[i] for i in ticks], fontsize=5)

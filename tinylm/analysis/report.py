@@ -81,7 +81,7 @@ def spectra_rows(spectra, per_head=False):
     for name, m in spectra.items():
         if ".head" in name and not per_head:
             continue
-        rows.append([name, "x".join(map(str, m["shape"])), _num(m["frobenius_norm"]), _num(m["spectral_norm"]),
+        rows.append([name, "x".join(map(str, m["shape"])), _num(m["frobenius_norm"], "{:.2f}"), _num(m["spectral_norm"], "{:.2f}"),
                      _num(m["stable_rank"], "{:.1f}"), _num(m["effective_rank"], "{:.1f}"), _alpha_text(m),
                      str(m.get("num_spikes", "-")), _num(m.get("rand_distance"), "{:.3f}")])
     return rows

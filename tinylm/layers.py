@@ -253,45 +253,81 @@ def qkv_heads(qkv, n_head):
     return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
 
 
+# Attention's element-wise passes (mask, max, exp, sum, scale, dropout; and their backward) go over
+# the (B,H,T,T) scores several times each. They are done a few sequences at a time, so that each
+# group's scores (at most about this many bytes) stay in cache between passes.
+ATTENTION_CHUNK_BYTES = 2 << 20
+
+
+def sequence_chunks(B, H, T, itemsize):
+    """Slices of the batch axis, each holding at most ATTENTION_CHUNK_BYTES of (H,T,T) scores (one sequence at least)."""
+    n = max(1, ATTENTION_CHUNK_BYTES // (H * T * T * itemsize))
+    return [slice(a, min(a + n, B)) for a in range(0, B, n)]
+
+
 def attention_forward(qkv, n_head, dropout=0.0, rng=None):
     """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) -> y (B,T,C)
 
-    All heads of all sequences go through one batched matmul. The scale 1/√D is applied
-    to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
+    The scale 1/√D is applied to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
+    Sequences are taken a few at a time (sequence_chunks), every head of a group in one batched
+    matmul, so that the group's scores stay in cache through the softmax and dropout.
     """
     B, T, C3 = qkv.shape
     q, k, v = qkv_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(C3 // (3 * n_head))
     qs = q * scale                                                   # (B,H,T,D), contiguous
-    att = causal_softmax_(qs @ k.transpose(0, 1, 3, 2))              # (B,H,T,T), rows sum to 1
-    att_dropped, drop_cache = dropout_forward(att, dropout, rng)
+    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1
+    keep = None
     y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
-    np.matmul(att_dropped, v, out=split_heads(y, n_head))           # written straight into (B,T,C)
+    y_heads = split_heads(y, n_head)                                 # written straight into (B,T,C)
+    for s in sequence_chunks(B, n_head, T, qkv.dtype.itemsize):
+        a = att[s]
+        np.matmul(qs[s], k[s].transpose(0, 1, 3, 2), out=a)
+        causal_softmax_(a)
+        a_dropped, drop_cache = dropout_forward(a, dropout, rng)
+        if drop_cache is not None:
+            if keep is None:
+                keep = np.empty(att.shape, dtype=bool)
+            keep[s] = drop_cache[0]
+            p_scale = drop_cache[1]
+        np.matmul(a_dropped, v[s], out=y_heads[s])
+        del a_dropped
     # the dropped weights are not kept: the backward rebuilds them from att and the mask
+    drop_cache = None if keep is None else (keep, p_scale)
     return y, (qs, k, v, att, drop_cache, scale)
 
 
 def attention_backward(dy, cache):
-    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D."""
+    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.
+
+    A few sequences at a time, as in the forward (A here is the dropped A ⊙ m/(1 − p) in dV, and
+    dA passes through dropout's backward before the softmax's).
+    """
     qs, k, v, att, drop_cache, scale = cache
     B, H, T, D = qs.shape
     dy = split_heads(dy, H)
     dqkv = np.empty((B, T, 3 * H * D), dtype=dy.dtype)
     dq, dk, dv = qkv_heads(dqkv, H)                                  # views: results land in place
-    att_dropped = att if drop_cache is None else dropout_forward_again(att, drop_cache)
-    np.matmul(att_dropped.transpose(0, 1, 3, 2), dy, out=dv)
-    del att_dropped
-    datt = dy @ v.transpose(0, 1, 3, 2)
-    if drop_cache is not None:                                       # dropout's backward, in place
-        keep, p_scale = drop_cache
-        datt *= keep
-        datt *= p_scale
-    dscores = datt
-    dscores -= np.einsum("...ij,...ij->...i", datt, att)[..., None]
-    dscores *= att                                                   # masked entries have att = 0
-    np.matmul(dscores, k, out=dq)
+    for s in sequence_chunks(B, H, T, qs.dtype.itemsize):
+        a = att[s]
+        if drop_cache is None:
+            a_dropped = a
+        else:
+            keep, p_scale = drop_cache
+            a_dropped = dropout_forward_again(a, (keep[s], p_scale))
+        np.matmul(a_dropped.transpose(0, 1, 3, 2), dy[s], out=dv[s])
+        del a_dropped
+        datt = dy[s] @ v[s].transpose(0, 1, 3, 2)
+        if drop_cache is not None:                                   # dropout's backward, in place
+            datt *= keep[s]
+            datt *= p_scale
+        dscores = datt
+        dscores -= np.einsum("...ij,...ij->...i", datt, a)[..., None]
+        dscores *= a                                                 # masked entries have att = 0
+        np.matmul(dscores, k[s], out=dq[s])
+        np.matmul(dscores.transpose(0, 1, 3, 2), qs[s], out=dk[s])   # qs already carries the scale
+        del datt, dscores
     dq *= scale
-    np.matmul(dscores.transpose(0, 1, 3, 2), qs, out=dk)             # qs already carries the scale
     return dqkv
 
 

@@ -282,7 +282,8 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
         for name in names:
             g = grads[name]
             for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
-                g *= w_prev / w            # float32 stays float32: Python-float scalars
+                if w_prev != w:            # equal slices (the usual case): no pass multiplying by 1
+                    g *= w_prev / w        # float32 stays float32: Python-float scalars
                 g += other[name]
             g *= weights[-1]
 

@@ -5,8 +5,8 @@ gradient with respect to the input(s) and, for layers with weights, a dict of
 parameter gradients. Shapes: B batch, T time, C channels, V vocabulary, H heads,
 D = C / H head size. All functions work in whatever float dtype they are given.
 
-Written for speed without hiding the math: every matrix product is one `np.matmul`
-on views (no copies), element-wise passes are done in place where the algebra allows,
+Written for speed without hiding the math: matrix products are `np.matmul` on views
+(no copies; attention and GELU work through the batch a piece at a time to stay in cache), element-wise passes are done in place where the algebra allows,
 and caches keep only what the backward cannot cheaply recompute (docs/performance.md
 says what each choice bought).
 """

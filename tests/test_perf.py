@@ -163,3 +163,17 @@ def test_parallel_split_helpers():
     seen = []
     parallel.for_each_split(seen.extend, {k: np.zeros(40_000) for k in "abc"}, workers=2)
     assert sorted(seen) == list("abc")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_in_chunks_gives_the_same_numbers(monkeypatch, dtype):
+    x = (3 * np.random.default_rng(11).standard_normal((7, 13))).astype(dtype)
+    dy = np.random.default_rng(12).standard_normal((7, 13)).astype(dtype)
+    y, cache = L.gelu_forward(x)
+    dx = L.gelu_backward(dy, cache)
+    monkeypatch.setattr(L, "GELU_CHUNK", 10)               # several chunks and a short last one
+    y2, cache2 = L.gelu_forward(x)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(L.gelu_backward(dy, cache2), dx)
+    np.testing.assert_array_equal(L.gelu_values_forward(x), y)
+    np.testing.assert_array_equal(L.gelu_recomputed_backward(dy.copy(), x), dx)

@@ -5,8 +5,8 @@ gradient with respect to the input(s) and, for layers with weights, a dict of
 parameter gradients. Shapes: B batch, T time, C channels, V vocabulary, H heads,
 D = C / H head size. All functions work in whatever float dtype they are given.
 
-Written for speed without hiding the math: every matrix product is one `np.matmul`
-on views (no copies), element-wise passes are done in place where the algebra allows,
+Written for speed without hiding the math: matrix products are `np.matmul` on views
+(no copies; attention and GELU work through the batch a piece at a time to stay in cache), element-wise passes are done in place where the algebra allows,
 and caches keep only what the backward cannot cheaply recompute (docs/performance.md
 says what each choice bought).
 """
@@ -135,43 +135,97 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
 
 
+# GELU's passes are done GELU_CHUNK numbers (1 MB in float32) at a time, so that its temporaries are
+# chunk-sized scratch reused chunk after chunk and the only full-size arrays are inputs and outputs
+# (baby GPT: 1-2 fewer fresh 50 MB arrays a call, each page faulted in). Measured best of 2^14…2^18.
+GELU_CHUNK = 1 << 18
+
+
+def flat_chunks(*arrays):
+    """Matching GELU_CHUNK-long pieces of the flattened arrays (views for contiguous arrays)."""
+    flat = [a.reshape(-1) for a in arrays]
+    for i in range(0, flat[0].size, GELU_CHUNK):
+        yield [f[i:i + GELU_CHUNK] for f in flat]
+
+
+def gelu_one_plus_exp_(x, out):
+    """out = 1 + e^{−2u} = 1/σ(2u), u = √(2/π) (x + 0.044715 x³), for x and out of one shape; returns out.
+
+    e^{−2u} overflows to +inf for very negative x, on purpose (see gelu_forward).
+    """
+    np.multiply(x, x, out=out)
+    out *= -2.0 * GELU_SCALE * GELU_CUBIC
+    out -= 2.0 * GELU_SCALE
+    out *= x                    # −2u, built in one buffer
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += 1.0
+    return out
+
+
 def gelu_forward(x):
     """y = ½ x (1 + tanh(u)), u = √(2/π) (x + 0.044715 x³): GPT-2's tanh approximation.   any shape
 
     Computed as y = x σ(2u) = x / (1 + e^{−2u}), the same function (½(1 + tanh u) = σ(2u)), because
     np.exp is much cheaper than np.tanh in float32. For very negative x, e^{−2u} overflows to +inf
     and y = x/inf = −0, the right limit: the overflow is expected and not warned about.
-    The cache keeps x and s = σ(2u).
+    The cache keeps x and s = σ(2u). Done in chunks (flat_chunks).
     """
-    e = x * x
-    e *= -2.0 * GELU_SCALE * GELU_CUBIC
-    e -= 2.0 * GELU_SCALE
-    e *= x                      # −2u, built in one buffer
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
-    e += 1.0                    # 1 + e^{−2u} = 1/s
-    y = x / e
-    np.reciprocal(e, out=e)     # s = σ(2u)
-    return y, (x, e)
+    y, s = np.empty_like(x), np.empty_like(x)
+    for xc, yc, sc in flat_chunks(x, y, s):
+        gelu_one_plus_exp_(xc, sc)
+        np.divide(xc, sc, out=yc)
+        np.reciprocal(sc, out=sc)   # s = σ(2u)
+    return y, (x, s)
+
+
+def gelu_values_forward(x):
+    """y = gelu(x) alone, the same numbers as gelu_forward(x)[0], without keeping σ(2u) (no cache)."""
+    y = np.empty_like(x)
+    e = np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype)
+    for xc, yc in flat_chunks(x, y):
+        ec = gelu_one_plus_exp_(xc, e[:xc.size])
+        np.divide(xc, ec, out=yc)
+    return y
+
+
+def gelu_slope_times_(dy, x, s, g, t):
+    """dy ← dy (s + 2 x s (1 − s) u'), in place, for 1-D pieces; g and t are scratch of the same size."""
+    np.multiply(x, x, out=g)
+    g *= 6.0 * GELU_CUBIC * GELU_SCALE
+    g += 2.0 * GELU_SCALE
+    g *= x                               # 2 x u'
+    np.subtract(1.0, s, out=t)
+    g *= t
+    g += 1.0
+    g *= s                               # s (1 + 2 x u' (1 − s))
+    np.multiply(g, dy, out=dy)
 
 
 def gelu_backward(dy, cache):
     """dx = dy (s + 2 x s (1 − s) u'),  s = σ(2u) = ½(1 + tanh u),  u' = √(2/π)(1 + 3·0.044715 x²).
 
-    (The same as dy (½(1 + t) + ½ x (1 − t²) u') with t = tanh u.)
+    (The same as dy (½(1 + t) + ½ x (1 − t²) u') with t = tanh u.) Done in chunks (flat_chunks).
     """
     x, s = cache
-    g = x * x
-    g *= 6.0 * GELU_CUBIC * GELU_SCALE
-    g += 2.0 * GELU_SCALE
-    g *= x                               # 2 x u'
-    one_minus_s = np.subtract(1.0, s)
-    g *= one_minus_s
-    del one_minus_s
-    g += 1.0
-    g *= s                               # s (1 + 2 x u' (1 − s))
-    g *= dy
-    return g
+    dx = np.array(dy, dtype=np.result_type(dy, x), copy=True)
+    g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=dx.dtype) for _ in range(2))
+    for dc, xc, sc in flat_chunks(dx, x, s):
+        n = xc.size
+        gelu_slope_times_(dc, xc, sc, g[:n], t[:n])
+    return dx
+
+
+def gelu_recomputed_backward(dy, x):
+    """gelu_backward(dy, gelu_forward(x)[1]), the same numbers, with σ(2u) recomputed chunk by chunk
+    instead of kept; dy (a C-contiguous array the caller no longer needs) is overwritten and returned."""
+    s, g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype) for _ in range(3))
+    for dc, xc in flat_chunks(dy, x):
+        n = xc.size
+        sc = gelu_one_plus_exp_(xc, s[:n])
+        np.reciprocal(sc, out=sc)
+        gelu_slope_times_(dc, xc, sc, g[:n], t[:n])
+    return dy
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -253,45 +307,81 @@ def qkv_heads(qkv, n_head):
     return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
 
 
+# Attention's element-wise passes (mask, max, exp, sum, scale, dropout; and their backward) go over
+# the (B,H,T,T) scores several times each. They are done a few sequences at a time, so that each
+# group's scores (at most about this many bytes) stay in cache between passes.
+ATTENTION_CHUNK_BYTES = 2 << 20
+
+
+def sequence_chunks(B, H, T, itemsize):
+    """Slices of the batch axis, each holding at most ATTENTION_CHUNK_BYTES of (H,T,T) scores (one sequence at least)."""
+    n = max(1, ATTENTION_CHUNK_BYTES // (H * T * T * itemsize))
+    return [slice(a, min(a + n, B)) for a in range(0, B, n)]
+
+
 def attention_forward(qkv, n_head, dropout=0.0, rng=None):
     """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) -> y (B,T,C)
 
-    All heads of all sequences go through one batched matmul. The scale 1/√D is applied
-    to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
+    The scale 1/√D is applied to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
+    Sequences are taken a few at a time (sequence_chunks), every head of a group in one batched
+    matmul, so that the group's scores stay in cache through the softmax and dropout.
     """
     B, T, C3 = qkv.shape
     q, k, v = qkv_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(C3 // (3 * n_head))
     qs = q * scale                                                   # (B,H,T,D), contiguous
-    att = causal_softmax_(qs @ k.transpose(0, 1, 3, 2))              # (B,H,T,T), rows sum to 1
-    att_dropped, drop_cache = dropout_forward(att, dropout, rng)
+    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1
+    keep = None
     y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
-    np.matmul(att_dropped, v, out=split_heads(y, n_head))           # written straight into (B,T,C)
+    y_heads = split_heads(y, n_head)                                 # written straight into (B,T,C)
+    for s in sequence_chunks(B, n_head, T, qkv.dtype.itemsize):
+        a = att[s]
+        np.matmul(qs[s], k[s].transpose(0, 1, 3, 2), out=a)
+        causal_softmax_(a)
+        a_dropped, drop_cache = dropout_forward(a, dropout, rng)
+        if drop_cache is not None:
+            if keep is None:
+                keep = np.empty(att.shape, dtype=bool)
+            keep[s] = drop_cache[0]
+            p_scale = drop_cache[1]
+        np.matmul(a_dropped, v[s], out=y_heads[s])
+        del a_dropped
     # the dropped weights are not kept: the backward rebuilds them from att and the mask
+    drop_cache = None if keep is None else (keep, p_scale)
     return y, (qs, k, v, att, drop_cache, scale)
 
 
 def attention_backward(dy, cache):
-    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D."""
+    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.
+
+    A few sequences at a time, as in the forward (A here is the dropped A ⊙ m/(1 − p) in dV, and
+    dA passes through dropout's backward before the softmax's).
+    """
     qs, k, v, att, drop_cache, scale = cache
     B, H, T, D = qs.shape
     dy = split_heads(dy, H)
     dqkv = np.empty((B, T, 3 * H * D), dtype=dy.dtype)
     dq, dk, dv = qkv_heads(dqkv, H)                                  # views: results land in place
-    att_dropped = att if drop_cache is None else dropout_forward_again(att, drop_cache)
-    np.matmul(att_dropped.transpose(0, 1, 3, 2), dy, out=dv)
-    del att_dropped
-    datt = dy @ v.transpose(0, 1, 3, 2)
-    if drop_cache is not None:                                       # dropout's backward, in place
-        keep, p_scale = drop_cache
-        datt *= keep
-        datt *= p_scale
-    dscores = datt
-    dscores -= np.einsum("...ij,...ij->...i", datt, att)[..., None]
-    dscores *= att                                                   # masked entries have att = 0
-    np.matmul(dscores, k, out=dq)
+    for s in sequence_chunks(B, H, T, qs.dtype.itemsize):
+        a = att[s]
+        if drop_cache is None:
+            a_dropped = a
+        else:
+            keep, p_scale = drop_cache
+            a_dropped = dropout_forward_again(a, (keep[s], p_scale))
+        np.matmul(a_dropped.transpose(0, 1, 3, 2), dy[s], out=dv[s])
+        del a_dropped
+        datt = dy[s] @ v[s].transpose(0, 1, 3, 2)
+        if drop_cache is not None:                                   # dropout's backward, in place
+            datt *= keep[s]
+            datt *= p_scale
+        dscores = datt
+        dscores -= np.einsum("...ij,...ij->...i", datt, a)[..., None]
+        dscores *= a                                                 # masked entries have att = 0
+        np.matmul(dscores, k[s], out=dq[s])
+        np.matmul(dscores.transpose(0, 1, 3, 2), qs[s], out=dk[s])   # qs already carries the scale
+        del datt, dscores
     dq *= scale
-    np.matmul(dscores.transpose(0, 1, 3, 2), qs, out=dk)             # qs already carries the scale
     return dqkv
 
 

@@ -171,13 +171,17 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        g, gelu_cache = L.gelu_forward(f)
-        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
-        if f.nbytes <= GELU_KEEP_BYTES:
-            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
+        keep_gelu = f.nbytes <= GELU_KEEP_BYTES
+        if keep_gelu:
+            g, gelu_cache = L.gelu_forward(f)
         else:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed in the backward
+            g, gelu_cache = L.gelu_values_forward(f), None
+        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        if keep_gelu:
+            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
+        else:
             c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
-        del gelu_cache, proj_cache
+        del g, gelu_cache, proj_cache
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -210,15 +214,16 @@ def backward(params, config, cache):
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
         if "gelu" in c:
-            gelu_cache, proj_cache = c["gelu"], c["mlp_proj"]
-        else:
-            gelu_out, gelu_cache = L.gelu_forward(c["gelu_in"])     # recomputed, not kept (see forward)
-            proj_cache = with_input(c["mlp_proj"], gelu_out)
-            del gelu_out
+            proj_cache = c["mlp_proj"]
+        else:   # GELU's output and σ recomputed, not kept (see forward)
+            proj_cache = with_input(c["mlp_proj"], L.gelu_values_forward(c["gelu_in"]))
         df, g = L.linear_backward(dm, proj_cache)
         del proj_cache
         put(pre + "mlp.c_proj", g)
-        df = L.gelu_backward(df, gelu_cache)
+        if "gelu" in c:
+            df = L.gelu_backward(df, c["gelu"])
+        else:
+            df = L.gelu_recomputed_backward(df, c["gelu_in"])     # df is linear_backward's own new array
         dh, g = L.linear_backward(df, c["c_fc"])
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])
@@ -277,7 +282,8 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
         for name in names:
             g = grads[name]
             for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
-                g *= w_prev / w            # float32 stays float32: Python-float scalars
+                if w_prev != w:            # equal slices (the usual case): no pass multiplying by 1
+                    g *= w_prev / w        # float32 stays float32: Python-float scalars
                 g += other[name]
             g *= weights[-1]
 

@@ -125,3 +125,8 @@ def atomic_write(path, write):
         raise
     fsync_folder(folder)
     return path
+
+
+def atomic_write_text(path, text):
+    """atomic_write of a str, as UTF-8."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -34,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from tinylm.atomic import atomic_write
+from tinylm.atomic import atomic_write_text
 from tinylm.errors import TinyLMError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -354,8 +354,8 @@ class BPETokenizer:
         os.makedirs(folder, exist_ok=True)
         vocab_text = json.dumps(self.vocab, ensure_ascii=False, separators=(",", ":"))
         merges_text = "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in self.merges]) + "\n"
-        _write_atomically(os.path.join(folder, "vocab.json"), vocab_text)
-        _write_atomically(os.path.join(folder, "merges.txt"), merges_text)
+        atomic_write_text(os.path.join(folder, "vocab.json"), vocab_text)
+        atomic_write_text(os.path.join(folder, "merges.txt"), merges_text)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
@@ -412,11 +412,6 @@ def _validate(vocab, merges) -> None:
             if part not in vocab:
                 raise TinyLMError(f"BPE merge #{k} ({left!r}, {right!r}) uses or makes a token "
                                   f"not in the vocab: {part!r}")
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Write ``text`` as UTF-8 to ``path`` so that a crash leaves the old file or the new one."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------- training

@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .checkpoint import load_checkpoint
 from .errors import TinyLMError
 from .model import GPTConfig, param_shapes
@@ -143,11 +144,6 @@ def _char_tokenizer_as_bpe_files(tok):
     return json.dumps(vocab, ensure_ascii=False), MERGES_HEADER + "\n"
 
 
-def _write_text(path, text):
-    from .bpe import _write_atomically
-    _write_atomically(path, text)
-
-
 def export_hf(source, folder, dtype=np.float32):
     """Write a tinylm model as a Hugging Face GPT-2 folder; returns {"folder", "files", "notes"}.
 
@@ -218,9 +214,9 @@ def export_hf(source, folder, dtype=np.float32):
     if os.path.isfile(config_path):
         os.remove(config_path)
     for name, text in written.items():
-        _write_text(os.path.join(folder, name), text)
+        atomic_write_text(os.path.join(folder, name), text)
     save_file(_hf_tensors(params, config, dtype), os.path.join(folder, WEIGHTS_FILE), metadata)
-    _write_text(config_path, json.dumps(hf_config(config, tok, dtype.name), indent=2) + "\n")
+    atomic_write_text(config_path, json.dumps(hf_config(config, tok, dtype.name), indent=2) + "\n")
     files = sorted([CONFIG_FILE, WEIGHTS_FILE, *written])
     return {"folder": folder, "files": files, "notes": notes}
 

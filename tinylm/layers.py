@@ -6,9 +6,10 @@ parameter gradients. Shapes: B batch, T time, C channels, V vocabulary, H heads,
 D = C / H head size. All functions work in whatever float dtype they are given.
 
 Written for speed without hiding the math: matrix products are `np.matmul` on views
-(no copies; attention and GELU work through the batch a piece at a time to stay in cache), element-wise passes are done in place where the algebra allows,
-and caches keep only what the backward cannot cheaply recompute (docs/performance.md
-says what each choice bought).
+(no copies; attention and GELU work through the batch a piece at a time to stay in
+cache), element-wise passes are done in place where the algebra allows, and caches keep
+only what the backward cannot cheaply recompute (docs/performance.md says what each
+choice bought).
 """
 import functools
 import math
@@ -368,7 +369,7 @@ def attention_backward(dy, cache):
             a_dropped = a
         else:
             keep, p_scale = drop_cache
-            a_dropped = dropout_forward_again(a, (keep[s], p_scale))
+            a_dropped = dropout_backward(a, (keep[s], p_scale))      # A ⊙ m/(1 − p): the same product
         np.matmul(a_dropped.transpose(0, 1, 3, 2), dy[s], out=dv[s])
         del a_dropped
         datt = dy[s] @ v[s].transpose(0, 1, 3, 2)
@@ -383,14 +384,6 @@ def attention_backward(dy, cache):
         del datt, dscores
     dq *= scale
     return dqkv
-
-
-def dropout_forward_again(x, drop_cache):
-    """The forward's dropout output x ⊙ m / (1 − p), rebuilt from its cache (recomputing beats keeping)."""
-    keep, scale = drop_cache
-    y = x * keep
-    y *= scale
-    return y
 
 
 # ----------------------------------------------------------------------------- loss

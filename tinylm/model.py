@@ -349,25 +349,6 @@ def forward_cached(params, config, idx, kv, record=None):
     return logits
 
 
-def normalized_(x, eps, ones):
-    """x̂ = (x − mean x) / √(var x + ε) for a 1-D x (ones: a vector of x.size ones); a new array."""
-    xc = x - np.dot(x, ones) / x.size
-    xc *= 1.0 / math.sqrt(float(np.dot(xc, xc)) / x.size + eps)
-    return xc
-
-
-def twice_gelu(f):
-    """2·gelu(f) = f (1 + tanh(√(2/π) (f + 0.044715 f³))), in a new buffer."""
-    t = f * f
-    t *= L.GELU_SCALE * L.GELU_CUBIC
-    t += L.GELU_SCALE
-    t *= f
-    np.tanh(t, out=t)
-    t += 1.0
-    t *= f
-    return t
-
-
 def decoding_weights(params, config):
     """The weights of `params` rearranged for decode_next, computing the same function as forward.
 
@@ -462,11 +443,16 @@ def decode_next(dw, kv, token):
     eps, inv_C = dw["eps"], 1.0 / C
     np.add(dw["wte"][token], dw["wpe"][pos], out=x)              # the residual stream, inside xa = [x, σ]
     c1, c0 = L.GELU_SCALE * L.GELU_CUBIC, L.GELU_SCALE
-    for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
-        s1, s2 = np.dot(sums_of, x, out=sums).tolist()          # Σx, Σx²
+
+    def set_sigma():
+        """σ = √(var x + ε) of the residual x, from one product giving Σx and Σx²; stored next to x in xa."""
+        s1, s2 = np.dot(sums_of, x, out=sums).tolist()
         mean = s1 * inv_C
-        sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
-        xa[C] = sigma
+        xa[C] = sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
+        return sigma
+
+    for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
+        sigma = set_sigma()
         np.dot(W_attn, xa, out=qkv)
         qkv *= 1.0 / sigma                                      # q (already × 1/√D), k, v
         KV[:, :, pos] = new_kv                                  # append this position's key and value
@@ -474,12 +460,9 @@ def decode_next(dw, kv, token):
         s -= np.maximum.reduce(s, axis=2, keepdims=True)
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
-        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (B,H,T,D) -> (B,T,C)
+        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (H,1,D) -> (C,)
         x += np.dot(W_o, y, out=out)                            # y ends in 1: c_proj's bias included
-        s1, s2 = np.dot(sums_of, x, out=sums).tolist()
-        mean = s1 * inv_C
-        sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
-        xa[C] = sigma
+        sigma = set_sigma()
         np.dot(W_fc, xa, out=f)
         f *= 1.0 / sigma
         np.multiply(f, f, out=g_out)                            # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
@@ -491,10 +474,7 @@ def decode_next(dw, kv, token):
         g_out *= f
         x += np.dot(W_p, g, out=out)                            # W_p carries GELU's ½; g ends in 1: bias
     kv["len"] = n
-    s1, s2 = np.dot(sums_of, x, out=sums).tolist()
-    mean = s1 * inv_C
-    sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
-    xa[C] = sigma
+    sigma = set_sigma()
     logits = np.dot(dw["head"], xa)
     logits *= 1.0 / sigma
     return logits
@@ -529,24 +509,10 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     tokens held in the KV cache (see refill_window); without it, the last block_size tokens,
     recomputed from scratch each step. If trace is a list, (context ids, logits) is appended per step.
 
-    The model's products run with one BLAS thread (restored between tokens): one token's products are
-    far too small to split, and a second BLAS thread waiting for a busy core stalls every call.
+    Run it with one BLAS thread (`with parallel.blas_threads(1):`, as sample.py, the trainer's
+    sample and the bench do): one token's products are far too small to split, and a second
+    BLAS thread waiting for a busy core stalls every call.
     """
-    from .parallel import blas_threads, openblas
-    blas = openblas()
-
-    def one_blas_thread(fn, *args):
-        """fn(*args) with one BLAS thread, the count restored after; the C calls without a context
-        manager, whose ~4 µs a token is 1-2% of a decode step."""
-        previous = None if blas.set is None else blas.get()
-        if previous is None or previous == 1:
-            return fn(*args)
-        blas.set(1)
-        try:
-            return fn(*args)
-        finally:
-            blas.set(previous)
-
     tokens = [int(t) for t in prompt]
     if not tokens:
         raise TinyLMError("the prompt must contain at least one token")
@@ -554,8 +520,7 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     if not use_cache:
         for _ in range(max_new_tokens):
             context = tokens[-config.block_size:]
-            with blas_threads(1):
-                logits, _, _ = forward(params, config, np.array([context]))
+            logits, _, _ = forward(params, config, np.array([context]))
             last = logits[0, -1]
             if trace is not None:
                 trace.append((context, last))
@@ -565,8 +530,7 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
 
     def prefill(context):
         kv = new_kv_cache(config, 1, dtype)
-        with blas_threads(1):
-            return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
+        return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
 
     dw = decoding_weights(params, config)
     context = tokens[-config.block_size:]
@@ -583,4 +547,4 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
             context = context[-refill_window(config):]
             kv, last = prefill(context)
         else:
-            last = one_blas_thread(decode_next, dw, kv, tokens[-1])
+            last = decode_next(dw, kv, tokens[-1])

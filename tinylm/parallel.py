@@ -90,7 +90,7 @@ def blas_threads(n):
         yield False
         return
     previous = b.get()
-    if previous == int(n):       # already so (generate asks once a token): setting it costs ~4 µs a call
+    if previous == int(n):       # already so (nested blocks): nothing to set or restore
         yield True
         return
     b.set(int(n))
@@ -173,7 +173,4 @@ def for_each_split(fn, arrays, min_size=1 << 16, workers=None):
     if workers < 2 or sum(sizes) < min_size:
         fn(names)
         return
-    groups = split_by_size(names, sizes, workers)
-    futures = [pool(len(groups)).submit(fn, g) for g in groups]
-    for f in futures:
-        f.result()
+    run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])

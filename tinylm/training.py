@@ -129,7 +129,7 @@ def prepare_out_dir(out_dir):
             os.fsync(f.fileno())
     except OSError as e:
         raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
-    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz", "metrics.jsonl"))
+    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz") + LOG_FILES)
 
 
 def check_saved_args(saved, ckpt_path):
@@ -256,7 +256,7 @@ def setup(a, explicit=()):
             if name in explicit and getattr(a, name) != getattr(config, name):
                 raise TinyLMError(f"--{name} {getattr(a, name)} differs from the resumed checkpoint's "
                                   f"{getattr(config, name)}; a resumed model keeps its shape")
-        merged = {**dataclasses.asdict(TrainArgs()), **{k: v for k, v in saved.items() if k in HELP}}
+        merged = {**dataclasses.asdict(TrainArgs()), **saved}
         merged.update({k: getattr(a, k) for k in explicit})
         merged["init_from"] = "resume"
         merged["out_dir"] = a.out_dir          # where the checkpoint was found, not where it was first written
@@ -274,8 +274,10 @@ def setup(a, explicit=()):
         M.GPTConfig(block_size=a.block_size, vocab_size=1, n_layer=a.n_layer, n_head=a.n_head,
                     n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()     # before reading the data
         if a.tokenizer == "bpe":
-            tokenizer = train_bpe(read_text(a.data, a.encoding_errors), a.vocab_size, verbose=a.progress)
-            ids = encode_file(a.data, a.encoding_errors, tokenizer)
+            text = read_text(a.data, a.encoding_errors)          # read once: learn the merges, then encode
+            tokenizer = train_bpe(text, a.vocab_size, verbose=a.progress)
+            ids = tokenizer.encode(text)
+            del text
         else:
             tokenizer, ids = load_ids(a.data, a.encoding_errors)
         config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
@@ -328,9 +330,10 @@ def train(a, explicit=(), log=print):
                 "elapsed_s": elapsed()}
         save_checkpoint(path, params, config, tokenizer, opt_state if with_optimizer else None, meta)
 
+    lr_at = lambda s: learning_rate_at(s, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
     t0 = time.perf_counter()
     elapsed = lambda: state["elapsed_s"] + time.perf_counter() - t0
-    last = {"loss": float("nan"), "tok_s": 0.0}
+    tok_s = 0.0           # tokens/s, smoothed over steps
     bar = tqdm(total=a.max_iters, initial=start, unit="step", disable=not a.progress, dynamic_ncols=True,
                desc="train", file=sys.stderr)
     step = start
@@ -348,8 +351,8 @@ def train(a, explicit=(), log=print):
                         best = losses["val"]
                         save(step, best_path, with_optimizer=False)
                     record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                              "lr": learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters),
-                              "elapsed_s": round(elapsed(), 3), "tokens_per_s": round(last["tok_s"], 1)}
+                              "lr": lr_at(step),
+                              "elapsed_s": round(elapsed(), 3), "tokens_per_s": round(tok_s, 1)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if a.track_spectra:
@@ -365,7 +368,7 @@ def train(a, explicit=(), log=print):
                     raise Interrupted(f"interrupted at step {step}; saved {ckpt_path}; "
                                       f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
                                       stop.signum if stop.signum != getattr(signal, "SIGINT", None) else None)
-                lr = learning_rate_at(step, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
+                lr = lr_at(step)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
                 loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng)
@@ -376,11 +379,10 @@ def train(a, explicit=(), log=print):
                 adamw_step(params, grads, opt_state, lr, a.beta1, a.beta2, weight_decay=a.weight_decay)
                 step += 1
                 dt = time.perf_counter() - t_step
-                last["loss"] = loss
-                last["tok_s"] = tokens_per_step / dt if last["tok_s"] == 0 else 0.9 * last["tok_s"] + 0.1 * tokens_per_step / dt
+                tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
                 bar.update(1)
                 if step % 10 == 0 or step == a.max_iters:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tok_s']:.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
         finally:
             bar.close()
 

@@ -21,10 +21,9 @@ def test_whole_model_gradient_matches_finite_differences(bias, dropout):
 
 def test_checker_catches_a_wrong_backward(monkeypatch):
     """A gelu backward missing one term must be flagged: the checker is not vacuous."""
-    def wrong_gelu_backward(dy, cache):
-        x, t = cache
-        return dy * 0.5 * (1.0 + t)
-    monkeypatch.setattr(layers, "gelu_backward", wrong_gelu_backward)
+    def wrong_slope_times_(dy, x, s, g, t):         # dy ← dy s: the term 2 x s (1 − s) u' left out
+        dy *= s
+    monkeypatch.setattr(layers, "gelu_slope_times_", wrong_slope_times_)   # what every GELU backward uses
     errors = {(l, n): e for l, n, e in gradcheck.layer_checks(seed=0)}
     assert errors[("gelu", "x")] > 1e-3
     config = GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=8, bias=True)

@@ -208,13 +208,19 @@ def gelu_backward(dy, cache):
 
     (The same as dy (½(1 + t) + ½ x (1 − t²) u') with t = tanh u.) Done in chunks (flat_chunks).
     """
+    x, _ = cache
+    return gelu_backward_(np.array(dy, dtype=np.result_type(dy, x), copy=True), cache)
+
+
+def gelu_backward_(dy, cache):
+    """gelu_backward computed in place: dy (a C-contiguous array of x's dtype the caller no longer needs)
+    is overwritten with dx and returned, which saves a full-size copy."""
     x, s = cache
-    dx = np.array(dy, dtype=np.result_type(dy, x), copy=True)
-    g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=dx.dtype) for _ in range(2))
-    for dc, xc, sc in flat_chunks(dx, x, s):
+    g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=dy.dtype) for _ in range(2))
+    for dc, xc, sc in flat_chunks(dy, x, s):
         n = xc.size
         gelu_slope_times_(dc, xc, sc, g[:n], t[:n])
-    return dx
+    return dy
 
 
 def gelu_recomputed_backward(dy, x):

@@ -158,6 +158,20 @@ def test_gelu_is_gpt2s_tanh_form_and_quiet_for_very_negative_inputs():
     np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("row_block", [1, 2, 3, 7])
+def test_attention_in_row_blocks_gives_the_same_numbers_and_zeros_above_the_blocks(row_block):
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((3, 7, 3 * 8))
+    dy = rng.standard_normal((3, 7, 8))
+    y, cache = L.attention_forward(qkv, 2, row_block=7)                  # one block: the whole square
+    y_b, cache_b = L.attention_forward(qkv, 2, row_block=row_block)
+    np.testing.assert_allclose(y_b, y, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(cache_b[3], cache[3], rtol=1e-13, atol=1e-13)
+    assert np.all(cache_b[3][..., np.triu(np.ones((7, 7), bool), k=1)] == 0.0)
+    np.testing.assert_allclose(L.attention_backward(dy, cache_b), L.attention_backward(dy, cache), rtol=1e-12, atol=1e-12)
+    assert len(cache_b[-1]) == -(-7 // row_block)
+
+
 def test_for_each_range_covers_every_entry_once_in_aligned_pieces():
     for n, workers in ((100_003, 2), (100_000, 3), (1_000, 2)):
         pieces = []

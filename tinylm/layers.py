@@ -319,6 +319,13 @@ def qkv_heads(qkv, n_head):
 # group's scores (at most about this many bytes) stay in cache between passes.
 ATTENTION_CHUNK_BYTES = 2 << 20
 
+# Queries are taken this many rows at a time: rows [r0, r1) see keys [0, r1) only, so the blocks above
+# the diagonal, where the causal mask would zero everything, are never computed. At T = 256 (baby GPT)
+# that is 3 of 4 blocks, 75% of the square; at T ≤ 128 (the CPU recipe) one block, the whole square.
+# Smaller blocks skip more but make smaller products: 128 was the fastest of 64, 96, 128 with two
+# threads at once (docs/performance.md, log row 21).
+ATTENTION_ROW_BLOCK = 128
+
 
 def sequence_chunks(B, H, T, itemsize):
     """Slices of the batch axis, each holding at most ATTENTION_CHUNK_BYTES of (H,T,T) scores (one sequence at least)."""
@@ -326,68 +333,86 @@ def sequence_chunks(B, H, T, itemsize):
     return [slice(a, min(a + n, B)) for a in range(0, B, n)]
 
 
-def attention_forward(qkv, n_head, dropout=0.0, rng=None):
+def row_blocks(T, rows):
+    """[(r0, r1), ...]: the query rows in blocks of `rows`; block (r0, r1) needs keys [0, r1) only."""
+    return [(r0, min(r0 + rows, T)) for r0 in range(0, T, rows)]
+
+
+def attention_forward(qkv, n_head, dropout=0.0, rng=None, row_block=None):
     """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) -> y (B,T,C)
 
     The scale 1/√D is applied to Q (B·T·C numbers) rather than to the scores (B·H·T·T numbers).
     Sequences are taken a few at a time (sequence_chunks), every head of a group in one batched
-    matmul, so that the group's scores stay in cache through the softmax and dropout.
+    matmul, so that the group's scores stay in cache through the softmax and dropout; queries are
+    taken `row_block` rows at a time (default ATTENTION_ROW_BLOCK), each block against the keys up
+    to its last row only: the weights above those blocks are 0 and are left at 0, not computed.
     """
     B, T, C3 = qkv.shape
     q, k, v = qkv_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(C3 // (3 * n_head))
+    blocks = row_blocks(T, row_block or ATTENTION_ROW_BLOCK)
     qs = q * scale                                                   # (B,H,T,D), contiguous
-    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1
+    att = np.zeros((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1; above the blocks: 0
     keep = None
     y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
     y_heads = split_heads(y, n_head)                                 # written straight into (B,T,C)
     for s in sequence_chunks(B, n_head, T, qkv.dtype.itemsize):
-        a = att[s]
-        np.matmul(qs[s], k[s].transpose(0, 1, 3, 2), out=a)
-        causal_softmax_(a)
-        a_dropped, drop_cache = dropout_forward(a, dropout, rng)
-        if drop_cache is not None:
-            if keep is None:
-                keep = np.empty(att.shape, dtype=bool)
-            keep[s] = drop_cache[0]
-            p_scale = drop_cache[1]
-        np.matmul(a_dropped, v[s], out=y_heads[s])
-        del a_dropped
+        for r0, r1 in blocks:
+            a = att[s, :, r0:r1, :r1]                                # a view: rows r0..r1, keys 0..r1
+            np.matmul(qs[s, :, r0:r1], k[s, :, :r1].transpose(0, 1, 3, 2), out=a)
+            causal_softmax_(a, offset=r0)
+            a_dropped, drop_cache = dropout_forward(a, dropout, rng)
+            if drop_cache is not None:
+                if keep is None:
+                    keep = np.zeros(att.shape, dtype=bool)
+                keep[s, :, r0:r1, :r1] = drop_cache[0]
+                p_scale = drop_cache[1]
+            np.matmul(a_dropped, v[s, :, :r1], out=y_heads[s, :, r0:r1])
+            del a_dropped
     # the dropped weights are not kept: the backward rebuilds them from att and the mask
     drop_cache = None if keep is None else (keep, p_scale)
-    return y, (qs, k, v, att, drop_cache, scale)
+    return y, (qs, k, v, att, drop_cache, scale, blocks)
 
 
 def attention_backward(dy, cache):
     """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.
 
-    A few sequences at a time, as in the forward (A here is the dropped A ⊙ m/(1 − p) in dV, and
-    dA passes through dropout's backward before the softmax's).
+    Block by block as in the forward (A here is the dropped A ⊙ m/(1 − p) in dV, and dA passes through
+    dropout's backward before the softmax's). A row block touches the keys up to its last row, so dK
+    and dV are sums over the blocks: the last block (which sees every key) writes them, the others add.
     """
-    qs, k, v, att, drop_cache, scale = cache
+    qs, k, v, att, drop_cache, scale, blocks = cache
     B, H, T, D = qs.shape
     dy = split_heads(dy, H)
     dqkv = np.empty((B, T, 3 * H * D), dtype=dy.dtype)
     dq, dk, dv = qkv_heads(dqkv, H)                                  # views: results land in place
     for s in sequence_chunks(B, H, T, qs.dtype.itemsize):
-        a = att[s]
-        if drop_cache is None:
-            a_dropped = a
-        else:
-            keep, p_scale = drop_cache
-            a_dropped = dropout_backward(a, (keep[s], p_scale))      # A ⊙ m/(1 − p): the same product
-        np.matmul(a_dropped.transpose(0, 1, 3, 2), dy[s], out=dv[s])
-        del a_dropped
-        datt = dy[s] @ v[s].transpose(0, 1, 3, 2)
-        if drop_cache is not None:                                   # dropout's backward, in place
-            datt *= keep[s]
-            datt *= p_scale
-        dscores = datt
-        dscores -= np.einsum("...ij,...ij->...i", datt, a)[..., None]
-        dscores *= a                                                 # masked entries have att = 0
-        np.matmul(dscores, k[s], out=dq[s])
-        np.matmul(dscores.transpose(0, 1, 3, 2), qs[s], out=dk[s])   # qs already carries the scale
-        del datt, dscores
+        for r0, r1 in reversed(blocks):
+            a = att[s, :, r0:r1, :r1]
+            dy_b = dy[s, :, r0:r1]
+            if drop_cache is None:
+                a_dropped = a
+            else:
+                keep, p_scale = drop_cache
+                a_dropped = dropout_backward(a, (keep[s, :, r0:r1, :r1], p_scale))   # A ⊙ m/(1 − p)
+            if r1 == T:
+                np.matmul(a_dropped.transpose(0, 1, 3, 2), dy_b, out=dv[s])
+            else:
+                dv[s, :, :r1] += a_dropped.transpose(0, 1, 3, 2) @ dy_b
+            del a_dropped
+            datt = dy_b @ v[s, :, :r1].transpose(0, 1, 3, 2)
+            if drop_cache is not None:                               # dropout's backward, in place
+                datt *= keep[s, :, r0:r1, :r1]
+                datt *= p_scale
+            dscores = datt
+            dscores -= np.einsum("...ij,...ij->...i", datt, a)[..., None]
+            dscores *= a                                             # masked entries have att = 0
+            np.matmul(dscores, k[s, :, :r1], out=dq[s, :, r0:r1])
+            if r1 == T:
+                np.matmul(dscores.transpose(0, 1, 3, 2), qs[s, :, r0:r1], out=dk[s])   # qs carries the scale
+            else:
+                dk[s, :, :r1] += dscores.transpose(0, 1, 3, 2) @ qs[s, :, r0:r1]
+            del datt, dscores
     dq *= scale
     return dqkv
 

@@ -3,15 +3,12 @@ import math
 
 import numpy as np
 
-import pytest
-
-from tinylm.optim import (Packed, adamw_init, adamw_state, adamw_step, clip_by_global_norm, global_norm,
-                          learning_rate_at, pack)
+from tinylm.optim import adamw_init, adamw_step, clip_by_global_norm, global_norm, learning_rate_at
 
 
 def test_adamw_matches_the_formula_over_several_steps():
     rng = np.random.default_rng(0)
-    params = pack({"b": rng.standard_normal(4), "w": rng.standard_normal((3, 4))})
+    params = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
     ref = {k: v.copy() for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v2 = {k: np.zeros_like(v) for k, v in params.items()}
@@ -47,58 +44,3 @@ def test_clipping_scales_to_the_max_norm_and_leaves_small_gradients_alone():
     small = {"a": np.array([0.1, 0.2])}
     clip_by_global_norm(small, 1.0)
     assert np.array_equal(small["a"], [0.1, 0.2])
-
-
-def test_pack_lays_the_arrays_end_to_end_matrices_first_and_keeps_names_and_order():
-    rng = np.random.default_rng(1)
-    arrays = {"ln.weight": rng.standard_normal(5), "w1": rng.standard_normal((2, 3)), "b": rng.standard_normal(3),
-              "w2": rng.standard_normal((4, 2))}
-    packed = pack(arrays)
-    assert isinstance(packed, Packed) and list(packed) == list(arrays)          # the dict's own order
-    assert packed.layout == ("w1", "w2", "ln.weight", "b") and packed.n_decay == 6 + 8
-    np.testing.assert_array_equal(packed.vector, np.concatenate([arrays[k].ravel() for k in packed.layout]))
-    for k, a in arrays.items():
-        np.testing.assert_array_equal(packed[k], a)
-        assert packed[k].shape == a.shape and np.shares_memory(packed[k], packed.vector)
-    packed.vector[:] = 0.0                                                      # the names are views, not copies
-    assert all(not packed[k].any() for k in packed)
-    assert pack(arrays, np.float32).vector.dtype == np.float32
-
-
-def test_adamw_needs_packed_params_and_its_moments_follow_their_layout():
-    params = {"w": np.ones((2, 2)), "b": np.zeros(2)}
-    with pytest.raises(TypeError, match="pack"):
-        adamw_init(params)
-    packed = pack(params)
-    state = adamw_state(packed, 7, m={"w": np.full((2, 2), 2.0), "b": np.full(2, 3.0)},
-                        v={"b": np.full(2, 5.0), "w": np.full((2, 2), 4.0)})    # any key order: placed by name
-    assert state["t"] == 7 and state["m"].layout == state["v"].layout == packed.layout
-    np.testing.assert_array_equal(state["m"].vector, [2, 2, 2, 2, 3, 3])
-    np.testing.assert_array_equal(state["v"].vector, [4, 4, 4, 4, 5, 5])
-    with pytest.raises(TypeError, match="pack"):
-        adamw_step(params, params, state, 0.1)
-
-
-def test_adamw_on_two_threads_gives_the_same_numbers_as_on_one():
-    rng = np.random.default_rng(2)
-    arrays = {"w": rng.standard_normal((300, 300)).astype(np.float32), "b": rng.standard_normal(300).astype(np.float32)}
-    runs = []
-    for workers in (1, 2):
-        params = pack(arrays)
-        state = adamw_init(params)
-        grad_rng = np.random.default_rng(3)
-        for _ in range(3):
-            grads = {k: grad_rng.standard_normal(a.shape).astype(np.float32) for k, a in arrays.items()}
-            adamw_step(params, grads, state, 1e-2, workers=workers)           # plain-dict gradients are packed
-        runs.append((params.vector.copy(), state["m"].vector.copy(), state["v"].vector.copy()))
-    for one, two in zip(*runs):
-        np.testing.assert_array_equal(one, two)
-    assert not np.array_equal(runs[0][0], pack(arrays).vector)
-
-
-def test_clipping_a_packed_gradient_scales_its_vector():
-    grads = pack({"a": np.full((2, 2), 3.0), "b": np.full(2, 4.0)})
-    norm = clip_by_global_norm(grads, 1.0)
-    assert math.isclose(norm, math.sqrt(4 * 9 + 2 * 16))
-    assert math.isclose(float(np.linalg.norm(grads.vector)), 1.0, rel_tol=1e-5)
-    assert math.isclose(global_norm(grads), 1.0, rel_tol=1e-5)

@@ -45,7 +45,7 @@ import numpy as np
 from . import layers as L
 from . import model as M
 from . import parallel
-from .optim import adamw_init, adamw_step, clip_by_global_norm, pack
+from .optim import adamw_init, adamw_step, clip_by_global_norm
 
 CONFIGS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, steps=30, warmup=5),
@@ -217,7 +217,7 @@ def run_config(name, spec, quick=False):
     spec = dict(spec)
     B, steps, warmup = spec.pop("batch_size"), spec.pop("steps"), spec.pop("warmup")
     config = M.GPTConfig(vocab_size=VOCAB, **spec)
-    params = pack(M.init_params(config, seed=0))
+    params = M.init_params(config, seed=0)
     opt = adamw_init(params)
     rng = np.random.default_rng(0)
     T = config.block_size
@@ -337,8 +337,6 @@ def against(other_root, rounds=20):
         Mv, Pv, Ov = mods["model"], mods["parallel"], mods["optim"]
         config = Mv.GPTConfig(vocab_size=VOCAB, **spec)
         params = Mv.init_params(config)
-        if hasattr(Ov, "pack"):             # this version's optimizer works on θ as one vector
-            params = Ov.pack(params)
         opt = Ov.adamw_init(params)
 
         def single(Mv=Mv, Pv=Pv, Ov=Ov, config=config, params=params, opt=opt):

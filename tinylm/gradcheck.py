@@ -115,7 +115,7 @@ def layer_checks(seed=0):
     record("attention+dropout", check_function(
         lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(2)),
         lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
-    record("attention, row blocks", check_function(   # blocks of 2 rows: the path of T > 64
+    record("attention, row blocks", check_function(   # blocks of 2 rows: the path of T > 128
         lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(3), row_block=2),
         lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
 

@@ -322,8 +322,8 @@ ATTENTION_CHUNK_BYTES = 2 << 20
 # Queries are taken this many rows at a time: rows [r0, r1) see keys [0, r1) only, so the blocks above
 # the diagonal, where the causal mask would zero everything, are never computed. At T = 256 (baby GPT)
 # that is 3 of 4 blocks, 75% of the square; at T ≤ 128 (the CPU recipe) one block, the whole square.
-# Smaller blocks skip more but make smaller products: 128 was the fastest of 64, 96, 128 with two
-# threads at once (docs/performance.md, log row 21).
+# Smaller blocks skip more but make smaller products: with two threads at once, 128 was faster
+# than 64 and level with 96 on baby GPT's shapes (docs/performance.md, log row 21).
 ATTENTION_ROW_BLOCK = 128
 
 
@@ -352,19 +352,20 @@ def attention_forward(qkv, n_head, dropout=0.0, rng=None, row_block=None):
     scale = 1.0 / math.sqrt(C3 // (3 * n_head))
     blocks = row_blocks(T, row_block or ATTENTION_ROW_BLOCK)
     qs = q * scale                                                   # (B,H,T,D), contiguous
-    att = np.zeros((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1; above the blocks: 0
+    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)               # rows sum to 1
     keep = None
     y = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
     y_heads = split_heads(y, n_head)                                 # written straight into (B,T,C)
     for s in sequence_chunks(B, n_head, T, qkv.dtype.itemsize):
         for r0, r1 in blocks:
             a = att[s, :, r0:r1, :r1]                                # a view: rows r0..r1, keys 0..r1
+            att[s, :, r0:r1, r1:] = 0.0                              # the skipped keys: weight 0
             np.matmul(qs[s, :, r0:r1], k[s, :, :r1].transpose(0, 1, 3, 2), out=a)
             causal_softmax_(a, offset=r0)
             a_dropped, drop_cache = dropout_forward(a, dropout, rng)
             if drop_cache is not None:
                 if keep is None:
-                    keep = np.zeros(att.shape, dtype=bool)
+                    keep = np.empty(att.shape, dtype=bool)           # read only inside the blocks
                 keep[s, :, r0:r1, :r1] = drop_cache[0]
                 p_scale = drop_cache[1]
             np.matmul(a_dropped, v[s, :, :r1], out=y_heads[s, :, r0:r1])

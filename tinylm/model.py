@@ -11,7 +11,6 @@ import numpy as np
 
 from . import layers as L
 from .errors import TinyLMError
-from .optim import pack
 
 
 @dataclasses.dataclass
@@ -94,9 +93,10 @@ def matmul_flops(config, batch_size):
 
     A product (m, n) @ (n, k) costs 2·m·n·k (a multiply and an add per term). Per token, the
     forward pass multiplies by every block weight and by the tied head (2 per weight), and
-    each attention layer forms QKᵀ and AV over T positions (2·2·T·C, the causal half not
-    skipped). The backward pass costs twice the forward (one product for dX, one for dW),
-    so a step is 3 forwards over batch_size·block_size tokens.
+    each attention layer forms QKᵀ and AV over T positions (2·2·T·C: the whole T×T square,
+    as nanoGPT and PaLM count it, although for T > 128 layers.attention_forward skips the
+    blocks above the diagonal). The backward pass costs twice the forward (one product for
+    dX, one for dW), so a step is 3 forwards over batch_size·block_size tokens.
     """
     C, T, L = config.n_embd, config.block_size, config.n_layer
     weights = L * 12 * C * C + config.vocab_size * C          # c_attn 3C², c_proj C², c_fc 4C², mlp c_proj 4C²; head
@@ -253,12 +253,6 @@ def loss_and_grads(params, config, idx, targets, train=False, rng=None):
     return loss, backward(params, config, cache)
 
 
-def _loss_and_packed_grads(*args):
-    """loss_and_grads with the gradients packed into one vector (optim.pack), on the worker's own thread."""
-    loss, grads = loss_and_grads(*args)
-    return loss, pack(grads)
-
-
 def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None):
     """loss_and_grads computed as `workers` slices of the batch on as many threads (default: one per core).
 
@@ -267,9 +261,7 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     loss_and_grads up to float rounding. Each slice runs the plain forward and backward
     on its own thread with one BLAS thread (see parallel.py). With dropout, slice i draws
     its masks from a generator seeded by rng, so runs are reproducible but the masks differ
-    from loss_and_grads'. The gradients come back packed into one vector (optim.pack): the halves
-    are summed on it, and AdamW and the clipping work on it. Falls back to loss_and_grads (a plain
-    dict) where it cannot help.
+    from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
     """
     from . import parallel
     parallel.keep_freed_memory()            # reuse the step's freed arrays instead of faulting in fresh pages
@@ -282,21 +274,21 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     seeds = rng.integers(0, 2**63, size=workers) if use_rng else [None] * workers
     jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None)
             for a, b, s in zip(bounds[:-1], bounds[1:], seeds)]
-    results = parallel.run_parallel(_loss_and_packed_grads, jobs)
+    results = parallel.run_parallel(loss_and_grads, jobs)
     weights = [float(w) for w in np.diff(bounds) / B]
     loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
     grads = results[0][1]
-    total, others = grads.vector, [g.vector for _, g in results[1:]]
 
-    def weighted_sum(a, b):                 # g = Σ_i w_i g_i on entries [a, b), in place: w_0 g_0 → (…(g_0 w_0/w_1 + g_1) w_1/w_2 …) w_last
-        g = total[a:b]
-        for w_prev, w, other in zip(weights, weights[1:], others):
-            if w_prev != w:                 # equal slices (the usual case): no pass multiplying by 1
-                g *= w_prev / w             # float32 stays float32: Python-float scalars
-            g += other[a:b]
-        g *= weights[-1]
+    def weighted_sum(names):               # grads[k] = Σ_i w_i grads_i[k], in place: w_0 g_0 → (…(g_0 w_0/w_1 + g_1) w_1/w_2 …) w_last
+        for name in names:
+            g = grads[name]
+            for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
+                if w_prev != w:            # equal slices (the usual case): no pass multiplying by 1
+                    g *= w_prev / w        # float32 stays float32: Python-float scalars
+                g += other[name]
+            g *= weights[-1]
 
-    parallel.for_each_range(weighted_sum, total.size, workers=workers)
+    parallel.for_each_split(weighted_sum, grads, workers=workers)
     return loss, grads
 
 

@@ -153,13 +153,24 @@ def run_parallel(fn, args_list):
         return [f.result() for f in futures]
 
 
-def for_each_range(fn, n, min_size=1 << 16, workers=None):
-    """fn(a, b) over [0, n) cut into one contiguous piece per core when n >= min_size (element-wise work
-    releases the GIL, so the pieces run at once); fn(0, n) in this thread otherwise. Cuts fall on
-    multiples of 16 entries, so every piece starts as aligned as the whole."""
+def split_by_size(names, sizes, parts):
+    """names dealt into `parts` lists of about equal total size (largest first, each to the lightest list)."""
+    groups, totals = [[] for _ in range(parts)], [0] * parts
+    for name, size in sorted(zip(names, sizes), key=lambda ns: -ns[1]):
+        i = totals.index(min(totals))
+        groups[i].append(name)
+        totals[i] += size
+    return [g for g in groups if g]
+
+
+def for_each_split(fn, arrays, min_size=1 << 16, workers=None):
+    """fn(names) over the keys of the dict `arrays`, split into one group per core when the arrays hold at
+    least min_size numbers in all (element-wise updates release the GIL, so the groups run at once);
+    one call in this thread otherwise. fn must touch only its own names."""
+    names = list(arrays)
+    sizes = [arrays[n].size for n in names]
     workers = workers or usable_cores()
-    if workers < 2 or n < min_size:
-        fn(0, n)
+    if workers < 2 or sum(sizes) < min_size:
+        fn(names)
         return
-    cuts = [min(n, (n * i // workers) // 16 * 16) for i in range(workers)] + [n]
-    run_parallel(fn, list(zip(cuts[:-1], cuts[1:])))
+    run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])

@@ -16,7 +16,7 @@ from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
-from .optim import adamw_init, adamw_state, adamw_step, clip_by_global_norm, learning_rate_at, pack
+from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
 from .parallel import blas_threads
 from .sampling import sample_next
 from .tokenizer import CharTokenizer
@@ -263,9 +263,7 @@ def setup(a, explicit=()):
         a = TrainArgs(**merged)
         validate_args(a)
         tokenizer = ckpt["tokenizer"]
-        params = pack(ckpt["params"])                          # θ as one vector; the names are views into it
-        saved_opt = ckpt["opt_state"]
-        opt_state = adamw_state(params, saved_opt["t"], saved_opt["m"], saved_opt["v"])
+        params, opt_state = ckpt["params"], ckpt["opt_state"]
         state = {"step": int(meta["step"]), "best_val_loss": meta.get("best_val_loss"),
                  "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
                  "elapsed_s": float(meta.get("elapsed_s", 0.0))}
@@ -284,7 +282,7 @@ def setup(a, explicit=()):
             tokenizer, ids = load_ids(a.data, a.encoding_errors)
         config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
                              n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
-        params = pack(M.init_params(config, seed=a.seed))     # θ as one vector; the names are views into it
+        params = M.init_params(config, seed=a.seed)
         opt_state = adamw_init(params)
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
                  "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,

@@ -22,6 +22,9 @@ def test_quick_bench_prints_a_sane_table():
         params, gflop, ms, tok_s, gflops, peak, mfu, mm_ms, rss, load = nums
         assert params > 0 and gflop > 0 and ms > 0 and tok_s > 0 and gflops > 0 and peak > 0
         assert 0 < mfu < 100 * 1.5 and mm_ms > 0 and 20 < rss < 4000
+        assert peak >= 0.9 * gflop / (mm_ms / 1e3)      # the peak is never below what the step's products reached
+        readings = re.search(rf"^  {name}: peak = .* start / middle / end: ([\d.]+) / ([\d.]+) / ([\d.]+);", out, re.M)
+        assert readings and all(0 < float(v) <= peak + 0.05 for v in readings.groups()), out
     # the breakdown covers the step: its percentages add up to 100
     lines = out.split("where one single-threaded step's time goes")[1].splitlines()[2:12]
     cpu_total = sum(float(line.split()[-4]) + float(line.split()[-3]) for line in lines)

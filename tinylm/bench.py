@@ -18,8 +18,11 @@ Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens 
   tokens/s     = N / (ms/step)
   GFLOP/s      = FLOPs/step / (ms/step)
   peak GFLOP/s = the best of (a) one 2048×2048 @ 2048×2048 float32 product with BLAS on all
-                 cores and (b) one such product per core on parallel Python threads with
-                 one BLAS thread each; measured in the same run, just before the step
+                 cores, (b) one such product per core on parallel Python threads with one
+                 BLAS thread each, each measured three times in the run (before the timed
+                 steps, after them, after the probes below: this machine's speed moves from
+                 minute to minute, and one low reading would overstate the MFU), and (c) the
+                 step's own products alone (mm-only), should they run faster still
   MFU          = GFLOP/s ÷ peak GFLOP/s
   mm-only ms   = the step's own matrix products alone (same shapes, same two-thread split)
   peak RSS     = the subprocess's high-water resident memory (VmHWM in /proc/self/status,
@@ -234,8 +237,7 @@ def run_config(name, spec, quick=False):
 
     for _ in range(warmup):
         step()
-    peak_all, peak_split = matmul_peak(512 if quick else 2048, 2 if quick else 3)
-    peak = max(peak_all, peak_split or 0.0)
+    peaks = [matmul_peak(512 if quick else 2048, 2 if quick else 3)]
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -243,10 +245,16 @@ def run_config(name, spec, quick=False):
         times.append(time.perf_counter() - t)
     ms = 1e3 * float(np.median(times))
     rss = peak_rss_mb()          # before the breakdown and mm-only probes allocate anything
+    peaks.append(matmul_peak(512 if quick else 2048, 2 if quick else 3))
     mm_ms = matmul_only_ms(B, T, config.n_layer, config.n_embd, VOCAB, config.n_head, workers, 2 if quick else 3)
     parts, single_ms = breakdown(params, config, x, y, rng, opt, repeats=1 if (quick or name == "baby") else 3)
+    peaks.append(matmul_peak(512 if quick else 2048, 2 if quick else 3))
+    peak_all = max(p[0] for p in peaks)
+    peak_split = max(p[1] for p in peaks) if peaks[0][1] else None
+    peak = max(peak_all, peak_split or 0.0, flops / mm_ms / 1e6)
     return {"name": name, "params": M.count_params(config), "flops": flops, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
             "gflops": flops / ms / 1e6, "peak_blas_all": peak_all, "peak_split": peak_split, "peak": peak,
+            "peak_readings": [round(max(a, b or 0.0), 1) for a, b in peaks],
             "mfu": flops / ms / 1e6 / peak, "mm_ms": mm_ms, "mm_gflops": flops / mm_ms / 1e6, "rss_mb": rss,
             "single_ms": single_ms, "breakdown": parts, "loss": loss, "workers": workers, "steps": steps,
             "shape": f"L{config.n_layer} H{config.n_head} C{config.n_embd} T{T} B{B} p{config.dropout}",
@@ -394,9 +402,11 @@ def print_table(rows):
               f"{r['mm_ms']:>12.1f}{r['rss_mb']:>13.0f}{r['load'][0]:>6.2f}")
     for r in rows:
         split = f"{r['peak_split']:.1f}" if r["peak_split"] else "n/a"
+        readings = " / ".join(f"{v:.1f}" for v in r["peak_readings"])
         print(f"  {r['name']}: peak = max(2048² BLAS all cores {r['peak_blas_all']:.1f}, one per core on threads "
-              f"{split}) GFLOP/s; the step's own products alone run at {r['mm_gflops']:.1f} GFLOP/s; "
-              f"{r['workers']} worker thread(s); median of {r['steps']} steps; loss {r['loss']:.3f}")
+              f"{split}, the step's own products alone {r['mm_gflops']:.1f}) GFLOP/s; the square's best at the "
+              f"start / middle / end: {readings}; {r['workers']} worker thread(s); median of {r['steps']} steps; "
+              f"loss {r['loss']:.3f}")
     print("\nwhere one single-threaded step's time goes (percent; forward | backward):")
     print(f"{'':<22}" + "".join(f"{r['name'] + ' fwd':>11}{r['name'] + ' bwd':>11}" for r in rows))
     for cat in CATEGORIES:

@@ -345,7 +345,7 @@ def attention_forward(qkv, n_head, dropout=0.0, rng=None, row_block=None):
     Sequences are taken a few at a time (sequence_chunks), every head of a group in one batched
     matmul, so that the group's scores stay in cache through the softmax and dropout; queries are
     taken `row_block` rows at a time (default ATTENTION_ROW_BLOCK), each block against the keys up
-    to its last row only: the weights above those blocks are 0 and are left at 0, not computed.
+    to its last row only: the weights above those blocks are set to 0, not computed.
     """
     B, T, C3 = qkv.shape
     q, k, v = qkv_heads(qkv, n_head)

@@ -111,16 +111,17 @@ def usable_cores():
 _allocator_tuned = False
 
 
-def keep_freed_memory(trim_bytes=64 << 20, mmap_bytes=32 << 20):
+def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20):
     """Ask glibc's malloc to reuse freed memory rather than hand it back to the kernel; True if it could.
 
     A training step allocates and frees the same few hundred arrays every step. By default glibc
     serves the large ones with fresh mmap()s and returns freed heap tops to the kernel, so every
     step touches fresh pages again: ~6,000 page faults a CPU-recipe step, a quarter of its CPU time.
-    With blocks up to `mmap_bytes` taken from the heap and up to `trim_bytes` of free heap kept,
-    they are reused (larger arrays, such as baby GPT's attention scores, still get their own mmap).
-    The peak memory is unchanged: what is kept was in use a moment before. Process-wide, set once;
-    a no-op where the C library has no mallopt (not glibc).
+    With blocks up to `mmap_bytes` taken from the heap (baby GPT's 50 MB activations a thread
+    included) and up to `trim_bytes` of free heap kept, they are reused. What is kept was in use a
+    moment before, so the peak grows only by what the heap cannot hand back in one piece (baby GPT:
+    +0.1 GB, docs/performance.md log row 24). Process-wide, set once; a no-op where the C library
+    has no mallopt (not glibc).
     """
     global _allocator_tuned
     if _allocator_tuned:

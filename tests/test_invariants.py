@@ -95,3 +95,21 @@ def test_trace_forward_matches_forward_and_keeps_the_insides():
     assert len(rec["residual"]) == 4 and rec["residual"][0].shape == (2, 8, 16)
     for att, c in zip(rec["attention"], cache["blocks"]):
         np.testing.assert_allclose(att, c["attn"][3], atol=1e-12)
+
+
+def test_dropout_keeps_each_entry_with_the_probability_it_divides_by():
+    rng = np.random.default_rng(7)
+    n = 1 << 20
+    for p in (0.1, 0.2, 0.5):
+        keep, q = L.bernoulli_mask((n // 4, 4), p, rng)
+        assert keep.shape == (n // 4, 4) and keep.dtype == bool
+        assert q == 1 - round(p * 65536) / 65536 and abs(q - (1 - p)) <= 2 ** -17
+        sigma = math.sqrt(q * (1 - q) / n)
+        assert abs(keep.mean() - q) < 5 * sigma                      # the rate it claims
+        y, _ = L.dropout_forward(np.ones(n, dtype=np.float32), p, rng)
+        assert abs(y.mean() - 1.0) < 5 * sigma / q                    # E[x ⊙ m / q] = x
+    keep, q = L.bernoulli_mask((10,), 1 - 2 ** -20, rng)              # p this close to 1 still keeps some
+    assert q == 2 ** -16
+    a = L.bernoulli_mask((1000,), 0.3, np.random.default_rng(3))[0]
+    assert np.array_equal(a, L.bernoulli_mask((1000,), 0.3, np.random.default_rng(3))[0])   # seeded: repeatable
+    assert not np.array_equal(a, L.bernoulli_mask((1000,), 0.3, rng)[0])

@@ -238,12 +238,28 @@ def gelu_recomputed_backward(dy, x):
 # ----------------------------------------------------------------------------- dropout
 
 
+def bernoulli_mask(shape, p, rng):
+    """(m, q): m ~ Bernoulli(q) as booleans of the given shape, q = 1 − round(p·2¹⁶)/2¹⁶, within 2⁻¹⁷ of 1 − p.
+
+    Each entry compares 16 random bits u (uniform on 0 … 65535) with round(p·2¹⁶): m = (u ≥ that), so
+    P(m) = q exactly. Four entries per 64-bit draw of the generator: about 4× cheaper than drawing a
+    float per entry (rng.random), which was ~3% of a baby-GPT step.
+    """
+    n = math.prod(shape)
+    threshold = min(round(p * 65536), 65535)              # at least one value of u keeps: q > 0
+    bits = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    return (bits >= threshold).reshape(shape), 1.0 - threshold / 65536
+
+
 def dropout_forward(x, p, rng=None):
-    """y = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p).   any shape; the identity when p = 0 or rng is None"""
+    """y = x ⊙ m / q, m ~ Bernoulli(q), q = 1 − p (to 2⁻¹⁷).   any shape; the identity when p = 0 or rng is None
+
+    Dividing by the keep probability q makes E[y] = x exactly.
+    """
     if p == 0.0 or rng is None:
         return x, None
-    keep = rng.random(x.shape, dtype=np.float32) >= p      # a boolean mask: 1 byte an entry
-    scale = 1.0 / (1.0 - p)
+    keep, q = bernoulli_mask(x.shape, p, rng)             # a boolean mask: 1 byte an entry
+    scale = 1.0 / q
     y = x * keep
     y *= scale
     return y, (keep, scale)

@@ -394,7 +394,7 @@ def attention_forward(qkv, n_head, dropout=0.0, rng=None, row_block=None):
 def attention_backward(dy, cache):
     """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.
 
-    Block by block as in the forward (A here is the dropped A ⊙ m/(1 − p) in dV, and dA passes through
+    Block by block as in the forward (A here is the dropped A ⊙ m/q in dV, and dA passes through
     dropout's backward before the softmax's). A row block touches the keys up to its last row, so dK
     and dV are sums over the blocks: the last block (which sees every key) writes them, the others add.
     """
@@ -411,7 +411,7 @@ def attention_backward(dy, cache):
                 a_dropped = a
             else:
                 keep, p_scale = drop_cache
-                a_dropped = dropout_backward(a, (keep[s, :, r0:r1, :r1], p_scale))   # A ⊙ m/(1 − p)
+                a_dropped = dropout_backward(a, (keep[s, :, r0:r1, :r1], p_scale))   # A ⊙ m/q
             if r1 == T:
                 np.matmul(a_dropped.transpose(0, 1, 3, 2), dy_b, out=dv[s])
             else:

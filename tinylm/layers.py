@@ -266,7 +266,7 @@ def dropout_forward(x, p, rng=None):
 
 
 def dropout_backward(dy, cache):
-    """dx = dy ⊙ m / (1 − p)."""
+    """dx = dy ⊙ m / q."""
     if cache is None:
         return dy
     keep, scale = cache

@@ -223,18 +223,6 @@ def gelu_backward_(dy, cache):
     return dy
 
 
-def gelu_recomputed_backward(dy, x):
-    """gelu_backward(dy, gelu_forward(x)[1]), the same numbers, with σ(2u) recomputed chunk by chunk
-    instead of kept; dy (a C-contiguous array the caller no longer needs) is overwritten and returned."""
-    s, g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype) for _ in range(3))
-    for dc, xc in flat_chunks(dy, x):
-        n = xc.size
-        sc = gelu_one_plus_exp_(xc, s[:n])
-        np.reciprocal(sc, out=sc)
-        gelu_slope_times_(dc, xc, sc, g[:n], t[:n])
-    return dy
-
-
 # ----------------------------------------------------------------------------- dropout
 
 

@@ -215,16 +215,16 @@ def backward(params, config, cache):
         dx, dm = L.residual_backward(dx, None)
         dm = L.dropout_backward(dm, c["mlp_drop"])
         if "gelu" in c:
-            proj_cache = c["mlp_proj"]
-        else:   # GELU's output and σ recomputed, not kept (see forward)
-            proj_cache = with_input(c["mlp_proj"], L.gelu_values_forward(c["gelu_in"]))
+            proj_cache, gelu_cache = c["mlp_proj"], c["gelu"]
+        else:   # GELU's output and σ recomputed here, one layer at a time, not kept from the forward
+            g_out, gelu_cache = L.gelu_forward(c["gelu_in"])
+            proj_cache = with_input(c["mlp_proj"], g_out)
+            del g_out
         df, g = L.linear_backward(dm, proj_cache)
         del proj_cache
         put(pre + "mlp.c_proj", g)
-        if "gelu" in c:
-            df = L.gelu_backward_(df, c["gelu"])                 # in place: df is linear_backward's own new array
-        else:
-            df = L.gelu_recomputed_backward(df, c["gelu_in"])     # df is linear_backward's own new array
+        df = L.gelu_backward_(df, gelu_cache)                    # in place: df is linear_backward's own new array
+        del gelu_cache
         dh, g = L.linear_backward(df, c["c_fc"])
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])

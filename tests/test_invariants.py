@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from tinylm import layers as L
 from tinylm import model as M
@@ -97,8 +98,9 @@ def test_trace_forward_matches_forward_and_keeps_the_insides():
         np.testing.assert_allclose(att, c["attn"][3], atol=1e-12)
 
 
-def test_dropout_keeps_each_entry_with_the_probability_it_divides_by():
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("generator", [np.random.PCG64, np.random.MT19937, np.random.Philox])
+def test_dropout_keeps_each_entry_with_the_probability_it_divides_by(generator):
+    rng = np.random.Generator(generator(7))
     n = 1 << 20
     for p in (0.1, 0.2, 0.5):
         keep, q = L.bernoulli_mask((n // 4, 4), p, rng)
@@ -106,10 +108,16 @@ def test_dropout_keeps_each_entry_with_the_probability_it_divides_by():
         assert q == 1 - round(p * 65536) / 65536 and abs(q - (1 - p)) <= 2 ** -17
         sigma = math.sqrt(q * (1 - q) / n)
         assert abs(keep.mean() - q) < 5 * sigma                      # the rate it claims
-        y, _ = L.dropout_forward(np.ones(n, dtype=np.float32), p, rng)
+        both = (keep[:, :-1] & keep[:, 1:]).mean()                    # neighbours (the same 64-bit draw) independent
+        assert abs(both - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / (n * 3 // 4))
+        x = np.ones(n, dtype=np.float32)
+        y, (mask, scale) = L.dropout_forward(x, p, rng)
+        assert scale == 1 / q and set(np.unique(y).tolist()) == {0.0, float(np.float32(1 / q))}
         assert abs(y.mean() - 1.0) < 5 * sigma / q                    # E[x ⊙ m / q] = x
-    keep, q = L.bernoulli_mask((10,), 1 - 2 ** -20, rng)              # p this close to 1 still keeps some
-    assert q == 2 ** -16
-    a = L.bernoulli_mask((1000,), 0.3, np.random.default_rng(3))[0]
-    assert np.array_equal(a, L.bernoulli_mask((1000,), 0.3, np.random.default_rng(3))[0])   # seeded: repeatable
-    assert not np.array_equal(a, L.bernoulli_mask((1000,), 0.3, rng)[0])
+    keep, q = L.bernoulli_mask((n,), 1 - 2 ** -20, rng)               # p this close to 1 still keeps some
+    assert q == 2 ** -16 and keep.any()
+    assert L.bernoulli_mask((0, 3), 0.2, rng)[0].shape == (0, 3)
+    assert L.bernoulli_mask((3, 5, 7), 0.2, rng)[0].shape == (3, 5, 7)
+    a = L.bernoulli_mask((1001,), 0.3, np.random.Generator(generator(3)))[0]
+    assert np.array_equal(a, L.bernoulli_mask((1001,), 0.3, np.random.Generator(generator(3)))[0])   # seeded: repeatable
+    assert not np.array_equal(a, L.bernoulli_mask((1001,), 0.3, rng)[0])

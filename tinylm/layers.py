@@ -226,21 +226,30 @@ def gelu_backward_(dy, cache):
 # ----------------------------------------------------------------------------- dropout
 
 
-def bernoulli_mask(shape, p, rng):
-    """(m, q): m ~ Bernoulli(q) as booleans of the given shape, q = 1 − round(p·2¹⁶)/2¹⁶, within 2⁻¹⁷ of 1 − p.
+# bit generators whose random_raw gives 64 random bits a draw (MT19937 gives 32 in a 64-bit slot)
+SIXTY_FOUR_BIT_GENERATORS = (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64)
 
-    Each entry compares 16 random bits u (uniform on 0 … 65535) with round(p·2¹⁶): m = (u ≥ that), so
-    P(m) = q exactly. Four entries per 64-bit draw of the generator: about 4× cheaper than drawing a
-    float per entry (rng.random), which was ~3% of a baby-GPT step.
+
+def bernoulli_mask(shape, p, rng):
+    """(m, q): m ~ Bernoulli(q) as booleans of the given shape, q = 1 − t/2¹⁶ with t = round(p·2¹⁶).
+
+    Each entry compares 16 random bits u (uniform on 0 … 65535) with t: m = (u ≥ t), so P(m) = q
+    exactly, within 2⁻¹⁷ of 1 − p. (t is at most 65535, so q ≥ 2⁻¹⁶ even for p within 2⁻¹⁷ of 1;
+    p < 2⁻¹⁷ gives t = 0, nothing dropped.) With a 64-bit generator (NumPy's default, PCG64) the bits
+    come four entries to a draw: about 4× cheaper than a float per entry (rng.random), which was ~3%
+    of a baby-GPT step. Other generators draw 16-bit integers.
     """
     n = math.prod(shape)
-    threshold = min(round(p * 65536), 65535)              # at least one value of u keeps: q > 0
-    bits = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    threshold = min(round(p * 65536), 65535)
+    if isinstance(rng.bit_generator, SIXTY_FOUR_BIT_GENERATORS):
+        bits = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    else:
+        bits = rng.integers(0, 65536, size=n, dtype=np.uint16)
     return (bits >= threshold).reshape(shape), 1.0 - threshold / 65536
 
 
 def dropout_forward(x, p, rng=None):
-    """y = x ⊙ m / q, m ~ Bernoulli(q), q = 1 − p (to 2⁻¹⁷).   any shape; the identity when p = 0 or rng is None
+    """y = x ⊙ m / q, m ~ Bernoulli(q), q = 1 − p to 2⁻¹⁷ (bernoulli_mask).   any shape; the identity when p = 0 or rng is None
 
     Dividing by the keep probability q makes E[y] = x exactly.
     """

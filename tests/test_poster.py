@@ -69,3 +69,9 @@ def test_matmul_flops_counts_the_products():
     # per token: 2·(12·C² + V·C) for the weights, 4·T·C for QKᵀ and AV
     assert f["forward_per_token"] == 2 * (12 * 4 + 6) + 4 * 4 * 2
     assert f["per_step"] == 3 * f["forward_per_token"] * 20
+
+
+def test_attention_panel_labels_match_the_tokens_drawn(ckpt, monkeypatch):
+    monkeypatch.setattr(P, "MAX_PROMPT", 5)                  # a prompt longer than the drawn window
+    d = P.poster_data(ckpt, prompt="ROMEO: But soft, what light")
+    assert d["attention"].shape == (5, 5) and d["prompt_labels"] == list(" light"[1:])

@@ -165,6 +165,7 @@ def test_train_config_that_cannot_work_names_the_flag(tmp_path, capsys, flags, w
     assert train_main(["--data", str(data), "--out_dir", str(tmp_path / "o"), *TINY, *flags]) == 1
     one_line(capsys, *words)
     assert not (tmp_path / "o" / "ckpt.npz").exists()
+    assert not (tmp_path / "o").exists()                 # refused before any folder is made
 
 
 @pytest.mark.parametrize("flags,words", [

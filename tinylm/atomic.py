@@ -3,8 +3,9 @@
 The bytes go to an unnamed file in the target's folder (Linux O_TMPFILE; elsewhere a file
 named `<name>.<pid>.tmp`), are flushed to disk, then get a name and are renamed over the
 target. On Linux a crash while writing leaves no temporary file at all;
-`remove_stale_temp_files` clears any left elsewhere. Checkpoints, metrics logs, tokenizer
-files and safetensors files are all written through `atomic_write`.
+`remove_stale_temp_files` clears any left elsewhere. Checkpoints, tokenizer files,
+safetensors files and analysis reports are all written through `atomic_write`; the append-only
+logs (metrics.jsonl, spectra.jsonl) are appended a line at a time instead.
 
 Test hook: TINYLM_TEST_SLOW_SAVE=<seconds> makes every write print a line to stderr and sleep
 that long between writing the data and renaming it into place, so a test can kill the

@@ -229,6 +229,9 @@ def run_config(name, spec, quick=False):
     workers = min(parallel.usable_cores(), B) if parallel.blas_available() else 1
     flops = M.matmul_flops(config, B)["per_step"]
 
+    def read_peak():             # (all cores, one per core): read at three moments of the run
+        return matmul_peak(512 if quick else 2048, 2 if quick else 3)
+
     def step():
         loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=rng)
         clip_by_global_norm(grads, 1.0)
@@ -237,7 +240,7 @@ def run_config(name, spec, quick=False):
 
     for _ in range(warmup):
         step()
-    peaks = [matmul_peak(512 if quick else 2048, 2 if quick else 3)]
+    peaks = [read_peak()]
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -245,10 +248,10 @@ def run_config(name, spec, quick=False):
         times.append(time.perf_counter() - t)
     ms = 1e3 * float(np.median(times))
     rss = peak_rss_mb()          # before the breakdown and mm-only probes allocate anything
-    peaks.append(matmul_peak(512 if quick else 2048, 2 if quick else 3))
+    peaks.append(read_peak())
     mm_ms = matmul_only_ms(B, T, config.n_layer, config.n_embd, VOCAB, config.n_head, workers, 2 if quick else 3)
     parts, single_ms = breakdown(params, config, x, y, rng, opt, repeats=1 if (quick or name == "baby") else 3)
-    peaks.append(matmul_peak(512 if quick else 2048, 2 if quick else 3))
+    peaks.append(read_peak())
     peak_all = max(p[0] for p in peaks)
     peak_split = max(p[1] for p in peaks) if peaks[0][1] else None
     peak = max(peak_all, peak_split or 0.0, flops / mm_ms / 1e6)

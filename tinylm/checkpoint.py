@@ -6,7 +6,7 @@ holding the format version, model config, tokenizer, step, best validation loss,
 random states and training arguments.
 
 Writing goes through `atomic.atomic_write`: a crash at any moment leaves the old file or the
-new one, never a mix, and no temporary file. A failed write (a full disk) raises
+new one, never a mix (on Linux not even a temporary file). A failed write (a full disk) raises
 CheckpointError; the previous checkpoint is untouched.
 
 Reading: the reader does not trust the file. It accepts only stored (uncompressed) .npy

@@ -73,14 +73,12 @@ def train_parser():
     from .training import HELP, TrainArgs
     ap = OneLineParser(prog="train.py", description="Train a GPT-2-style model on a text file. "
                        "With no arguments: 2,000 steps of nanoGPT's CPU recipe on Tiny Shakespeare.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS)
     defaults = TrainArgs()
     for field in dataclasses.fields(TrainArgs):
         default = getattr(defaults, field.name)
         kind = parse_bool if field.type in (bool, "bool") else type(default)
-        help_text = HELP[field.name] + f" (default: {default})"
-        if field.name == "data":
-            help_text = HELP[field.name]
+        help_text = HELP[field.name] if field.name == "data" else f"{HELP[field.name]} (default: {default})"
         ap.add_argument(f"--{field.name}", type=kind, metavar=field.name.upper() if kind is str else None,
                         help=help_text)
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

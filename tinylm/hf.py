@@ -150,7 +150,7 @@ def export_hf(source, folder, dtype=np.float32):
     source: a checkpoint path, a GPT-2 folder, or the dict that load_checkpoint/import_hf return.
     dtype: of the stored weights, float32 (default, as GPT-2's files), float16 or float64.
 
-    Writes model.safetensors, the tokenizer files and, last, config.json (so an interrupted
+    Writes the tokenizer files, model.safetensors and, last, config.json (so an interrupted
     export is not mistaken for a model folder). Tokenizer: a BPE model gets GPT-2's
     vocab.json + merges.txt. A character model gets tinylm_tokenizer.json (which tinylm's
     importer prefers), plus, when all its characters are ASCII, a vocab.json + merges.txt
@@ -281,7 +281,7 @@ def config_from_hf(cfg, path="config.json"):
 
 
 def _tinylm_metadata(metadata, path):
-    """(config dict or None, info dict) from a tinylm export's __metadata__; ({}, {}) for a foreign file."""
+    """(config dict or None, info dict) from a tinylm export's __metadata__; (None, {}) for a foreign file."""
     if metadata.get(META_FORMAT) != FORMAT_NAME:
         return None, {}
     try:

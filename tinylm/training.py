@@ -91,6 +91,12 @@ HELP = {
 }
 
 
+def model_config(a, vocab_size):
+    """The GPTConfig the args describe, validated (its errors name the flag)."""
+    return M.GPTConfig(block_size=a.block_size, vocab_size=vocab_size, n_layer=a.n_layer, n_head=a.n_head,
+                       n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
+
+
 def validate_args(a):
     """Refuse settings that cannot work, naming the flag."""
     positive_ints = ("batch_size", "eval_interval", "eval_iters")
@@ -117,6 +123,8 @@ def validate_args(a):
         raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {a.encoding_errors!r}")
     if a.seed < 0:
         raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
+    if a.init_from == "scratch":
+        model_config(a, 1)            # the model's shape, before any folder is made or data read
 
 
 def prepare_out_dir(out_dir):
@@ -271,8 +279,6 @@ def setup(a, explicit=()):
         for log_name in LOG_FILES:
             trim_metrics(os.path.join(a.out_dir, log_name), state["step"])
     else:
-        M.GPTConfig(block_size=a.block_size, vocab_size=1, n_layer=a.n_layer, n_head=a.n_head,
-                    n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()     # before reading the data
         if a.tokenizer == "bpe":
             text = read_text(a.data, a.encoding_errors)          # read once: learn the merges, then encode
             tokenizer = train_bpe(text, a.vocab_size, verbose=a.progress)
@@ -280,8 +286,7 @@ def setup(a, explicit=()):
             del text
         else:
             tokenizer, ids = load_ids(a.data, a.encoding_errors)
-        config = M.GPTConfig(block_size=a.block_size, vocab_size=tokenizer.vocab_size, n_layer=a.n_layer,
-                             n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
+        config = model_config(a, tokenizer.vocab_size)
         params = M.init_params(config, seed=a.seed)
         opt_state = adamw_init(params)
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,

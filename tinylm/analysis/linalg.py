@@ -205,9 +205,7 @@ def principal_angles(A, B):
 
 def cosine_similarity_matrix(A):
     """S[i, j] = aᵢ·aⱼ / (‖aᵢ‖‖aⱼ‖); a zero row has similarity 0 to everything.   A (n, d) -> (n, n)."""
-    A = _f64(A, 2, "A")
-    norms = np.linalg.norm(A, axis=1)
-    unit = A / np.where(norms > 0, norms, 1.0)[:, None]
+    unit = _unit_rows(_f64(A, 2, "A"))
     return unit @ unit.T
 
 

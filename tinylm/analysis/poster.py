@@ -15,6 +15,7 @@ from ..model import count_params, matmul_flops
 from .circuits import attention_for_prompt
 from .embeddings import case_analogies, embedding_pca, head_subspace_overlaps, token_label
 from .probes import probe_targets, run_probes
+from .scale import MAX_PROMPT, token_labels
 from .spectra import esd, fit_power_law, singular_values, stable_rank
 from .weight_spectra import init_like
 from .weights import weight_matrices
@@ -42,7 +43,7 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     """
     from ..model import trace_forward
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"]
-    chars = list(getattr(tok, "chars", None) or [str(i) for i in range(config.vocab_size)])
+    chars = token_labels(tok, config.vocab_size)
     wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)
     d = {"config": config, "step": meta.get("step"), "best_val_loss": meta.get("best_val_loss"), "chars": chars}
 
@@ -60,7 +61,7 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
 
     # 4 inner products: the attention weights softmax(q·k/√d) of the sharpest head on the prompt
     try:
-        ids = tok.encode(prompt)[-config.block_size:]
+        ids = tok.encode(prompt)[-min(config.block_size, MAX_PROMPT):]     # the tokens attention_for_prompt draws
     except TinyLMError:
         raise TinyLMError("--prompt has characters outside the model's vocabulary") from None
     if len(ids) < 2:
@@ -77,8 +78,9 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     # 6 linear systems: a least-squares probe for the previous character, after every layer
     x, y = _validation_windows(tok, meta, config, data, n_seq)
     residuals = trace_forward(params, config, x)["residual"]
-    targets = {"previous character": probe_targets(x, y, chars)["previous character"]}
-    d["probe"] = run_probes(residuals, targets)["previous character"]["per_layer"]
+    targets = probe_targets(x, y, chars)
+    previous = next(k for k in targets if k.startswith("previous"))   # "previous character" (or token, for BPE)
+    d["probe"] = run_probes(residuals, {previous: targets[previous]})[previous]["per_layer"]
     d["probe_chance"] = 1.0 / config.vocab_size
 
     # 7 eigendecomposition and SVD: the ESD of every whole matrix, its power-law tail

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from ..atomic import atomic_write_text
+
 # Each section: title, the concepts of DESIGN.md's table it demonstrates, and where it is computed.
 SECTIONS = {
     "spectra": ("Spectra of every weight matrix", "3 linear transformations, 7 eigendecomposition and SVD",
@@ -54,8 +56,8 @@ def to_jsonable(obj):
 
 
 def write_json(results, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(to_jsonable(results), f, allow_nan=False)
+    """results as strict JSON (no NaN), written atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(results), allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- terminal
@@ -650,5 +652,4 @@ def write_html(results, path, figures=True):
                              f"<figcaption>{e(caption)}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))

@@ -118,6 +118,22 @@ def test_one_token_decoding_equals_forward_cached(bias):
         M.decode_next(dw, kv_fast, 1)                  # the cache is full
 
 
+@pytest.mark.parametrize("start,t", [(0, 5), (3, 4), (0, 1), (6, 2)])
+def test_prefill_of_the_last_position_only_gives_its_logits_and_every_key(start, t):
+    config, params = tiny()
+    tokens = np.random.default_rng(start + t).integers(0, 11, size=(1, start + t))
+    kv_last, kv_all = M.new_kv_cache(config, 1, np.float64), M.new_kv_cache(config, 1, np.float64)
+    for kv in (kv_last, kv_all):
+        if start:
+            M.forward_cached(params, config, tokens[:, :start], kv)
+    last = M.forward_cached(params, config, tokens[:, start:], kv_last, last_only=True)
+    every = M.forward_cached(params, config, tokens[:, start:], kv_all)
+    assert last.shape == (1, 1, config.vocab_size)
+    np.testing.assert_allclose(last, every[:, -1:], rtol=1e-12, atol=1e-12)
+    assert kv_last["len"] == kv_all["len"] == start + t
+    np.testing.assert_array_equal(kv_last["kv"], kv_all["kv"])     # later tokens see the same keys and values
+
+
 def test_one_token_decoding_in_float32_stays_close():
     config, params = tiny(dtype=np.float32)
     dw = M.decoding_weights(params, config)

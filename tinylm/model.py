@@ -306,13 +306,16 @@ def new_kv_cache(config, batch_size, dtype):
     return {"k": both[:, :, 0], "v": both[:, :, 1], "kv": both, "len": 0}     # k, v: views into one array
 
 
-def forward_cached(params, config, idx, kv, record=None):
-    """Logits for idx (B,t), the tokens that follow the kv["len"] already cached; appends their keys and values.
+def forward_cached(params, config, idx, kv, record=None, last_only=False):
+    """Logits (B,t,V) for idx (B,t), the tokens that follow the kv["len"] already cached; appends their keys and values.
 
     Each new position computes only its own q, k, v and attends to every cached key:
     the same numbers as a full forward over the whole context, at the cost of t positions.
     If record is a dict, the residual stream after the embedding and after every block
     (record["residual"]) and every block's attention weights (record["attention"]) are kept.
+    With last_only, the logits are the last position's alone, (B,1,V): the last block computes
+    every position's keys and values, then goes on with the last query only (a prefill needs
+    no more, and saves ~1/n_layer of its work; record then holds that block's last row only).
     """
     B, t = idx.shape
     start = kv["len"]
@@ -330,9 +333,11 @@ def forward_cached(params, config, idx, kv, record=None):
         kv["k"][i, :, :, start:start + t] = k
         kv["v"][i, :, :, start:start + t] = v
         keys, values = kv["k"][i, :, :, :start + t], kv["v"][i, :, :, :start + t]
+        if last_only and i == config.n_layer - 1:
+            q, x = q[:, :, -1:], x[:, -1:]                            # the others' keys and values are cached
         q = q * (1.0 / math.sqrt(config.n_embd // H))                  # scale Q: t·D numbers, not t·(start+t)
-        att = L.causal_softmax_(q @ keys.transpose(0, 1, 3, 2), offset=start)
-        y = np.empty((B, t, config.n_embd), dtype=x.dtype)
+        att = L.causal_softmax_(q @ keys.transpose(0, 1, 3, 2), offset=start + t - q.shape[2])
+        y = np.empty((B, q.shape[2], config.n_embd), dtype=x.dtype)
         np.matmul(att, values, out=L.split_heads(y, H))
         a, _ = L.linear_forward(y, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
         x = x + a
@@ -358,17 +363,19 @@ def decoding_weights(params, config):
         x̂ Aᵀ = (x − x̄) Aᵀ / σ = x (A P)ᵀ / σ,   P = I − 11ᵀ/C          the centring folded too: A P is A
                                                                        with each row's mean subtracted
         x A'ᵀ / σ + d  =  [x, σ] [A', d]ᵀ / σ                          the shift as one more column
-    so each layer norm + linear layer is one matrix-vector product with the raw residual x followed by
+    so each layer norm + linear layer is one vector-matrix product of the raw residual x followed by
     one multiplication by 1/σ (decode_next keeps σ next to x). The attention scale 1/√D is folded into
     the query rows of c_attn, and the attention and MLP output projections carry their biases as a
-    last column too (the vectors they multiply end in a 1). Computed once per generate() call: a few
-    array copies, so the per-token loop does no rearranging.
+    last column too (the vectors they multiply end in a 1). Each matrix is stored transposed,
+    (in + 1, out), for the product v @ M: OpenBLAS's kernel for that layout streams the rows and runs
+    1.04-1.08× faster here than the dot product of each (out, in + 1) row with v. Computed once per
+    generate() call: a few array copies, so the per-token loop does no rearranging.
     """
     P, get = params, params.get
     C, H = config.n_embd, config.n_head
 
     def fold(ln, W, c):
-        """[A', d] (rows, C+1) for the layer norm `ln` followed by the linear layer (W, c)."""
+        """[A', d]ᵀ (C+1, rows) for the layer norm `ln` followed by the linear layer (W, c)."""
         w, b = P[ln + ".weight"], get(ln + ".bias")
         A = W * w
         A -= A.mean(axis=1, keepdims=True)
@@ -377,18 +384,18 @@ def decoding_weights(params, config):
             d += W @ b
         if c is not None:
             d += c
-        return np.ascontiguousarray(np.concatenate([A, d[:, None]], axis=1))
+        return np.ascontiguousarray(np.concatenate([A, d[:, None]], axis=1).T)
 
     def with_bias(W, c):
-        """[W, c] (rows, cols+1), c = 0 when the layer has no bias."""
+        """[W, c]ᵀ (cols+1, rows), c = 0 when the layer has no bias."""
         col = np.zeros((W.shape[0], 1), W.dtype) if c is None else c[:, None]
-        return np.ascontiguousarray(np.concatenate([W, col], axis=1))
+        return np.ascontiguousarray(np.concatenate([W, col], axis=1).T)
 
     layers = []
     for i in range(config.n_layer):
         pre = block_prefix(i)
         W_attn = fold(pre + "ln_1", P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
-        W_attn[:C] *= 1.0 / math.sqrt(C // H)
+        W_attn[:, :C] *= 1.0 / math.sqrt(C // H)
         W_fc = fold(pre + "ln_2", P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
         layers.append((W_attn, with_bias(P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias")),
                        W_fc, with_bias(0.5 * P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))))
@@ -454,7 +461,7 @@ def decode_next(dw, kv, token):
 
     for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
         sigma = set_sigma()
-        np.dot(W_attn, xa, out=qkv)
+        np.dot(xa, W_attn, out=qkv)
         qkv *= 1.0 / sigma                                      # q (already × 1/√D), k, v
         KV[:, :, pos] = new_kv                                  # append this position's key and value
         s = np.matmul(q, Kt[:, :, :n])                          # (H, 1, n) scores against every cached key
@@ -462,9 +469,9 @@ def decode_next(dw, kv, token):
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
         np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (H,1,D) -> (C,)
-        x += np.dot(W_o, y, out=out)                            # y ends in 1: c_proj's bias included
+        x += np.dot(y, W_o, out=out)                            # y ends in 1: c_proj's bias included
         sigma = set_sigma()
-        np.dot(W_fc, xa, out=f)
+        np.dot(xa, W_fc, out=f)
         f *= 1.0 / sigma
         np.multiply(f, f, out=g_out)                            # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
         g_out *= c1
@@ -473,10 +480,10 @@ def decode_next(dw, kv, token):
         np.tanh(g_out, out=g_out)
         g_out += 1.0
         g_out *= f
-        x += np.dot(W_p, g, out=out)                            # W_p carries GELU's ½; g ends in 1: bias
+        x += np.dot(g, W_p, out=out)                            # W_p carries GELU's ½; g ends in 1: bias
     kv["len"] = n
     sigma = set_sigma()
-    logits = np.dot(dw["head"], xa)
+    logits = np.dot(xa, dw["head"])
     logits *= 1.0 / sigma
     return logits
 
@@ -531,7 +538,7 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
 
     def prefill(context):
         kv = new_kv_cache(config, 1, dtype)
-        return kv, forward_cached(params, config, np.array([context]), kv)[0, -1]
+        return kv, forward_cached(params, config, np.array([context]), kv, last_only=True)[0, -1]
 
     dw = decoding_weights(params, config)
     context = tokens[-config.block_size:]

@@ -111,17 +111,20 @@ def usable_cores():
 _allocator_tuned = False
 
 
-def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20):
+def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20, pad_bytes=64 << 20):
     """Ask glibc's malloc to reuse freed memory rather than hand it back to the kernel; True if it could.
 
     A training step allocates and frees the same few hundred arrays every step. By default glibc
     serves the large ones with fresh mmap()s and returns freed heap tops to the kernel, so every
     step touches fresh pages again: ~6,000 page faults a CPU-recipe step, a quarter of its CPU time.
     With blocks up to `mmap_bytes` taken from the heap (baby GPT's 50 MB activations a thread
-    included) and up to `trim_bytes` of free heap kept, they are reused. What is kept was in use a
-    moment before, so the peak grows only by what the heap cannot hand back in one piece (baby GPT:
-    +0.1 GB, docs/performance.md log row 24). Process-wide, set once; a no-op where the C library
-    has no mallopt (not glibc).
+    included) and up to `trim_bytes` of free heap kept, they are reused. A worker thread's heap is
+    a separate 64 MB mapping, though, which glibc unmaps as soon as it is all free unless the top
+    pad is as large as a heap: `pad_bytes` (M_TOP_PAD) at 64 MB keeps them, so baby GPT's 50 MB
+    arrays, each nearly a heap of its own, stop being faulted in afresh every step (log row 29).
+    What is kept was in use a moment before, so the peak grows only by what cannot be reused in one
+    piece (baby GPT: +0.1 GB a setting, log rows 24 and 29). Process-wide, set once; a no-op where the
+    C library has no mallopt (not glibc).
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -132,8 +135,9 @@ def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20):
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_bytes)) and mallopt(M_TRIM_THRESHOLD, int(trim_bytes)))
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_bytes)) and mallopt(M_TRIM_THRESHOLD, int(trim_bytes))
+                            and mallopt(M_TOP_PAD, int(pad_bytes)))
     return _allocator_tuned
 
 

@@ -158,14 +158,36 @@ def test_sampling_draw_is_rng_choice():
         assert draw(p, np.random.default_rng(seed)) == np.random.default_rng(seed).choice(p.size, p=p)
 
 
-def test_gelu_recomputed_in_the_backward_gives_the_same_gradients(monkeypatch):
-    config, params = tiny()
+def held_bytes(cache):
+    """Bytes of the distinct arrays a forward's cache holds (views counted once, by their base)."""
+    seen, total, stack = set(), 0, [cache]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, np.ndarray):
+            base = item if item.base is None else item.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+    return total
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_activations_recomputed_in_the_backward_give_the_same_gradients_and_are_not_held(monkeypatch, bias):
+    config, params = tiny(bias=bias)
     idx, targets = np.random.default_rng(10).integers(0, 11, size=(2, 3, 8))
     _, kept = M.loss_and_grads(params, config, idx, targets)
-    monkeypatch.setattr(M, "GELU_KEEP_BYTES", 0)          # as for baby GPT's large activations
+    held_kept = held_bytes(M.forward(params, config, idx, targets)[2])
+    monkeypatch.setattr(M, "RECOMPUTE_ABOVE_BYTES", 0)    # as for baby GPT's large activations
     _, recomputed = M.loss_and_grads(params, config, idx, targets)
     for k in kept:
         np.testing.assert_array_equal(kept[k], recomputed[k])
+    B, T, C = 3, 8, config.n_embd                         # per layer: GELU's output and σ, two norms' outputs
+    saved = config.n_layer * (2 * B * T * 4 * C + 2 * B * T * C) * 8
+    assert held_kept - held_bytes(M.forward(params, config, idx, targets)[2]) == saved
 
 
 def test_gelu_is_gpt2s_tanh_form_and_quiet_for_very_negative_inputs():

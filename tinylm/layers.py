@@ -99,6 +99,16 @@ def row_mean(x):
     return (x @ _averaging_vector(x.shape[-1], x.dtype))[..., None]
 
 
+def layernorm_output(cache):
+    """y = x̂ ⊙ w + b from layernorm_forward's cache (also how the forward computes y, so a backward that
+    did not keep y gets the same numbers again)."""
+    xhat, _, w, b = cache
+    y = xhat * w
+    if b is not None:
+        y += b
+    return y
+
+
 def layernorm_forward(x, w, b=None, eps=1e-5):
     """y = (x − μ)/√(σ² + ε) ⊙ w + b, μ and σ² over the last axis.   x (..., C), w (C,), b (C,) -> y (..., C)"""
     C = x.shape[-1]
@@ -109,15 +119,13 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
     np.sqrt(rstd, out=rstd)
     np.reciprocal(rstd, out=rstd)
     xhat *= rstd                                # now x̂, normalized in place
-    y = xhat * w
-    if b is not None:
-        y += b
-    return y, (xhat, rstd, w, b is not None)
+    cache = (xhat, rstd, w, b)
+    return layernorm_output(cache), cache
 
 
 def layernorm_backward(dy, cache):
     """dx = rstd (g − mean(g) − x̂ mean(g ⊙ x̂)) with g = dy ⊙ w;  dw = Σ dy ⊙ x̂;  db = Σ dy."""
-    xhat, rstd, w, has_bias = cache
+    xhat, rstd, w, b = cache
     C = dy.shape[-1]
     g = dy * w
     dx = xhat * (rowdot(g, xhat) / C)
@@ -125,7 +133,7 @@ def layernorm_backward(dy, cache):
     dx -= row_mean(g)
     dx *= rstd
     grads = {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))}
-    if has_bias:
+    if b is not None:
         grads["b"] = dy.reshape(-1, C).sum(axis=0)
     return dx, grads
 

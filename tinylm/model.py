@@ -137,10 +137,19 @@ def with_input(linear_cache, x):
     return (x,) + tuple(linear_cache[1:])
 
 
-# GELU's output and σ (2·B·T·4C numbers a layer) are kept for the backward when each is at most this
-# big (the CPU recipe: 0.8 MB a layer per thread), and recomputed from GELU's input when larger (baby
-# GPT: 50 MB a layer per thread, 1.2 GB in all): recomputing costs an extra GELU forward per layer.
-GELU_KEEP_BYTES = 8 << 20
+def recomputed_input(linear_cache, ln_cache):
+    """The cache of a linear layer fed by a layer norm, its input put back from the norm's cache if it was dropped."""
+    if linear_cache[0] is not None:
+        return linear_cache
+    return with_input(linear_cache, L.layernorm_output(ln_cache))
+
+
+# Cheap activations are kept for the backward while a layer's (B,T,4C) array is at most this big (the
+# CPU recipe: 0.8 MB a layer per thread), and recomputed in the backward when larger (baby GPT: 50 MB a
+# layer per thread): GELU's output and σ (2·B·T·4C numbers a layer, from GELU's input: one more GELU
+# forward) and the two layer norms' outputs (2·B·T·C, from x̂: one multiply-add each). Baby GPT holds
+# 1.5 GB less for ~1% more time.
+RECOMPUTE_ABOVE_BYTES = 8 << 20
 
 
 def forward(params, config, idx, targets=None, train=False, rng=None):
@@ -156,6 +165,7 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
     P = params
     get = P.get
     cache = {"blocks": []}
+    recompute = B * T * 4 * config.n_embd * P["transformer.wte.weight"].itemsize > RECOMPUTE_ABOVE_BYTES
 
     x, cache["emb"] = L.embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
     x, cache["emb_drop"] = L.dropout_forward(x, p, rng)
@@ -165,6 +175,8 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # attention sublayer: x + proj(attention(c_attn(ln_1(x))))
         h, c["ln_1"] = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
         qkv, c["c_attn"] = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        if recompute:
+            c["c_attn"] = without_input(c["c_attn"])             # h again from ln_1's x̂ in the backward
         a, c["attn"] = L.attention_forward(qkv, config.n_head, p, rng)
         a, c["attn_proj"] = L.linear_forward(a, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
         a, c["attn_drop"] = L.dropout_forward(a, p, rng)
@@ -172,17 +184,17 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        keep_gelu = f.nbytes <= GELU_KEEP_BYTES
-        if keep_gelu:
-            g, gelu_cache = L.gelu_forward(f)
-        else:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed in the backward
+        if recompute:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed
+            c["c_fc"] = without_input(c["c_fc"])
             g, gelu_cache = L.gelu_values_forward(f), None
-        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
-        if keep_gelu:
-            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
         else:
+            g, gelu_cache = L.gelu_forward(f)
+        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        if recompute:
             c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
-        del g, gelu_cache, proj_cache
+        else:
+            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
+        del h, g, gelu_cache, proj_cache
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)
@@ -225,7 +237,7 @@ def backward(params, config, cache):
         put(pre + "mlp.c_proj", g)
         df = L.gelu_backward_(df, gelu_cache)                    # in place: df is linear_backward's own new array
         del gelu_cache
-        dh, g = L.linear_backward(df, c["c_fc"])
+        dh, g = L.linear_backward(df, recomputed_input(c["c_fc"], c["ln_2"]))
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])
         put(pre + "ln_2", g)
@@ -235,7 +247,7 @@ def backward(params, config, cache):
         da, g = L.linear_backward(da, c["attn_proj"])
         put(pre + "attn.c_proj", g)
         dqkv = L.attention_backward(da, c["attn"])
-        dh, g = L.linear_backward(dqkv, c["c_attn"])
+        dh, g = L.linear_backward(dqkv, recomputed_input(c["c_attn"], c["ln_1"]))
         put(pre + "attn.c_attn", g)
         dh, g = L.layernorm_backward(dh, c["ln_1"])
         put(pre + "ln_1", g)

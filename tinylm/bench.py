@@ -31,7 +31,7 @@ Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens 
                  in percent of that step; "glue" is the rest (Python between the calls)
   sampling     = generate() with greedy picking and one BLAS thread, one sequence, model of the CPU recipe with
                  block_size = context, prompt of `context` tokens: tokens/s with and without
-                 the key-value cache
+                 the key-value cache, the median of several runs after a warm-up run
 
 The machine is shared: the load average and BLAS thread count are printed beside the numbers.
 """
@@ -277,14 +277,24 @@ def sampling_speed(context, quick=False):
         return _sampling_speed(params, config, prompt, pick, quick)
 
 
+SAMPLING_RUNS = {True: (512, 5), False: (48, 3)}     # use_cache: (tokens a run, timed runs)
+
+
 def _sampling_speed(params, config, prompt, pick, quick):
+    """The median tokens/s of SAMPLING_RUNS timed runs each, after an untimed run of the same length
+    (with the cache, that warms the refills too); one run of each when quick."""
     speeds = []
-    for use_cache, n in ((True, 64 if quick else 512), (False, 8 if quick else 48)):
-        list(M.generate(params, config, prompt, 4, pick, use_cache=use_cache))       # warm-up
-        t = time.perf_counter()
-        for _ in M.generate(params, config, prompt, n, pick, use_cache=use_cache):
-            pass
-        speeds.append(n / (time.perf_counter() - t))
+    for use_cache, (n, runs) in SAMPLING_RUNS.items():
+        n, runs = (64 if use_cache else 8, 1) if quick else (n, runs)
+
+        def one_run():
+            t = time.perf_counter()
+            for _ in M.generate(params, config, prompt, n, pick, use_cache=use_cache):
+                pass
+            return n / (time.perf_counter() - t)
+
+        one_run()
+        speeds.append(float(np.median([one_run() for _ in range(runs)])))
     return tuple(speeds)
 
 
@@ -454,7 +464,9 @@ def main(argv=None):
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(rows)
     if not args.no_sampling:
-        print("\nsampling, one sequence, greedy (tokens/s):")
+        (n1, r1), (n0, r0) = SAMPLING_RUNS[True], SAMPLING_RUNS[False]
+        runs = "one run each" if args.quick else f"the median of {r1} runs of {n1} tokens with the cache, of {r0} of {n0} without"
+        print(f"\nsampling, one sequence, greedy (tokens/s: {runs}, after a warm-up run):")
         print(f"{'context':>8}{'KV cache':>12}{'no cache':>12}{'speed-up':>10}")
         for context in (64, 256):
             cached, uncached = sampling_speed(context, args.quick)

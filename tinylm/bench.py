@@ -28,7 +28,9 @@ Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens 
   peak RSS     = the subprocess's high-water resident memory (VmHWM in /proc/self/status,
                  else ru_maxrss), including Python and NumPy themselves
   breakdown    = one single-threaded step (one BLAS thread), each layer function timed,
-                 in percent of that step; "glue" is the rest (Python between the calls)
+                 in percent of that step, under the phase it ran in (baby GPT's GELU and
+                 layer-norm outputs recomputed in the backward are backward time); "glue" is
+                 the rest (Python between the calls)
   sampling     = generate() with greedy picking and one BLAS thread, one sequence, model of the CPU recipe with
                  block_size = context, prompt of `context` tokens: tokens/s with and without
                  the key-value cache, the median of several runs after a warm-up run
@@ -169,8 +171,18 @@ def category_of(fn_name, args, names):
 def breakdown(params, config, x, y, rng, opt, repeats=3):
     """{(category, 'fwd'|'bwd'): percent of one single-threaded step}, the best of `repeats` steps."""
     names = {id(v): k for k, v in params.items()}
-    wrapped = [n for n in dir(L) if n.endswith(("_forward", "_backward", "_backward_")) and callable(getattr(L, n))]
+    wrapped = [n for n in dir(L) if n.endswith(("_forward", "_backward", "_backward_", "_output")) and callable(getattr(L, n))]
     originals = {n: getattr(L, n) for n in wrapped}
+    plain_backward = M.backward
+    phase = ["fwd"]
+
+    def backward(*args, **kw):                   # a layer's time counts where the model calls it: a forward
+        phase[0] = "bwd"                         # recomputed inside the backward is backward time
+        try:
+            return plain_backward(*args, **kw)
+        finally:
+            phase[0] = "fwd"
+
     best = None
     for _ in range(repeats):
         spent = {}
@@ -186,12 +198,13 @@ def breakdown(params, config, x, y, rng, opt, repeats=3):
                 finally:
                     depth[0] -= 1
                     if depth[0] == 0:
-                        key = (category_of(n, args, names), "fwd" if n.endswith("_forward") else "bwd")
+                        key = (category_of(n, args, names), phase[0])
                         spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
             return inner
 
         for n in wrapped:
             setattr(L, n, timed(n, originals[n]))
+        M.backward = backward
         try:
             with parallel.blas_threads(1):
                 t0 = time.perf_counter()
@@ -203,6 +216,7 @@ def breakdown(params, config, x, y, rng, opt, repeats=3):
         finally:
             for n in wrapped:
                 setattr(L, n, originals[n])
+            M.backward = plain_backward
         spent[("optimizer", "bwd")] = t2 - t1
         spent[("glue", "fwd")] = (t1 - t0) - sum(v for k, v in spent.items() if k[0] != "optimizer")
         total = t2 - t0
@@ -277,15 +291,17 @@ def sampling_speed(context, quick=False):
         return _sampling_speed(params, config, prompt, pick, quick)
 
 
-SAMPLING_RUNS = {True: (512, 5), False: (48, 3)}     # use_cache: (tokens a run, timed runs)
+# (use_cache, tokens a run, timed runs), in the order sampling_speed returns them; --quick: (64, 1), (8, 1)
+SAMPLING_RUNS = ((True, 512, 5), (False, 48, 3))
 
 
 def _sampling_speed(params, config, prompt, pick, quick):
     """The median tokens/s of SAMPLING_RUNS timed runs each, after an untimed run of the same length
-    (with the cache, that warms the refills too); one run of each when quick."""
+    (with the cache, that warms the refills too)."""
     speeds = []
-    for use_cache, (n, runs) in SAMPLING_RUNS.items():
-        n, runs = (64 if use_cache else 8, 1) if quick else (n, runs)
+    for use_cache, n, runs in SAMPLING_RUNS:
+        if quick:
+            n, runs = n // 8, 1
 
         def one_run():
             t = time.perf_counter()
@@ -464,7 +480,7 @@ def main(argv=None):
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(rows)
     if not args.no_sampling:
-        (n1, r1), (n0, r0) = SAMPLING_RUNS[True], SAMPLING_RUNS[False]
+        (_, n1, r1), (_, n0, r0) = SAMPLING_RUNS
         runs = "one run each" if args.quick else f"the median of {r1} runs of {n1} tokens with the cache, of {r0} of {n0} without"
         print(f"\nsampling, one sequence, greedy (tokens/s: {runs}, after a warm-up run):")
         print(f"{'context':>8}{'KV cache':>12}{'no cache':>12}{'speed-up':>10}")

@@ -123,7 +123,7 @@ def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20, pad_bytes=64 <<
     pad is as large as a heap: `pad_bytes` (M_TOP_PAD) at 64 MB keeps them, so baby GPT's 50 MB
     arrays, each nearly a heap of its own, stop being faulted in afresh every step (log row 29).
     What is kept was in use a moment before, so the peak grows only by what cannot be reused in one
-    piece (baby GPT: +0.1 GB a setting, log rows 24 and 29). Process-wide, set once; a no-op where the
+    piece (baby GPT: +0.1-0.2 GB each, log rows 24 and 29). Process-wide, set once; a no-op where the
     C library has no mallopt (not glibc).
     """
     global _allocator_tuned

@@ -14,7 +14,7 @@ def test_quick_bench_prints_a_sane_table():
                           timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "load average" in out and "MFU" in out and "peak RSS MB" in out
+    assert "load average" in out and "MFU" in out and "peak RSS MiB" in out
     for name in ("cpu", "baby"):
         row = re.search(rf"^{name}\s+L\d.*$", out, re.M)
         assert row, out

@@ -64,7 +64,7 @@ VOCAB = 65      # Tiny Shakespeare's characters
 
 
 def peak_rss_mb():
-    """High-water resident memory of this process, in MB."""
+    """High-water resident memory of this process, in MiB (2^20 bytes)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -424,11 +424,11 @@ def machine_line():
 
 def print_table(rows):
     print(f"{'config':<8}{'shape':<28}{'params':>10}{'GFLOP/step':>12}{'ms/step':>10}{'tokens/s':>10}"
-          f"{'GFLOP/s':>9}{'peak':>8}{'MFU':>7}{'mm-only ms':>12}{'peak RSS MB':>13}{'load':>6}")
+          f"{'GFLOP/s':>9}{'peak':>8}{'MFU':>7}{'mm-only ms':>12}{'peak RSS MiB':>14}{'load':>6}")
     for r in rows:
         print(f"{r['name']:<8}{r['shape']:<28}{r['params']:>10,}{r['flops'] / 1e9:>12.2f}{r['ms']:>10.1f}"
               f"{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}{r['peak']:>8.1f}{100 * r['mfu']:>6.1f}%"
-              f"{r['mm_ms']:>12.1f}{r['rss_mb']:>13.0f}{r['load'][0]:>6.2f}")
+              f"{r['mm_ms']:>12.1f}{r['rss_mb']:>14.0f}{r['load'][0]:>6.2f}")
     for r in rows:
         split = f"{r['peak_split']:.1f}" if r["peak_split"] else "n/a"
         readings = " / ".join(f"{v:.1f}" for v in r["peak_readings"])

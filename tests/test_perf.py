@@ -122,6 +122,16 @@ def test_one_token_decoding_equals_forward_cached(bias):
         M.decode_next(dw, kv_fast, 1)                  # the cache is full
 
 
+def test_a_weighted_loss_gives_weighted_gradients():
+    config, params = tiny()
+    idx, targets = np.random.default_rng(12).integers(0, 11, size=(2, 3, 8))
+    loss, grads = M.loss_and_grads(params, config, idx, targets)
+    loss_w, grads_w = M.loss_and_grads(params, config, idx, targets, dloss=0.25)   # how each thread's slice is weighted
+    assert loss_w == loss
+    for k in grads:
+        np.testing.assert_array_equal(grads_w[k], 0.25 * grads[k])                 # a power of 2: exact
+
+
 @pytest.mark.parametrize("start,t", [(0, 5), (3, 4), (0, 1), (6, 2)])
 def test_prefill_of_the_last_position_only_gives_its_logits_and_every_key(start, t):
     config, params = tiny()

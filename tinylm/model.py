@@ -207,8 +207,9 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
     return logits, loss, cache
 
 
-def backward(params, config, cache):
-    """Gradients of the mean cross-entropy loss for every parameter: a dict with the keys (and shapes) of params."""
+def backward(params, config, cache, dloss=1.0):
+    """Gradients of dloss × the mean cross-entropy loss for every parameter: a dict with the keys (and shapes)
+    of params. (dloss is this loss's weight in a sum of losses; 1 gives its own gradient.)"""
     grads = {}
 
     def put(prefix, g):
@@ -216,7 +217,7 @@ def backward(params, config, cache):
         if "b" in g:
             grads[prefix + ".bias"] = g["b"]
 
-    dlogits = L.cross_entropy_backward(1.0, cache["loss"])
+    dlogits = L.cross_entropy_backward(dloss, cache["loss"])
     dx, g = L.linear_backward(dlogits, cache["head"])
     dwte_head = g["W"]
     dx, g = L.layernorm_backward(dx, cache["ln_f"])
@@ -259,10 +260,10 @@ def backward(params, config, cache):
     return {k: grads[k] for k in params}
 
 
-def loss_and_grads(params, config, idx, targets, train=False, rng=None):
-    """(loss, grads) for one batch: the forward then the backward."""
+def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.0):
+    """(loss, grads of dloss × loss) for one batch: the forward then the backward."""
     _, loss, cache = forward(params, config, idx, targets, train=train, rng=rng)
-    return loss, backward(params, config, cache)
+    return loss, backward(params, config, cache, dloss)
 
 
 def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None):
@@ -270,7 +271,8 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
 
     The loss is a mean over the N = B·T positions, so with slices of n_i positions
     loss = Σ (n_i/N) loss_i  and  grads = Σ (n_i/N) grads_i:  the same numbers as
-    loss_and_grads up to float rounding. Each slice runs the plain forward and backward
+    loss_and_grads up to float rounding. Slice i's backward starts from dloss = n_i/N, so its
+    gradients come out weighted and are simply added. Each slice runs the plain forward and backward
     on its own thread with one BLAS thread (see parallel.py). With dropout, slice i draws
     its masks from a generator seeded by rng, so runs are reproducible but the masks differ
     from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
@@ -284,23 +286,19 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     bounds = np.linspace(0, B, workers + 1).round().astype(int)
     use_rng = train and rng is not None and config.dropout > 0
     seeds = rng.integers(0, 2**63, size=workers) if use_rng else [None] * workers
-    jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None)
-            for a, b, s in zip(bounds[:-1], bounds[1:], seeds)]
-    results = parallel.run_parallel(loss_and_grads, jobs)
     weights = [float(w) for w in np.diff(bounds) / B]
+    jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None, w)
+            for a, b, s, w in zip(bounds[:-1], bounds[1:], seeds, weights)]
+    results = parallel.run_parallel(loss_and_grads, jobs)
     loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
     grads = results[0][1]
 
-    def weighted_sum(names):               # grads[k] = Σ_i w_i grads_i[k], in place: w_0 g_0 → (…(g_0 w_0/w_1 + g_1) w_1/w_2 …) w_last
+    def add_slices(names):                 # grads[k] = Σ_i w_i grads_i[k], in place (each already carries its w_i)
         for name in names:
-            g = grads[name]
-            for w_prev, w, (_, other) in zip(weights, weights[1:], results[1:]):
-                if w_prev != w:            # equal slices (the usual case): no pass multiplying by 1
-                    g *= w_prev / w        # float32 stays float32: Python-float scalars
-                g += other[name]
-            g *= weights[-1]
+            for _, other in results[1:]:
+                grads[name] += other[name]
 
-    parallel.for_each_split(weighted_sum, grads, workers=workers)
+    parallel.for_each_split(add_slices, grads, workers=workers)
     return loss, grads
 
 

@@ -186,15 +186,13 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
         if recompute:   # keep GELU's input only: its σ and output (2·B·T·4C numbers) are recomputed
             c["c_fc"] = without_input(c["c_fc"])
-            g, gelu_cache = L.gelu_values_forward(f), None
+            g, c["gelu_in"] = L.gelu_values_forward(f), f
         else:
-            g, gelu_cache = L.gelu_forward(f)
-        m, proj_cache = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+            g, c["gelu"] = L.gelu_forward(f)
+        m, c["mlp_proj"] = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
         if recompute:
-            c["gelu_in"], c["mlp_proj"] = f, without_input(proj_cache)
-        else:
-            c["gelu"], c["mlp_proj"] = gelu_cache, proj_cache
-        del h, g, gelu_cache, proj_cache
+            c["mlp_proj"] = without_input(c["mlp_proj"])         # g again from GELU's input in the backward
+        del h, g
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x, _ = L.residual_forward(x, m)
         cache["blocks"].append(c)

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from tinylm.optim import adamw_init, adamw_step, clip_by_global_norm, global_norm, learning_rate_at
+from tinylm.optim import adamw_init, adamw_step, clip_by_global_norm, clip_factor, global_norm, learning_rate_at
 
 
 def test_adamw_matches_the_formula_over_several_steps():
@@ -25,6 +25,30 @@ def test_adamw_matches_the_formula_over_several_steps():
             ref[k] -= lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
     for k in ref:
         np.testing.assert_allclose(params[k], ref[k], rtol=1e-12, atol=1e-12)
+
+
+def test_grad_scale_is_clipping_folded_into_the_update():
+    """adamw_step(grads, grad_scale=s) must move θ, m and v exactly as clipping the gradients by s in place
+    and then stepping would (to rounding), and leave grads as they were."""
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((3, 4)), "g": rng.standard_normal(4)}
+    clipped = {k: v.copy() for k, v in params.items()}
+    state, state_clipped = adamw_init(params), adamw_init(clipped)
+    for t in range(4):
+        grads = {k: 5 * rng.standard_normal(v.shape) for k, v in params.items()}
+        before = {k: g.copy() for k, g in grads.items()}
+        scale = clip_factor(global_norm(grads), 1.0)
+        assert scale < 0.5                                   # the clipping really does something here
+        adamw_step(params, grads, state, 0.01, grad_scale=scale)
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], before[k])
+        clip_by_global_norm(before, 1.0)
+        adamw_step(clipped, before, state_clipped, 0.01)
+        for k in params:
+            for a, b in ((params[k], clipped[k]), (state["m"][k], state_clipped["m"][k]),
+                         (state["v"][k], state_clipped["v"][k])):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+    assert clip_factor(0.5, 1.0) == 1.0 and clip_factor(2.0, 0.0) == 1.0 and math.isclose(clip_factor(4.0, 1.0), 0.25, rel_tol=1e-6)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():

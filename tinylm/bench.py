@@ -50,7 +50,8 @@ import numpy as np
 from . import layers as L
 from . import model as M
 from . import parallel
-from .optim import adamw_init, adamw_step, clip_by_global_norm
+from . import optim
+from .optim import adamw_init
 
 CONFIGS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, steps=30, warmup=5),
@@ -84,6 +85,17 @@ def best_time(fn, repeats):
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def update(optim_module, params, grads, opt):
+    """Clip the gradients to norm 1 and take an AdamW step (lr 1e-4), as training does; optim_module is
+    tinylm.optim, or another checkout's (--against), which may predate grad_scale and clip in place."""
+    if hasattr(optim_module, "clip_factor"):
+        norm = optim_module.global_norm(grads)
+        optim_module.adamw_step(params, grads, opt, 1e-4, grad_scale=optim_module.clip_factor(norm, 1.0))
+    else:
+        optim_module.clip_by_global_norm(grads, 1.0)
+        optim_module.adamw_step(params, grads, opt, 1e-4)
 
 
 def matmul_peak(n=2048, repeats=3):
@@ -210,8 +222,7 @@ def breakdown(params, config, x, y, rng, opt, repeats=3):
                 t0 = time.perf_counter()
                 loss, grads = M.loss_and_grads(params, config, x, y, train=True, rng=rng)
                 t1 = time.perf_counter()
-                clip_by_global_norm(grads, 1.0)
-                adamw_step(params, grads, opt, 1e-4)
+                update(optim, params, grads, opt)
                 t2 = time.perf_counter()
         finally:
             for n in wrapped:
@@ -248,8 +259,7 @@ def run_config(name, spec, quick=False):
 
     def step():
         loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=rng)
-        clip_by_global_norm(grads, 1.0)
-        adamw_step(params, grads, opt, 1e-4)
+        update(optim, params, grads, opt)
         return loss
 
     for _ in range(warmup):
@@ -379,13 +389,11 @@ def against(other_root, rounds=20):
         def single(Mv=Mv, Pv=Pv, Ov=Ov, config=config, params=params, opt=opt):
             with Pv.blas_threads(1):
                 _, g = Mv.loss_and_grads(params, config, x, y)
-                Ov.clip_by_global_norm(g, 1.0)
-                Ov.adamw_step(params, g, opt, 1e-4)
+                update(Ov, params, g, opt)
 
         def threaded(Mv=Mv, Ov=Ov, config=config, params=params, opt=opt):
             _, g = Mv.loss_and_grads_parallel(params, config, x, y)
-            Ov.clip_by_global_norm(g, 1.0)
-            Ov.adamw_step(params, g, opt, 1e-4)
+            update(Ov, params, g, opt)
 
         variants[f"{tag}, one thread"] = single
         variants[f"{tag}, threaded"] = threaded

@@ -19,11 +19,21 @@ def global_norm(grads):
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
 
 
+def clip_factor(norm, max_norm):
+    """The factor that brings a gradient of norm ‖g‖₂ = norm down to max_norm: max_norm/‖g‖₂ if it is
+    larger (and max_norm > 0), else 1."""
+    return max_norm / (norm + 1e-6) if max_norm > 0 and norm > max_norm else 1.0
+
+
 def clip_by_global_norm(grads, max_norm):
-    """Scale every gradient by min(1, max_norm/‖g‖₂), in place. Returns ‖g‖₂ before clipping."""
+    """Scale every gradient by clip_factor(‖g‖₂, max_norm), in place. Returns ‖g‖₂ before clipping.
+
+    (The training step passes the factor to adamw_step as grad_scale instead: the same update
+    without a pass over the gradients of its own.)
+    """
     norm = global_norm(grads)
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+    scale = clip_factor(norm, max_norm)
+    if scale != 1.0:
         for g in grads.values():
             g *= scale
     return norm
@@ -41,40 +51,44 @@ def decays(name, p):
     return p.ndim >= 2
 
 
-def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, workers=None):
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, workers=None,
+               grad_scale=1.0):
     """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g².
 
-    Written with `out=` so that each parameter costs one scratch buffer and no other temporaries;
-    m̂/(√v̂ + ε) is computed as (m/(1 − β₁ᵗ)) / (√v/√(1 − β₂ᵗ) + ε). The parameters are independent,
-    so large models update them in `workers` groups on as many threads (default: one per core).
+    g is grad_scale × grads (grads are not changed): clipping's factor folded into the moments'
+    constants, where it costs no pass over the gradients. Written with `out=` so that each
+    parameter costs one scratch buffer and no other temporaries. With b₁ = 1 − β₁ᵗ, b₂ = 1 − β₂ᵗ,
+    m̂/(√v̂ + ε) = (m/b₁)/(√v/√b₂ + ε) is computed as (√b₂/b₁)·m/(√v + ε√b₂): one pass fewer.
+    The parameters are independent, so large models update them in `workers` groups on as many
+    threads (default: one per core).
     """
     from .parallel import for_each_split
     state["t"] += 1
     t = state["t"]
     bias1 = 1.0 - beta1 ** t
-    bias2 = 1.0 - beta2 ** t
-    step_size = lr / bias1
-    for_each_split(lambda names: _adamw_update(params, grads, state, names, lr, beta1, beta2, eps, weight_decay,
-                                               bias2, step_size), params, workers=workers)
+    root_bias2 = math.sqrt(1.0 - beta2 ** t)
+    constants = dict(c1=(1.0 - beta1) * grad_scale, c2=(1.0 - beta2) * grad_scale ** 2, eps=eps * root_bias2,
+                     step_size=lr * root_bias2 / bias1, decay=1.0 - lr * weight_decay)
+    for_each_split(lambda names: _adamw_update(params, grads, state, names, beta1, beta2, **constants),
+                   params, workers=workers)
 
 
-def _adamw_update(params, grads, state, names, lr, beta1, beta2, eps, weight_decay, bias2, step_size):
-    """adamw_step's update of the parameters `names`."""
+def _adamw_update(params, grads, state, names, beta1, beta2, c1, c2, eps, step_size, decay):
+    """adamw_step's update of the parameters `names`, with its constants worked out."""
     for name in names:
         p = params[name]
         g, m, v = grads[name], state["m"][name], state["v"][name]
-        scratch = np.multiply(g, 1.0 - beta1)
+        scratch = np.multiply(g, c1)
         m *= beta1
         m += scratch                            # m ← β₁ m + (1 − β₁) g
         np.multiply(g, g, out=scratch)
-        scratch *= 1.0 - beta2
+        scratch *= c2
         v *= beta2
         v += scratch                            # v ← β₂ v + (1 − β₂) g²
-        if weight_decay and decays(name, p):
-            p *= 1.0 - lr * weight_decay        # decoupled: shrinks θ, not added to g
+        if decay != 1.0 and decays(name, p):
+            p *= decay                          # decoupled: shrinks θ, not added to g
         np.sqrt(v, out=scratch)
-        scratch *= 1.0 / math.sqrt(bias2)
         scratch += eps
         np.divide(m, scratch, out=scratch)
         scratch *= step_size
-        p -= scratch
+        p -= scratch                            # θ ← θ − lr·m̂/(√v̂ + ε)

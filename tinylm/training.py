@@ -16,7 +16,7 @@ from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
-from .optim import adamw_init, adamw_step, clip_by_global_norm, learning_rate_at
+from .optim import adamw_init, adamw_step, clip_factor, global_norm, learning_rate_at
 from .parallel import blas_threads
 from .sampling import sample_next
 from .tokenizer import CharTokenizer
@@ -377,11 +377,12 @@ def train(a, explicit=(), log=print):
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
                 loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng)
-                norm = clip_by_global_norm(grads, a.grad_clip)
+                norm = global_norm(grads)
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
                                       f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
-                adamw_step(params, grads, opt_state, lr, a.beta1, a.beta2, weight_decay=a.weight_decay)
+                adamw_step(params, grads, opt_state, lr, a.beta1, a.beta2, weight_decay=a.weight_decay,
+                           grad_scale=clip_factor(norm, a.grad_clip))      # clipping, folded into the update
                 step += 1
                 dt = time.perf_counter() - t_step
                 tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt

@@ -1,4 +1,5 @@
 """The fast paths compute the same numbers as the plain ones: threaded batch split, in-place softmax, scatter-add."""
+import os
 import platform
 import subprocess
 import sys
@@ -290,3 +291,18 @@ def test_a_worker_threads_freed_large_arrays_are_reused_not_faulted_in_again():
     if without_pad < 10:        # (with transparent huge pages always on, a fresh 50 MB costs ~25)
         pytest.skip(f"this malloc faulted only {without_pad} pages in again even without the pad")
     assert faults("default") * 10 < without_pad
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or parallel.usable_cores() < 2, reason="needs Linux and 2 cores")
+def test_each_worker_thread_runs_on_a_core_of_its_own():
+    import threading
+    both_running = threading.Barrier(2, timeout=10)      # so that the pool really runs two threads
+
+    def where():
+        both_running.wait()
+        return threading.current_thread().name, os.sched_getaffinity(0)
+
+    (name_a, cores_a), (name_b, cores_b) = parallel.run_parallel(where, [(), ()])
+    assert name_a != name_b
+    assert len(cores_a) == len(cores_b) == 1 and cores_a != cores_b
+    assert cores_a | cores_b <= os.sched_getaffinity(0)      # cores this process may use; this thread is not pinned

@@ -8,6 +8,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_paired_mfu_compares_each_round_with_the_machine_of_its_time():
+    from tinylm.bench import paired_mfu
+    # 4 GFLOP a step; round 1 at 40 ms against readings of 200 and 180 GFLOP/s: 100 GFLOP/s ÷ 200 = 50%;
+    # round 2 on a host slowed to half (80 ms, readings 180 then 100): 50 ÷ 180 = 27.8%, and the same
+    # slowdown on both sides (readings 100 and 100) would give 50% again
+    assert paired_mfu(4e9, [40.0, 80.0], [200.0, 180.0, 100.0]) == [0.5, 50 / 180]
+    assert paired_mfu(4e9, [40.0, 80.0], [200.0, 100.0, 100.0]) == [0.5, 0.5]
+
+
 def test_quick_bench_prints_a_sane_table():
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tinylm.bench", "--quick"], cwd=ROOT, capture_output=True, text=True,
@@ -19,12 +28,17 @@ def test_quick_bench_prints_a_sane_table():
         row = re.search(rf"^{name}\s+L\d.*$", out, re.M)
         assert row, out
         nums = [float(v.replace(",", "").rstrip("%")) for v in row.group(0).split()[7:]]
-        params, gflop, ms, tok_s, gflops, peak, mfu, mm_ms, rss, load = nums
+        params, gflop, ms, tok_s, gflops, peak, mfu, mfu_vs_best, mm_ms, rss, load = nums
         assert params > 0 and gflop > 0 and ms > 0 and tok_s > 0 and gflops > 0 and peak > 0
-        assert 0 < mfu < 100 * 1.5 and mm_ms > 0 and 20 < rss < 4000
+        assert 0 < mfu < 100 * 1.5 and 0 < mfu_vs_best < 100 * 1.5 and mm_ms > 0 and 20 < rss < 4000
+        assert abs(mfu_vs_best - 100 * gflops / peak) < 0.1 + 0.01 * mfu_vs_best
         assert peak >= 0.9 * gflop / (mm_ms / 1e3)      # the peak is never below what the step's products reached
-        readings = re.search(rf"^  {name}: peak = .* start / middle / end: ([\d.]+) / ([\d.]+) / ([\d.]+);", out, re.M)
-        assert readings and all(0 < float(v) <= peak + 0.05 for v in readings.groups()), out
+        rounds = re.search(rf"^  {name}: MFU = median over (\d+) rounds \(([\d.]+)–([\d.]+)%\)", out, re.M)
+        assert rounds and float(rounds[2]) - 0.05 <= mfu <= float(rounds[3]) + 0.05, out
+        readings = re.search(r"read before each round, after the last and at the end: ([\d. /]+);",
+                             out.split(f"  {name}: MFU")[1], re.M)
+        values = [float(v) for v in readings[1].split(" / ")]
+        assert len(values) == int(rounds[1]) + 2 and all(0 < v <= peak + 0.05 for v in values), out
     # the breakdown covers the step: its percentages add up to 100
     lines = out.split("where one single-threaded step's time goes")[1].splitlines()[2:12]
     cpu_total = sum(float(line.split()[-4]) + float(line.split()[-3]) for line in lines)

@@ -62,6 +62,7 @@ QUICK = {
     "baby": dict(n_layer=2, n_head=2, n_embd=96, block_size=64, batch_size=8, dropout=0.2, steps=2, warmup=1),
 }
 VOCAB = 65      # Tiny Shakespeare's characters
+ROUNDS = 6      # the timed steps are taken in up to this many rounds, with a peak reading before each and after the last
 
 
 def peak_rss_mb():
@@ -96,6 +97,12 @@ def update(optim_module, params, grads, opt):
     else:
         optim_module.clip_by_global_norm(grads, 1.0)
         optim_module.adamw_step(params, grads, opt, 1e-4)
+
+
+def paired_mfu(flops, round_ms, readings):
+    """[MFU of each round]: a round's median step (round_ms[r], ms) against the higher of the peak readings
+    (GFLOP/s) taken just before and just after it, readings[r] and readings[r + 1]."""
+    return [flops / ms / 1e6 / max(readings[r], readings[r + 1]) for r, ms in enumerate(round_ms)]
 
 
 def matmul_peak(n=2048, repeats=3):
@@ -254,7 +261,7 @@ def run_config(name, spec, quick=False):
     workers = min(parallel.usable_cores(), B) if parallel.blas_available() else 1
     flops = M.matmul_flops(config, B)["per_step"]
 
-    def read_peak():             # (all cores, one per core): read at three moments of the run
+    def read_peak():             # (all cores, one per core or None)
         return matmul_peak(512 if quick else 2048, 2 if quick else 3)
 
     def step():
@@ -264,25 +271,32 @@ def run_config(name, spec, quick=False):
 
     for _ in range(warmup):
         step()
-    peaks = [read_peak()]
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t)
+    peaks = [read_peak()]        # before each round of timed steps and after the last
+    times, round_ms = [], []
+    for steps_in_round in np.array_split(np.arange(steps), min(ROUNDS, steps)):
+        ts = []
+        for _ in steps_in_round:
+            t = time.perf_counter()
+            loss = step()
+            ts.append(time.perf_counter() - t)
+        times += ts
+        round_ms.append(1e3 * float(np.median(ts)))
+        peaks.append(read_peak())
     ms = 1e3 * float(np.median(times))
     rss = peak_rss_mb()          # before the breakdown and mm-only probes allocate anything
-    peaks.append(read_peak())
     mm_ms = matmul_only_ms(B, T, config.n_layer, config.n_embd, VOCAB, config.n_head, workers, 2 if quick else 3)
     parts, single_ms = breakdown(params, config, x, y, rng, opt, repeats=1 if (quick or name == "baby") else 3)
     peaks.append(read_peak())
+    readings = [max(a, b or 0.0) for a, b in peaks]
+    rounds_mfu = paired_mfu(flops, round_ms, readings)
     peak_all = max(p[0] for p in peaks)
     peak_split = max(p[1] for p in peaks) if peaks[0][1] else None
     peak = max(peak_all, peak_split or 0.0, flops / mm_ms / 1e6)
     return {"name": name, "params": M.count_params(config), "flops": flops, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
             "gflops": flops / ms / 1e6, "peak_blas_all": peak_all, "peak_split": peak_split, "peak": peak,
-            "peak_readings": [round(max(a, b or 0.0), 1) for a, b in peaks],
-            "mfu": flops / ms / 1e6 / peak, "mm_ms": mm_ms, "mm_gflops": flops / mm_ms / 1e6, "rss_mb": rss,
+            "peak_readings": [round(v, 1) for v in readings], "mfu": float(np.median(rounds_mfu)),
+            "mfu_rounds": [min(rounds_mfu), max(rounds_mfu)], "rounds": len(round_ms),
+            "mfu_vs_best": flops / ms / 1e6 / peak, "mm_ms": mm_ms, "mm_gflops": flops / mm_ms / 1e6, "rss_mb": rss,
             "single_ms": single_ms, "breakdown": parts, "loss": loss, "workers": workers, "steps": steps,
             "shape": f"L{config.n_layer} H{config.n_head} C{config.n_embd} T{T} B{B} p{config.dropout}",
             "load": os.getloadavg()}
@@ -432,18 +446,21 @@ def machine_line():
 
 def print_table(rows):
     print(f"{'config':<8}{'shape':<28}{'params':>10}{'GFLOP/step':>12}{'ms/step':>10}{'tokens/s':>10}"
-          f"{'GFLOP/s':>9}{'peak':>8}{'MFU':>7}{'mm-only ms':>12}{'peak RSS MiB':>14}{'load':>6}")
+          f"{'GFLOP/s':>9}{'peak':>8}{'MFU':>7}{'vs best':>9}{'mm-only ms':>12}{'peak RSS MiB':>14}{'load':>6}")
     for r in rows:
         print(f"{r['name']:<8}{r['shape']:<28}{r['params']:>10,}{r['flops'] / 1e9:>12.2f}{r['ms']:>10.1f}"
               f"{r['tokens_per_s']:>10,.0f}{r['gflops']:>9.1f}{r['peak']:>8.1f}{100 * r['mfu']:>6.1f}%"
-              f"{r['mm_ms']:>12.1f}{r['rss_mb']:>14.0f}{r['load'][0]:>6.2f}")
+              f"{100 * r['mfu_vs_best']:>8.1f}%{r['mm_ms']:>12.1f}{r['rss_mb']:>14.0f}{r['load'][0]:>6.2f}")
     for r in rows:
         split = f"{r['peak_split']:.1f}" if r["peak_split"] else "n/a"
         readings = " / ".join(f"{v:.1f}" for v in r["peak_readings"])
-        print(f"  {r['name']}: peak = max(2048² BLAS all cores {r['peak_blas_all']:.1f}, one per core on threads "
-              f"{split}, the step's own products alone {r['mm_gflops']:.1f}) GFLOP/s; the square's best at the "
-              f"start / middle / end: {readings}; {r['workers']} worker thread(s); median of {r['steps']} steps; "
-              f"loss {r['loss']:.3f}")
+        lo, hi = r["mfu_rounds"]
+        print(f"  {r['name']}: MFU = median over {r['rounds']} rounds ({100 * lo:.1f}–{100 * hi:.1f}%) of the round's median "
+              f"step against the higher of the square's readings just before and after it; vs best = GFLOP/s ÷ peak;")
+        print(f"    peak = max(2048² BLAS all cores {r['peak_blas_all']:.1f}, one per core on threads {split}, the "
+              f"step's own products alone {r['mm_gflops']:.1f}) GFLOP/s; the square's best, read before each round, "
+              f"after the last and at the end: {readings};")
+        print(f"    {r['workers']} worker thread(s); median of {r['steps']} steps; loss {r['loss']:.3f}")
     print("\nwhere one single-threaded step's time goes (percent; forward | backward):")
     print(f"{'':<22}" + "".join(f"{r['name'] + ' fwd':>11}{r['name'] + ' bwd':>11}" for r in rows))
     for cat in CATEGORIES:

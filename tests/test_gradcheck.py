@@ -21,9 +21,9 @@ def test_whole_model_gradient_matches_finite_differences(bias, dropout):
 
 def test_checker_catches_a_wrong_backward(monkeypatch):
     """A gelu backward missing one term must be flagged: the checker is not vacuous."""
-    def wrong_slope_times_(dy, x, s, g, t):         # dy ← dy s: the term 2 x s (1 − s) u' left out
-        dy *= s
-    monkeypatch.setattr(layers, "gelu_slope_times_", wrong_slope_times_)   # what every GELU backward uses
+    def wrong_slope_(x, s, g, t):                   # slope = s: the term 2 x s (1 − s) u' left out
+        pass
+    monkeypatch.setattr(layers, "gelu_slope_", wrong_slope_)   # where every GELU backward's slope comes from
     errors = {(l, n): e for l, n, e in gradcheck.layer_checks(seed=0)}
     assert errors[("gelu", "x")] > 1e-3
     config = GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=8, bias=True)

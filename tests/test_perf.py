@@ -197,8 +197,8 @@ def test_activations_recomputed_in_the_backward_give_the_same_gradients_and_are_
     _, recomputed = M.loss_and_grads(params, config, idx, targets)
     for k in kept:
         np.testing.assert_array_equal(kept[k], recomputed[k])
-    B, T, C = 3, 8, config.n_embd                         # per layer: GELU's output and σ, two norms' outputs
-    saved = config.n_layer * (2 * B * T * 4 * C + 2 * B * T * C) * np.dtype(dtype).itemsize
+    B, T, C = 3, 8, config.n_embd       # per layer: GELU's output and slope for its input, two norms' outputs
+    saved = config.n_layer * (B * T * 4 * C + 2 * B * T * C) * np.dtype(dtype).itemsize
     assert held_kept - held_bytes(M.forward(params, config, idx, targets)[2]) == saved
 
 

@@ -178,18 +178,22 @@ def gelu_forward(x):
     Computed as y = x σ(2u) = x / (1 + e^{−2u}), the same function (½(1 + tanh u) = σ(2u)), because
     np.exp is much cheaper than np.tanh in float32. For very negative x, e^{−2u} overflows to +inf
     and y = x/inf = −0, the right limit: the overflow is expected and not warned about.
-    The cache keeps x and s = σ(2u). Done in chunks (flat_chunks).
+    The cache keeps the slope dy/dx itself (gelu_slope_), worked out here while x and σ(2u) are
+    in cache, so the backward is one multiply. Done in chunks (flat_chunks).
     """
-    y, s = np.empty_like(x), np.empty_like(x)
-    for xc, yc, sc in flat_chunks(x, y, s):
+    y, slope = np.empty_like(x), np.empty_like(x)
+    g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype) for _ in range(2))
+    for xc, yc, sc in flat_chunks(x, y, slope):
+        n = xc.size
         gelu_one_plus_exp_(xc, sc)
         np.divide(xc, sc, out=yc)
-        np.reciprocal(sc, out=sc)   # s = σ(2u)
-    return y, (x, s)
+        np.reciprocal(sc, out=sc)           # σ(2u)
+        gelu_slope_(xc, sc, g[:n], t[:n])
+    return y, (slope,)
 
 
 def gelu_values_forward(x):
-    """y = gelu(x) alone, the same numbers as gelu_forward(x)[0], without keeping σ(2u) (no cache)."""
+    """y = gelu(x) alone, the same numbers as gelu_forward(x)[0], without the slope (no cache)."""
     y = np.empty_like(x)
     e = np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype)
     for xc, yc in flat_chunks(x, y):
@@ -198,36 +202,33 @@ def gelu_values_forward(x):
     return y
 
 
-def gelu_slope_times_(dy, x, s, g, t):
-    """dy ← dy (s + 2 x s (1 − s) u'), in place, for 1-D pieces; g and t are scratch of the same size."""
+def gelu_slope_(x, s, g, t):
+    """s ← s (1 + 2 x u' (1 − s)) = dy/dx, in place, given s = σ(2u), for 1-D pieces; g and t are scratch
+    of the same size.  (dy/dx = ½(1 + tanh u) + ½ x (1 − tanh² u) u' with σ(2u) = ½(1 + tanh u).)"""
     np.multiply(x, x, out=g)
     g *= 6.0 * GELU_CUBIC * GELU_SCALE
     g += 2.0 * GELU_SCALE
-    g *= x                               # 2 x u'
+    g *= x                               # 2 x u',  u' = √(2/π)(1 + 3·0.044715 x²)
     np.subtract(1.0, s, out=t)
     g *= t
     g += 1.0
-    g *= s                               # s (1 + 2 x u' (1 − s))
-    np.multiply(g, dy, out=dy)
+    s *= g
 
 
 def gelu_backward(dy, cache):
-    """dx = dy (s + 2 x s (1 − s) u'),  s = σ(2u) = ½(1 + tanh u),  u' = √(2/π)(1 + 3·0.044715 x²).
+    """dx = dy ⊙ gelu'(x),  gelu'(x) = s + 2 x s (1 − s) u',  s = σ(2u) = ½(1 + tanh u),  u' = √(2/π)(1 + 3·0.044715 x²).
 
-    (The same as dy (½(1 + t) + ½ x (1 − t²) u') with t = tanh u.) Done in chunks (flat_chunks).
+    The slope was worked out by the forward (gelu_slope_) and kept in the cache.
     """
-    x, _ = cache
-    return gelu_backward_(np.array(dy, dtype=np.result_type(dy, x), copy=True), cache)
+    (slope,) = cache
+    return np.multiply(dy, slope, dtype=np.result_type(dy, slope))
 
 
 def gelu_backward_(dy, cache):
-    """gelu_backward computed in place: dy (a C-contiguous array of x's dtype the caller no longer needs)
-    is overwritten with dx and returned, which saves a full-size copy."""
-    x, s = cache
-    g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=dy.dtype) for _ in range(2))
-    for dc, xc, sc in flat_chunks(dy, x, s):
-        n = xc.size
-        gelu_slope_times_(dc, xc, sc, g[:n], t[:n])
+    """gelu_backward computed in place: dy (an array of the slope's shape and dtype that the caller no longer
+    needs) is overwritten with dx and returned, which saves a full-size array."""
+    (slope,) = cache
+    dy *= slope
     return dy
 
 

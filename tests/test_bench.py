@@ -15,6 +15,7 @@ def test_paired_mfu_compares_each_round_with_the_machine_of_its_time():
     # slowdown on both sides (readings 100 and 100) would give 50% again
     assert paired_mfu(4e9, [40.0, 80.0], [200.0, 180.0, 100.0]) == [0.5, 50 / 180]
     assert paired_mfu(4e9, [40.0, 80.0], [200.0, 100.0, 100.0]) == [0.5, 0.5]
+    assert paired_mfu(4e9, [40.0], [180.0, 200.0]) == [0.5]          # the reading after, when it is the higher
 
 
 def test_quick_bench_prints_a_sane_table():

@@ -2,18 +2,20 @@
 import math
 
 import numpy as np
+import pytest
 
 from tinylm.optim import adamw_init, adamw_step, clip_by_global_norm, clip_factor, global_norm, learning_rate_at
 
 
-def test_adamw_matches_the_formula_over_several_steps():
+@pytest.mark.parametrize("eps", [1e-8, 0.3])      # a large ε too, so that where ε enters is tested
+def test_adamw_matches_the_formula_over_several_steps(eps):
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
     ref = {k: v.copy() for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v2 = {k: np.zeros_like(v) for k, v in params.items()}
     state = adamw_init(params)
-    lr, b1, b2, eps, wd = 0.01, 0.9, 0.99, 1e-8, 0.1
+    lr, b1, b2, wd = 0.01, 0.9, 0.99, 0.1
     for t in range(1, 6):
         grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
         adamw_step(params, {k: g.copy() for k, g in grads.items()}, state, lr, b1, b2, eps, wd)

@@ -197,7 +197,7 @@ def test_activations_recomputed_in_the_backward_give_the_same_gradients_and_are_
     _, recomputed = M.loss_and_grads(params, config, idx, targets)
     for k in kept:
         np.testing.assert_array_equal(kept[k], recomputed[k])
-    B, T, C = 3, 8, config.n_embd       # per layer: GELU's output and slope for its input, two norms' outputs
+    B, T, C = 3, 8, config.n_embd   # per layer: GELU's output + slope (2·BT4C) held as its input (BT4C); two norms' outputs
     saved = config.n_layer * (B * T * 4 * C + 2 * B * T * C) * np.dtype(dtype).itemsize
     assert held_kept - held_bytes(M.forward(params, config, idx, targets)[2]) == saved
 
@@ -306,3 +306,28 @@ def test_each_worker_thread_runs_on_a_core_of_its_own():
     assert name_a != name_b
     assert len(cores_a) == len(cores_b) == 1 and cores_a != cores_b
     assert cores_a | cores_b <= os.sched_getaffinity(0)      # cores this process may use; this thread is not pinned
+
+
+def test_a_forward_for_no_backward_gives_the_same_numbers_without_gelus_slope(monkeypatch):
+    config, params = tiny(bias=True)
+    idx, targets = np.random.default_rng(11).integers(0, 11, size=(2, 3, 8))
+    logits, loss, _ = M.forward(params, config, idx, targets)
+
+    def no_slope_wanted(x):
+        raise AssertionError("a forward with no backward to follow worked out GELU's slope")
+
+    monkeypatch.setattr(L, "gelu_forward", no_slope_wanted)
+    logits2, loss2, cache = M.forward(params, config, idx, targets, for_backward=False)
+    assert cache is None and loss2 == loss and np.array_equal(logits2, logits)
+
+
+def test_threads_are_pinned_only_one_to_each_allowed_core(monkeypatch):
+    """With the process allowed cores {3, 7}, two workers go to 3 and 7; one or three workers stay unpinned."""
+    pinned = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7, 3}, raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append((pid, cores)), raising=False)
+    init = parallel._one_core_each(2)
+    init()
+    init()
+    assert pinned == [(0, {3}), (0, {7})]
+    assert parallel._one_core_each(1) is None and parallel._one_core_each(3) is None

@@ -19,11 +19,18 @@ Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens 
   GFLOP/s      = FLOPs/step / (ms/step)
   peak GFLOP/s = the best of (a) one 2048×2048 @ 2048×2048 float32 product with BLAS on all
                  cores, (b) one such product per core on parallel Python threads with one
-                 BLAS thread each, each measured three times in the run (before the timed
-                 steps, after them, after the probes below: this machine's speed moves from
-                 minute to minute, and one low reading would overstate the MFU), and (c) the
-                 step's own products alone (mm-only), should they run faster still
-  MFU          = GFLOP/s ÷ peak GFLOP/s
+                 BLAS thread each, both read before each round of timed steps, after the last
+                 round and after the probes below, and (c) the step's own products alone
+                 (mm-only), should they run faster still
+  MFU          = the median over the rounds (up to ROUNDS) of: the round's GFLOP/s (its median
+                 step) ÷ the higher of the square's readings, (a) or (b), just before and just
+                 after it. This machine's speed moves by tens of percent from one minute to the
+                 next, so each round is compared with the machine as it was at the time. (c) is
+                 timed once, at another moment, so it does not enter the pairing
+  vs best      = GFLOP/s ÷ peak GFLOP/s: the median step against the best reading of the whole
+                 run, a fast moment's peak against a typical moment's step (lower on a drifting
+                 machine; before perf7 this was the MFU, with three readings instead of one per
+                 round)
   mm-only ms   = the step's own matrix products alone (same shapes, same two-thread split)
   peak RSS     = the subprocess's high-water resident memory (VmHWM in /proc/self/status,
                  else ru_maxrss), including Python and NumPy themselves
@@ -89,8 +96,9 @@ def best_time(fn, repeats):
 
 
 def update(optim_module, params, grads, opt):
-    """Clip the gradients to norm 1 and take an AdamW step (lr 1e-4), as training does; optim_module is
-    tinylm.optim, or another checkout's (--against), which may predate grad_scale and clip in place."""
+    """An AdamW step (lr 1e-4) on the gradients clipped to norm 1, as training takes it (the clipping
+    factor passed as grad_scale); optim_module is tinylm.optim, or another checkout's (--against),
+    which may predate grad_scale: then the gradients are clipped in place first."""
     if hasattr(optim_module, "clip_factor"):
         norm = optim_module.global_norm(grads)
         optim_module.adamw_step(params, grads, opt, 1e-4, grad_scale=optim_module.clip_factor(norm, 1.0))

@@ -178,8 +178,8 @@ def gelu_forward(x):
     Computed as y = x σ(2u) = x / (1 + e^{−2u}), the same function (½(1 + tanh u) = σ(2u)), because
     np.exp is much cheaper than np.tanh in float32. For very negative x, e^{−2u} overflows to +inf
     and y = x/inf = −0, the right limit: the overflow is expected and not warned about.
-    The cache keeps the slope dy/dx itself (gelu_slope_), worked out here while x and σ(2u) are
-    in cache, so the backward is one multiply. Done in chunks (flat_chunks).
+    The layer's cache keeps the slope dy/dx itself (gelu_slope_), worked out here while x and σ(2u)
+    are still in the CPU's caches, so the backward is one multiply. Done in chunks (flat_chunks).
     """
     y, slope = np.empty_like(x), np.empty_like(x)
     g, t = (np.empty(min(GELU_CHUNK, x.size), dtype=x.dtype) for _ in range(2))

@@ -153,10 +153,12 @@ def recomputed_input(linear_cache, ln_cache):
 RECOMPUTE_ABOVE_BYTES = 8 << 20
 
 
-def forward(params, config, idx, targets=None, train=False, rng=None):
+def forward(params, config, idx, targets=None, train=False, rng=None, for_backward=True):
     """logits = GPT(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
 
     Dropout is applied only when train is True and an rng (np.random.Generator) is given.
+    With for_backward=False (evaluation, sampling without the cache, analysis) the cache comes back
+    as None and GELU skips the slope that only the backward needs.
     """
     B, T = idx.shape
     if T > config.block_size:
@@ -185,7 +187,9 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
         f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        if recompute:   # keep GELU's input only: its slope and output (2·B·T·4C numbers) are recomputed
+        if not for_backward:
+            g = L.gelu_values_forward(f)
+        elif recompute:   # keep GELU's input only: its slope and output (2·B·T·4C numbers) are recomputed
             c["c_fc"] = without_input(c["c_fc"])
             g, c["gelu_in"] = L.gelu_values_forward(f), f
         else:
@@ -203,7 +207,7 @@ def forward(params, config, idx, targets=None, train=False, rng=None):
     loss = None
     if targets is not None:
         loss, cache["loss"] = L.cross_entropy_forward(logits, targets)
-    return logits, loss, cache
+    return logits, loss, cache if for_backward else None
 
 
 def backward(params, config, cache, dloss=1.0):
@@ -539,7 +543,7 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     if not use_cache:
         for _ in range(max_new_tokens):
             context = tokens[-config.block_size:]
-            logits, _, _ = forward(params, config, np.array([context]))
+            logits, _, _ = forward(params, config, np.array([context]), for_backward=False)
             last = logits[0, -1]
             if trace is not None:
                 trace.append((context, last))

@@ -13,6 +13,7 @@ back to the plain single-threaded path.
 import concurrent.futures
 import contextlib
 import ctypes
+import itertools
 import os
 import threading
 
@@ -147,9 +148,11 @@ _pools = {}
 def pool(workers):
     """A persistent pool of `workers` threads (creating threads each step would cost more than it saves).
 
-    While there are enough cores, each thread is pinned to one of its own (Linux). Left free, the
-    scheduler now and then moves a thread to the other core, where the caches hold the other half's
-    data: pinned, the CPU recipe's step is 1.3-2% faster (docs/performance.md, log row 33).
+    When there is one thread per core this process may use, each thread is pinned to a core of its
+    own (Linux). Left free, the scheduler now and then moves a thread to the other core, where the
+    caches hold the other half's data: pinned, the CPU recipe's step is 1.3-2% faster
+    (docs/performance.md, log row 33). With fewer threads than cores nothing is pinned, so that
+    several such processes do not all crowd onto the first cores.
     """
     if workers not in _pools:
         _pools[workers] = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinylm",
@@ -159,20 +162,22 @@ def pool(workers):
 
 def _one_core_each(workers):
     """A thread-pool initializer that pins each new thread to the next core this process may use, or None
-    where that cannot be done (fewer cores than threads, no sched_setaffinity)."""
+    unless there are exactly `workers` such cores and sched_setaffinity exists. (Call it from an
+    unpinned thread: a pinned one may use one core only.)"""
     try:
-        cores = iter(sorted(os.sched_getaffinity(0)))
+        cores = sorted(os.sched_getaffinity(0))
     except AttributeError:       # not Linux
         return None
-    if workers > usable_cores():
+    if len(cores) != workers:
         return None
+    in_turn = itertools.cycle(cores)                 # cycled: a thread started later still gets one
     lock = threading.Lock()
 
     def pin():
         with lock:
-            core = next(cores)
+            core = next(in_turn)
         try:
-            os.sched_setaffinity(0, {core})      # 0: the calling thread
+            os.sched_setaffinity(0, {core})          # 0: the calling thread
         except OSError:
             pass
 

@@ -194,7 +194,7 @@ def estimate_loss(params, config, splits, a, step):
             losses = []
             for _ in range(a.eval_iters):
                 x, y = get_batch(ids, config.block_size, a.batch_size, rng)
-                losses.append(M.forward(params, config, x, y)[1])
+                losses.append(M.forward(params, config, x, y, for_backward=False)[1])
             out[name] = float(np.mean(losses))
     return out
 

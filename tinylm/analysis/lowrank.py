@@ -13,7 +13,7 @@ DEFAULT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2,
 
 def mean_loss(params, config, batches):
     """Mean cross-entropy over fixed batches [(x (B,T), y (B,T))]."""
-    return float(np.mean([forward(params, config, x, y)[1] for x, y in batches]))
+    return float(np.mean([forward(params, config, x, y, for_backward=False)[1] for x, y in batches]))
 
 
 def svd_all(params, names, progress=False):

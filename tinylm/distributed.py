@@ -56,6 +56,10 @@ class CollectiveTimeout(TinyLMError):
     """The other ranks did not answer in time: a lost host or a hung process."""
 
 
+class RankError(TinyLMError):
+    """A problem of this rank alone (its own settings): printed by this rank, whichever it is."""
+
+
 def _env_int(names, environ):
     for name in names:
         value = environ.get(name, "")
@@ -149,15 +153,15 @@ class Ranks:
         differ = [r for r in range(self.size) if not np.array_equal(every[r], every[0])]
         if not differ:
             return
-        root_args = json.loads(self.bcast_bytes(json.dumps(dataclasses.asdict(a)).encode() if self.root else None,
-                                                "to compare their settings"))
+        mine = {"args": dataclasses.asdict(a), "explicit": sorted(explicit)}
+        root = json.loads(self.bcast_bytes(json.dumps(mine).encode() if self.root else None, "to compare their settings"))
         if self.rank != differ[0]:
             raise SystemExit(1)          # the first rank that differs says how
-        mine_args = dataclasses.asdict(a)
-        diffs = [f"--{k} {mine_args[k]} (rank 0: {root_args.get(k)})" for k in mine_args if mine_args[k] != root_args.get(k)]
-        raise TinyLMError(f"rank {self.rank} was started with other settings than rank 0: "
-                          f"{', '.join(diffs) or 'other flags given explicitly'}; start every rank with the same "
-                          f"command line; nothing was written")
+        diffs = [f"--{k} {v} (rank 0: {root['args'].get(k)})" for k, v in mine["args"].items() if v != root["args"].get(k)]
+        diffs += [f"--{k} given here only" for k in set(mine["explicit"]) - set(root["explicit"])]
+        diffs += [f"--{k} given on rank 0 only" for k in set(root["explicit"]) - set(mine["explicit"])]
+        raise RankError(f"rank {self.rank} was started with other settings than rank 0: {', '.join(sorted(diffs))}; "
+                        f"start every rank with the same command line; nothing was written")
 
     def pin_cores(self):
         """One share of this machine's cores per rank on it, when the launcher left every rank all of them.
@@ -317,8 +321,8 @@ def run(train, a, explicit, log):
                               f"of {size} (each process takes batch_size / {size} sequences); nothing was written")
         ranks.eval_iters = a.eval_iters
         ranks.pin_cores()
-    except TinyLMError:
-        if not root:
+    except TinyLMError as e:
+        if not root and not isinstance(e, RankError):
             raise SystemExit(1) from None      # rank 0 prints the same line
         raise
     try:

@@ -294,3 +294,19 @@ def test_sigterm_to_one_rank_stops_every_rank_after_saving(mpiexec, shakespeare_
     assert len(lines) == 1 and lines[0].startswith("interrupted at step "), lines
     step = int(lines[0].split()[3].rstrip(";"))
     assert checkpoint(str(out))["meta"]["step"] == step
+
+
+def test_quick_mpi_bench_prints_both_sides_and_the_allreduce_share(mpiexec):
+    """`python -m tinylm.bench_mpi --quick` runs; its speed is never checked."""
+    import re
+    proc = subprocess.run([sys.executable, "-m", "tinylm.bench_mpi", "--quick", "--runs", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    threaded = re.search(r"^threaded, one process .*?\s([\d.]+)\s+[\d. ]+$", out, re.M)
+    ranks = re.search(r"^mpiexec -n 2 .*?\s([\d.]+)\s+[\d. ]+$", out, re.M)
+    assert threaded and ranks, out
+    ratio = float(re.search(r"^mpi / threaded: ([\d.]+)", out, re.M)[1])
+    assert abs(ratio - float(ranks[1]) / float(threaded[1])) < 0.01 + 0.02 * ratio
+    share = re.search(r"^allreduce of ([\d,]+) float32 at a step: ([\d.]+) ms, ([\d.]+)% of the step", out, re.M)
+    assert share and int(share[1].replace(",", "")) > 0 and 0 <= float(share[3]) <= 100, out

@@ -75,7 +75,7 @@ def run_rank(quick):
     with parallel.blas_threads(parallel.usable_cores()):
         for i in range(warmup + steps):
             t = time.perf_counter()
-            loss, grads = ranks.loss_and_grads(params, config, x, y, None, False, False)
+            loss, grads = ranks.loss_and_grads(params, config, x, y, None, None, False)
             t_reduced = time.perf_counter()
             update(optim, params, grads, opt)
             if i >= warmup:

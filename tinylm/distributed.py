@@ -12,8 +12,8 @@ Every rank runs the same training loop (training.py) with these hooks:
   computes the loss and gradients of its own rows, batch_size / N of them, with the unchanged
   explicit backward;
 - one Allreduce (sum) of a single contiguous buffer, in place, sums them: every gradient, scaled
-  by the rank's share n/B of the batch, then four numbers: the weighted loss, a stop flag (Ctrl-C
-  seen by any rank), an abort flag (a rank failed) and rank 0's time spent evaluating. The sum is
+  by the rank's share n/B of the batch, then five numbers: the weighted loss, two stop flags (Ctrl-C,
+  SIGTERM, seen by any rank), an abort flag (a rank failed) and rank 0's time spent evaluating. The sum is
   the full batch's loss and gradient, exactly what one process computes, up to the order of the
   float additions;
 - every rank then takes the same optimizer step on the same numbers, so the replicas stay equal
@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -43,7 +44,8 @@ from .parallel import blas_threads, usable_cores
 # MPICH's Hydra (the `mpich` wheel's mpiexec), Intel MPI and Slurm's PMI-2 set PMI_*; Open MPI OMPI_*; MVAPICH MV2_*.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-SLOTS = ("loss", "stop", "abort", "root_gap")   # the numbers after the gradients in the summed buffer
+SLOTS = ("loss", "sigint", "sigterm", "abort", "root_gap")   # the numbers after the gradients in the summed buffer
+SETUP_TIMEOUTS = 20    # the other ranks wait this many --mpi_timeout for rank 0 to read the text and set up
 SPIN_S = 0.01          # a waiting rank polls its request without pausing for this long, then every POLL_S
 POLL_S = 0.001         # (MPI makes progress only inside its calls; a sleeping rank leaves its core to others)
 
@@ -103,6 +105,7 @@ class Ranks:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.root = self.rank == 0
         self.stopping = False        # some rank was asked to stop: all stop before the next step
+        self.stop_signum = None      # ... by this signal (SIGTERM if any rank had one, else SIGINT)
         self.buffer = None
         self.t_done = None           # when this rank's last collective completed
         self.root_gap = 0.0          # rank 0's time between its collectives, beyond its own compute
@@ -131,15 +134,15 @@ class Ranks:
                                     f"checkpoint is intact, resume it with --init_from resume") from None
         self.pending = False
 
-    def bcast(self, array, what):
-        """array (contiguous) ← rank 0's, in place."""
-        self.wait(self.comm.Ibcast(array, root=0), self.timeout, what)
+    def bcast(self, array, what, allow_s=None):
+        """array (contiguous) ← rank 0's, in place; waits up to allow_s seconds (default: the timeout)."""
+        self.wait(self.comm.Ibcast(array, root=0), allow_s or self.timeout, what)
         return array
 
-    def bcast_bytes(self, data, what):
+    def bcast_bytes(self, data, what, allow_s=None):
         """Rank 0's bytes (others pass None): a length, then the bytes, both as buffers."""
         n = np.array([len(data) if self.root else 0], dtype=np.int64)
-        self.bcast(n, what)
+        self.bcast(n, what, allow_s)
         buf = np.frombuffer(data, dtype=np.uint8).copy() if self.root else np.empty(int(n[0]), dtype=np.uint8)
         return self.bcast(buf, what).tobytes()
 
@@ -199,7 +202,8 @@ class Ranks:
             for k, v in arrays.items():
                 self.bcast(np.ascontiguousarray(v), f"for rank 0's {k}")
             return a, config, tokenizer, params, opt_state, state, splits
-        text = self.bcast_bytes(None, "while rank 0 set up (reading the data and any checkpoint)")
+        text = self.bcast_bytes(None, "while rank 0 set up (reading the data and any checkpoint)",
+                                SETUP_TIMEOUTS * self.timeout)   # reading a large text, learning BPE merges
         if not text:
             raise SystemExit(1)                                    # rank 0 failed and printed why
         header = json.loads(text)
@@ -222,10 +226,10 @@ class Ranks:
         self.views = {k: self.buffer[e - g.size:e].reshape(g.shape) for (k, g), e in zip(grads.items(), ends)}
         self.slots = self.buffer[-len(SLOTS):]
 
-    def loss_and_grads(self, params, config, x, y, rng, stop_requested, root_evaluated):
+    def loss_and_grads(self, params, config, x, y, rng, stop_signum, root_evaluated):
         """This rank's rows of the global batch (x, y), summed over the ranks: (loss, grads) of the whole
-        batch. stop_requested: this rank was asked to stop (summed into `self.stopping`); root_evaluated:
-        rank 0 evaluated before this step (the others allow for that in their deadline)."""
+        batch. stop_signum: the signal that asked this rank to stop, or None (summed into `self.stopping`);
+        root_evaluated: rank 0 evaluated before this step (the others allow for that in their deadline)."""
         t0 = time.perf_counter()
         B = x.shape[0]
         lo, hi = B * self.rank // self.size, B * (self.rank + 1) // self.size
@@ -242,12 +246,14 @@ class Ranks:
         self.compute_s = time.perf_counter() - t0
         if self.root and self.t_done is not None:
             self.root_gap = max(0.0, t0 - self.t_done)     # evaluation, logging, checkpoints since the last step
-        self.slots[:] = [loss * share, float(stop_requested), 0.0, self.root_gap if self.root else 0.0]
+        self.slots[:] = [loss * share, float(stop_signum == signal.SIGINT), float(stop_signum == signal.SIGTERM), 0.0,
+                         self.root_gap if self.root else 0.0]
         self.allreduce("at a training step", root_evaluated)
-        loss_sum, stop, abort, gap = (float(v) for v in self.slots)
+        loss_sum, sigint, sigterm, abort, gap = (float(v) for v in self.slots)
         if abort > 0:
             raise PeerStopped("another rank stopped with an error (printed above)")
-        self.stopping = stop > 0
+        self.stopping = sigint + sigterm > 0
+        self.stop_signum = signal.SIGTERM if sigterm > 0 else signal.SIGINT if sigint > 0 else None
         self.root_gap = gap
         return loss_sum, self.views
 

@@ -90,8 +90,8 @@ HELP = {
     "sample_tokens": "length of the sample printed at the end (0 for none)",
     "progress": "show the progress bar (true/false)",
     "track_spectra": "at every evaluation, log each weight matrix's spectral metrics to OUT_DIR/spectra.jsonl",
-    "mpi_timeout": "under mpiexec: seconds a rank waits for the others at a step (longer after an evaluation) "
-                   "before it gives up with one line",
+    "mpi_timeout": "under mpiexec: seconds a rank waits for the others at a step (longer after an evaluation, "
+                   "20 times as long for rank 0's setup) before it gives up with one line",
 }
 
 
@@ -383,13 +383,14 @@ def train(a, explicit=(), log=print, dist=None):
                     break
                 if dist.stopping if dist else stop.requested:      # checked between steps, so the saved state is always whole
                     save(step)
+                    signum = dist.stop_signum if dist else stop.signum
                     raise Interrupted(f"interrupted at step {step}; saved {ckpt_path}; "
                                       f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
-                                      stop.signum if stop.signum != getattr(signal, "SIGINT", None) else None)
+                                      signum if signum != getattr(signal, "SIGINT", None) else None)
                 lr = lr_at(step)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
-                loss, grads = (dist.loss_and_grads(params, config, x, y, dropout_rng, stop.requested, is_eval) if dist
+                loss, grads = (dist.loss_and_grads(params, config, x, y, dropout_rng, stop.signum, is_eval) if dist
                                else M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng))
                 norm = global_norm(grads)
                 if not (np.isfinite(loss) and np.isfinite(norm)):

@@ -16,16 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
+from tinylm.distributed import find_mpiexec
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "8",
         "--eval_iters", "2", "--sample_tokens", "0", "--progress", "false", "--learning_rate", "3e-3",
         "--warmup_iters", "2", "--lr_decay_iters", "20"]
-
-
-def find_mpiexec():
-    """The mpiexec installed beside this Python (the mpich wheel puts it there), else the one on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
 
 
 def mpi_missing():

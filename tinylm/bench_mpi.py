@@ -25,7 +25,6 @@ The machine is shared: the load average is printed beside the numbers.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 from . import model as M
 from . import optim, parallel
 from .bench import CONFIGS, QUICK, VOCAB, machine_line, update
+from .distributed import find_mpiexec
 
 
 def recipe(quick):
@@ -92,12 +92,6 @@ def run_rank(quick):
     return {"ms": 1e3 * float(np.median(step_s)), "allreduce_ms": 1e3 * float(np.median(reduce_s)),
             "alone_ms": 1e3 * float(np.median(alone)), "loss": loss, "ranks": ranks.size,
             "floats": int(ranks.buffer.size), "workers": parallel.usable_cores()}
-
-
-def find_mpiexec():
-    """The mpiexec installed beside this Python (the mpich wheel's), else the one on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
 
 
 def measure(cmd, env):

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -77,6 +78,12 @@ def launched_size(environ=os.environ):
 
 def launched_rank(environ=os.environ):
     return _env_int(RANK_VARIABLES, environ) or 0
+
+
+def find_mpiexec():
+    """The mpiexec installed beside this Python (where the mpich wheel puts it), else the one on PATH, else None."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
 
 
 def args_digest(a, explicit):
@@ -194,9 +201,9 @@ class Ranks:
             except BaseException:
                 self.bcast_bytes(b"", "while rank 0 set up")       # empty: it failed, and says why
                 raise
-            arrays = _flat_arrays({"params": params, "opt_state": opt_state, "train": splits["train"]})
+            arrays = _leaves({"params": params, "opt_state": opt_state, "train": splits["train"]}, True)
             header = {"args": dataclasses.asdict(a), "config": config.to_dict(), "state": state,
-                      "scalars": _scalars({"opt_state": opt_state}),
+                      "scalars": _leaves({"opt_state": opt_state}, False),
                       "arrays": [(k, v.dtype.str, list(v.shape)) for k, v in arrays.items()]}
             self.bcast_bytes(json.dumps(header).encode(), "while rank 0 set up")
             for k, v in arrays.items():
@@ -347,30 +354,20 @@ def run(train, a, explicit, log):
     return summary
 
 
-def _flat_arrays(tree, prefix=""):
-    """{'a/b/c': array} for every array in a tree of dicts."""
+def _leaves(tree, arrays, prefix=""):
+    """{'a/b/c': leaf} for every array leaf of a tree of dicts (arrays=True), or every other leaf, such as the
+    optimizer's step count (arrays=False). Generic, so any optimizer's state travels, whatever its shape."""
     out = {}
     for k, v in (tree or {}).items():
         if isinstance(v, dict):
-            out.update(_flat_arrays(v, f"{prefix}{k}/"))
-        elif isinstance(v, np.ndarray):
-            out[prefix + k] = v
-    return out
-
-
-def _scalars(tree, prefix=""):
-    """{'a/b': value} for every non-array leaf (e.g. the optimizer's step count)."""
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}/"))
-        elif not isinstance(v, np.ndarray):
+            out.update(_leaves(v, arrays, f"{prefix}{k}/"))
+        elif isinstance(v, np.ndarray) == arrays:
             out[prefix + k] = v
     return out
 
 
 def _unflatten(leaves):
-    """The tree of dicts whose _flat_arrays and _scalars were `leaves`."""
+    """The tree of dicts whose _leaves were `leaves`."""
     tree = {}
     for path, v in leaves.items():
         *parents, leaf = path.split("/")

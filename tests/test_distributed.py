@@ -209,6 +209,9 @@ def rank_pids(out_dir):
     return pids
 
 
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc (Linux)")
+
+
 def start_long_run(mpiexec, shakespeare_head, out, *extra):
     """A run of many steps under 2 ranks; returns (process, {rank: pid}) once it has saved two checkpoints."""
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -249,6 +252,7 @@ def assert_checkpoint_intact_and_resumable(out):
     assert checkpoint(str(out))["meta"]["step"] == step + 2
 
 
+@needs_proc
 def test_a_killed_rank_ends_the_run_within_seconds_and_the_checkpoint_survives(mpiexec, shakespeare_head, tmp_path):
     """SIGKILL on rank 1 mid-run: MPI's launcher ends rank 0 at once and says which rank died and how."""
     out = tmp_path / "out"
@@ -261,6 +265,7 @@ def test_a_killed_rank_ends_the_run_within_seconds_and_the_checkpoint_survives(m
     assert_checkpoint_intact_and_resumable(out)
 
 
+@needs_proc
 def test_a_hung_rank_times_out_with_one_line(mpiexec, shakespeare_head, tmp_path):
     """SIGSTOP on rank 1 (a hung process, or a host that stopped answering): rank 0 gives up after
     --mpi_timeout with one line, and the launcher then ends the stopped rank."""
@@ -278,6 +283,7 @@ def test_a_hung_rank_times_out_with_one_line(mpiexec, shakespeare_head, tmp_path
     assert_checkpoint_intact_and_resumable(out)
 
 
+@needs_proc
 def test_sigterm_to_one_rank_stops_every_rank_after_saving(mpiexec, shakespeare_head, tmp_path):
     """The stop flag travels in the summed buffer: all ranks stop before the same step, rank 0 saves it."""
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ instead, so the N = 2 equality test can never be skipped there unnoticed.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -279,7 +280,9 @@ def test_a_hung_rank_times_out_with_one_line(mpiexec, shakespeare_head, tmp_path
             os.kill(pids[1], signal.SIGKILL)
     assert rc == 1 and took < 15
     lines = error_lines(subprocess.CompletedProcess([], rc, stdout, stderr))
-    assert len(lines) == 1 and lines[0].startswith("error: rank 0 waited 2 s for the other ranks at a training step"), lines
+    # 2 s, stretched by ten times rank 0's own step (a slow step on a busy machine is not a lost rank)
+    assert len(lines) == 1 and re.match(r"error: rank 0 waited \d+ s for the other ranks at a training step: a rank "
+                                        r"or host was lost", lines[0]), lines
     assert_checkpoint_intact_and_resumable(out)
 
 
@@ -299,7 +302,6 @@ def test_sigterm_to_one_rank_stops_every_rank_after_saving(mpiexec, shakespeare_
 
 def test_quick_mpi_bench_prints_both_sides_and_the_allreduce_share(mpiexec):
     """`python -m tinylm.bench_mpi --quick` runs; its speed is never checked."""
-    import re
     proc = subprocess.run([sys.executable, "-m", "tinylm.bench_mpi", "--quick", "--runs", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr

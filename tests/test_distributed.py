@@ -176,6 +176,18 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_refused(mpiexec, shakes
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--batch_size", "0"], "error: --batch_size must be a positive integer, got 0"),
+    (["--data", "/nonexistent/text.txt"], "error: data file not found: /nonexistent/text.txt"),
+    (["--init_from", "resume"], "error: checkpoint not found: {out}/ckpt.npz (train one first with: python train.py)")])
+def test_an_error_every_rank_meets_is_printed_once(mpiexec, shakespeare_head, tmp_path, flags, line):
+    out = tmp_path / "out"
+    proc = launch(mpiexec, 2, "--data", shakespeare_head, "--out_dir", out, "--max_iters", "2", *TINY, *flags)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [line.format(out=out)]
+    assert not (out / "ckpt.npz").exists()
+
+
 def test_ranks_started_with_other_flags_are_refused(mpiexec, shakespeare_head, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", shakespeare_head, "--out_dir", str(out),

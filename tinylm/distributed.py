@@ -322,14 +322,14 @@ def run(train, a, explicit, log):
             raise TinyLMError(f"--mpi_timeout must be a positive number of seconds, got {a.mpi_timeout}")
         ranks = Ranks(MPI, comm, a.mpi_timeout)
         ranks.check_same_args(a, explicit)
-        batch = np.zeros(1, dtype=np.int64)
+        batch = np.full(1, -1, dtype=np.int64)
         try:
             batch[0] = global_batch(a, explicit) if root else 0
-        finally:                               # on rank 0's failure to read it, 0 tells the others to stop
+        finally:                               # on rank 0's failure to read it, -1 tells the others to stop
             ranks.bcast(batch, "for rank 0's batch size")
-        if batch[0] <= 0:
+        if batch[0] < 0:
             raise SystemExit(1)                # rank 0 could not read its checkpoint, and said so
-        if batch[0] % size:
+        if batch[0] > 0 and batch[0] % size:   # (not positive: validate_args says so, below)
             raise TinyLMError(f"--batch_size {batch[0]} does not divide among {size} processes: give a multiple "
                               f"of {size} (each process takes batch_size / {size} sequences); nothing was written")
         ranks.eval_iters = a.eval_iters

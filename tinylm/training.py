@@ -311,9 +311,9 @@ def train(a, explicit=(), log=print, dist=None):
     """Train as the args say. Returns a summary dict. Raises TinyLMError on any problem the user can fix.
 
     Started by mpiexec, every process runs this loop as one rank of distributed.py (dist)."""
-    validate_args(a)
     if dist is None and distributed.launched_size() > 1:
         return distributed.run(train, a, explicit, log)
+    validate_args(a)
     root = dist is None or dist.root        # under MPI only rank 0 reads, evaluates, logs and writes
     if root:
         prepare_out_dir(a.out_dir)

@@ -225,10 +225,10 @@ def rank_pids(out_dir):
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc (Linux)")
 
 
-def start_long_run(mpiexec, shakespeare_head, out, *extra):
+def start_long_run(mpiexec, shakespeare_head, out, *extra, launcher_flags=()):
     """A run of many steps under 2 ranks; returns (process, {rank: pid}) once it has saved two checkpoints."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, os.path.join(ROOT, "train.py"), "--data",
+    proc = subprocess.Popen([mpiexec, *launcher_flags, "-n", "2", sys.executable, os.path.join(ROOT, "train.py"), "--data",
                              shakespeare_head, "--out_dir", str(out), *TINY, "--max_iters", "100000",
                              "--lr_decay_iters", "100000", "--eval_interval", "20", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -296,6 +296,21 @@ def test_a_hung_rank_times_out_with_one_line(mpiexec, shakespeare_head, tmp_path
     assert len(lines) == 1 and re.match(r"error: rank 0 waited \d+ s for the other ranks at a training step: a rank "
                                         r"or host was lost", lines[0]), lines
     assert_checkpoint_intact_and_resumable(out)
+
+
+def test_a_rank_that_fails_stops_the_others_at_once_through_the_abort_flag(mpiexec, shakespeare_head, tmp_path):
+    """Rank 0 fails alone (its out_dir removed under it): it posts the abort flag into the Allreduce rank 1
+    waits in, so rank 1 exits at once by itself (the launcher is told not to clean up, so it does not help)."""
+    if "HYDRA" not in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("-disable-auto-cleanup is an option of MPICH's mpiexec (Hydra)")
+    out = tmp_path / "out"
+    proc, _ = start_long_run(mpiexec, shakespeare_head, out, "--mpi_timeout", "30",
+                             launcher_flags=["-disable-auto-cleanup"])
+    shutil.rmtree(out)
+    rc, stdout, stderr, took = finish(proc, 60)
+    assert rc == 1 and took < 10, (took, stdout, stderr)       # not the 30 s of the timeout
+    lines = error_lines(subprocess.CompletedProcess([], rc, stdout, stderr))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "No such file or directory" in lines[0], lines
 
 
 @needs_proc

@@ -10,6 +10,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from . import distributed
 from . import model as M
 from .atomic import atomic_write, remove_stale_temp_files
 from .bpe import train_bpe
@@ -56,6 +57,7 @@ class TrainArgs:
     sample_tokens: int = 300
     progress: bool = True
     track_spectra: bool = False
+    mpi_timeout: float = 60.0
 
 
 HELP = {
@@ -88,6 +90,8 @@ HELP = {
     "sample_tokens": "length of the sample printed at the end (0 for none)",
     "progress": "show the progress bar (true/false)",
     "track_spectra": "at every evaluation, log each weight matrix's spectral metrics to OUT_DIR/spectra.jsonl",
+    "mpi_timeout": "under mpiexec: seconds a rank waits for the others at a step (longer after an evaluation, "
+                   "20 times as long for rank 0's setup) before it gives up with one line",
 }
 
 
@@ -303,11 +307,17 @@ def rng_from_state(bit_state):
     return rng
 
 
-def train(a, explicit=(), log=print):
-    """Train as the args say. Returns a summary dict. Raises TinyLMError on any problem the user can fix."""
+def train(a, explicit=(), log=print, dist=None):
+    """Train as the args say. Returns a summary dict. Raises TinyLMError on any problem the user can fix.
+
+    Started by mpiexec, every process runs this loop as one rank of distributed.py (dist)."""
+    if dist is None and distributed.launched_size() > 1:
+        return distributed.run(train, a, explicit, log)
     validate_args(a)
-    prepare_out_dir(a.out_dir)
-    a, config, tokenizer, params, opt_state, state, splits = setup(a, explicit)
+    root = dist is None or dist.root        # under MPI only rank 0 reads, evaluates, logs and writes
+    if root:
+        prepare_out_dir(a.out_dir)
+    a, config, tokenizer, params, opt_state, state, splits = dist.share(setup, a, explicit) if dist else setup(a, explicit)
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
     best_path = os.path.join(a.out_dir, "best.npz")
     metrics_path = os.path.join(a.out_dir, "metrics.jsonl")
@@ -317,7 +327,8 @@ def train(a, explicit=(), log=print):
     best = state["best_val_loss"]
     tokens_per_step = a.batch_size * config.block_size
     if a.init_from == "scratch":
-        start_fresh(a.out_dir, log)
+        if root:
+            start_fresh(a.out_dir, log)
     elif start >= a.max_iters:
         log(f"nothing to do: the run in {a.out_dir} is at step {start}, which is --max_iters; to train on, "
             f"pass a larger --max_iters (and --lr_decay_iters, for the learning rate to keep decaying)")
@@ -326,6 +337,8 @@ def train(a, explicit=(), log=print):
         f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
 
     def save(step, path=ckpt_path, with_optimizer=True):
+        if not root:
+            return
         bad = [k for k, p in params.items() if not np.isfinite(p).all()]
         if bad:        # never replace a good checkpoint with a broken state
             raise TinyLMError(f"training diverged before step {step}: {bad[0]} is not finite; "
@@ -346,7 +359,7 @@ def train(a, explicit=(), log=print):
         try:      # floating-point warnings stay quiet: a non-finite loss or gradient is checked below
             while True:
                 is_eval = step % a.eval_interval == 0 or step == a.max_iters
-                if is_eval and not (step == start and a.init_from == "resume"):   # evaluated before it was saved
+                if is_eval and root and not (step == start and a.init_from == "resume"):   # evaluated before it was saved
                     losses = estimate_loss(params, config, splits, a, step)
                     if not all(np.isfinite(v) for v in losses.values()):
                         raise TinyLMError(f"training diverged at step {step}: evaluation loss {losses['train']} (train), "
@@ -368,15 +381,17 @@ def train(a, explicit=(), log=print):
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:
                     break
-                if stop.requested:      # checked between steps, so the saved state is always whole
+                if dist.stopping if dist else stop.requested:      # checked between steps, so the saved state is always whole
                     save(step)
+                    signum = dist.stop_signum if dist else stop.signum
                     raise Interrupted(f"interrupted at step {step}; saved {ckpt_path}; "
                                       f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
-                                      stop.signum if stop.signum != getattr(signal, "SIGINT", None) else None)
+                                      signum if signum != getattr(signal, "SIGINT", None) else None)
                 lr = lr_at(step)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
-                loss, grads = M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng)
+                loss, grads = (dist.loss_and_grads(params, config, x, y, dropout_rng, stop.signum, is_eval) if dist
+                               else M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng))
                 norm = global_norm(grads)
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from . import layers as L
+from . import lowrank as LR
 from . import model as M
 
 TOLERANCE = 1e-6
@@ -92,6 +93,12 @@ def layer_checks(seed=0):
         dx, g = L.linear_backward(d, c)
         return {"x": dx, "W": g["W"], "b": g["b"]}
     record("linear", check_function(L.linear_forward, lin_back, {"x": randn(B, T, C), "W": randn(3, C), "b": randn(3)}))
+
+    def lowrank_back(d, c):
+        dx, g = LR.lowrank_backward(d, c)
+        return {"x": dx, "A": g["A"], "B": g["B"], "b": g["b"]}
+    record("lowrank linear", check_function(LR.lowrank_forward, lowrank_back,
+                                            {"x": randn(B, T, C), "A": randn(3, 2), "B": randn(2, C), "b": randn(3)}))
 
     def ln_back(d, c):
         dx, g = L.layernorm_backward(d, c)

@@ -56,3 +56,56 @@ def test_names_shapes_and_dense_params():
             LR.factorized_shapes(shapes, {name: bad})
     with pytest.raises(TinyLMError):
         LR.factorized_shapes(shapes, {"transformer.wte": 2})
+
+
+# ----------------------------------------------------------------------------- the model with factorized layers
+
+from tinylm import model as M  # noqa: E402
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_factorized_model_gradients_match_finite_differences(monkeypatch, recompute):
+    if recompute:      # the path of big batches: layer inputs dropped from the cache and recomputed
+        monkeypatch.setattr(M, "RECOMPUTE_ABOVE_BYTES", 0)
+    config = GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=True)
+    results = dict(gradcheck.model_check(config, seed=2, ranks=gradcheck.FACTORIZED_CHECK, max_entries=40))
+    assert "transformer.h.0.attn.c_attn.weight_B" in results and "transformer.h.0.attn.c_attn.weight" not in results
+    assert max(results.values()) < gradcheck.TOLERANCE, results
+
+
+def factorized_model(bias, seed=0, dtype=np.float64):
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8, bias=bias)
+    rng = np.random.default_rng(seed)
+    params = M.init_params(config, seed=seed, dtype=dtype)
+    for k in params:
+        params[k] += (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
+    for name, r in gradcheck.FACTORIZED_CHECK.items():
+        out, inp = params[name + ".weight"].shape
+        params = LR.factor_params(params, name, rng.standard_normal((out, r)).astype(dtype),
+                                  (0.3 * rng.standard_normal((r, inp))).astype(dtype))
+    return config, params
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_factorized_model_runs_as_its_dense_product(bias):
+    """forward, forward_cached and the one-token decoder (decode_next) of a factorized model give the
+    logits of the dense model whose weights are the products A B."""
+    config, params = factorized_model(bias)
+    dense = LR.dense_params(params)
+    idx = np.random.default_rng(1).integers(0, config.vocab_size, size=(1, 8))
+    want = M.forward(dense, config, idx, for_backward=False)[0]
+    np.testing.assert_allclose(M.forward(params, config, idx, for_backward=False)[0], want, rtol=1e-10, atol=1e-10)
+    kv = M.new_kv_cache(config, 1, np.float64)
+    np.testing.assert_allclose(M.forward_cached(params, config, idx[:, :3], kv), want[:, :3], rtol=1e-10, atol=1e-10)
+    dw = M.decoding_weights(params, config)
+    assert isinstance(dw["layers"][0][0], tuple) and not isinstance(dw["layers"][1][0], tuple)
+    for t in range(3, 8):
+        np.testing.assert_allclose(M.decode_next(dw, kv, int(idx[0, t])), want[0, t], rtol=1e-9, atol=1e-9)
+
+
+def test_factorized_generate_cached_equals_uncached():
+    config, params = factorized_model(True)
+    greedy = lambda logits: int(np.argmax(logits))
+    cached = list(M.generate(params, config, [1, 2], 6, greedy))      # within one block: the same contexts
+    uncached = list(M.generate(params, config, [1, 2], 6, greedy, use_cache=False))
+    assert cached == uncached

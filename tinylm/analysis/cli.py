@@ -192,6 +192,11 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_any(path, with_optimizer="curvature" in sections)
+    from ..lowrank import dense_params, ranks_of
+    if ranks_of(ckpt["params"]):      # a compressed model (tinylm.compress): the analysis reads the products A B
+        sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
+                         f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")
+        ckpt = dict(ckpt, params=dense_params(ckpt["params"]), opt_state=None)
     out = sys.stdout
     if a.poster:
         from .poster import make_poster

@@ -267,3 +267,20 @@ def test_out_must_not_overwrite_without_force_or_be_the_input(trained_dir, tmp_p
     out.write_bytes(b"keep")
     proc = run_module("tinylm.compress", ckpt, out, "--no_progress")
     assert proc.returncode != 0 and "--force" in proc.stderr and out.read_bytes() == b"keep"
+
+
+def test_compression_memory_does_not_grow_with_depth():
+    """Calibration holds one layer's activations at a time: a model three times deeper peaks no higher."""
+    import tracemalloc
+    peaks = []
+    for n_layer in (2, 6):
+        config = GPTConfig(block_size=16, vocab_size=11, n_layer=n_layer, n_head=2, n_embd=32)
+        params = init_params(config, seed=0)
+        idx = np.random.default_rng(0).integers(0, 11, size=(256, 16))
+        ranks = C.ranks_for(config, ("rank", 4))
+        tracemalloc.start()
+        C.compress_model(params, config, ranks, "whitened", idx, refit_factors=True)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    layer_inputs = 256 * 16 * 4 * 32 * 4                   # the MLP projection's inputs, float32
+    assert peaks[1] < 1.15 * peaks[0] + 0.5 * layer_inputs, peaks

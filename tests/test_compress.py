@@ -284,3 +284,20 @@ def test_compression_memory_does_not_grow_with_depth():
         tracemalloc.stop()
     layer_inputs = 256 * 16 * 4 * 32 * 4                   # the MLP projection's inputs, float32
     assert peaks[1] < 1.15 * peaks[0] + 0.5 * layer_inputs, peaks
+
+
+def test_analysis_lowrank_has_the_whitened_curve_and_samples(trained_dir, tmp_path):
+    report = tmp_path / "report"
+    proc = run_script("analyze.py", trained_dir["dir"], "--only", "lowrank", "--report", report, "--no-progress",
+                      "--eval-seqs", 16)
+    assert proc.returncode == 0, proc.stderr
+    assert "low rank, whitened (tinylm.compress)" in proc.stdout
+    import json
+    sec = json.loads((report / "metrics.json").read_text())["lowrank"]
+    quarter = next(r for r in sec["curve"] if r["rank_fraction"] == 0.25)
+    assert quarter["whitened_loss"] < quarter["loss"]              # the data-aware factors lose less
+    models = [(s["model"], s["rank_fraction"]) for s in sec["samples"]]
+    assert models[0] == ("dense", 1.0) and ("whitened", 0.125) in models and ("svd", 0.125) in models
+    assert all(len(s["text"]) > 0 for s in sec["samples"])
+    html = (report / "index.html").read_text(encoding="utf-8")
+    assert "loss (whitened)" in html and "Samples (same seed" in html

@@ -397,7 +397,7 @@ def compress_parser():
     ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--rank", default=None,
-                      help="each matrix's rank: a fraction of its full rank min(out, in), such as 0.375, or an integer "
+                      help="each matrix's rank: a fraction of its full rank min(out, in) written with a point, such as 0.375 or 1.0, or an integer "
                       "rank such as 32 (default 0.375 when --params is not given)")
     size.add_argument("--params", default=None, metavar="FRACTION",
                       help="keep at most this fraction of the blocks' linear parameters, e.g. 0.5 (each matrix gets the "

@@ -194,8 +194,11 @@ def test_training_resumes_from_the_compressed_model(compressed, tmp_path):
     step = load_checkpoint(compressed["path"])["meta"]["step"]
     before = load_checkpoint(compressed["path"])["params"]
     proc = run_script("train.py", "--out_dir", out, "--init_from", "resume", "--max_iters", step + 5,
-                      "--eval_interval", 5, "--eval_iters", 2, "--sample_tokens", 0, "--progress", "false")
+                      "--eval_interval", 5, "--eval_iters", 2, "--sample_tokens", 0, "--progress", "false",
+                      "--track_spectra", "true")
     assert proc.returncode == 0, proc.stderr
+    assert f"{sum(v.size for v in before.values()):,} parameters" in proc.stdout     # the factorized count
+    assert (out / "spectra.jsonl").stat().st_size > 0                              # spectra of the products
     after = load_checkpoint(str(out / "ckpt.npz"))
     assert after["meta"]["step"] == step + 5 and ranks_of(after["params"]) == ranks_of(before)
     name = next(iter(ranks_of(before))) + ".weight_B"
@@ -301,3 +304,23 @@ def test_analysis_lowrank_has_the_whitened_curve_and_samples(trained_dir, tmp_pa
     assert all(len(s["text"]) > 0 for s in sec["samples"])
     html = (report / "index.html").read_text(encoding="utf-8")
     assert "loss (whitened)" in html and "Samples (same seed" in html
+
+
+@pytest.mark.parametrize("tamper", ["rank", "name", "type"])
+def test_checkpoint_with_wrong_lowrank_metadata_is_refused(compressed, tmp_path, tamper):
+    import json
+    with np.load(compressed["path"], allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta.json"].tobytes())
+    name = next(iter(meta["lowrank"]))
+    if tamper == "rank":
+        meta["lowrank"][name] += 1                     # the arrays no longer match
+    elif tamper == "name":
+        meta["lowrank"]["transformer.wte"] = 2
+    else:
+        meta["lowrank"] = "all of them"
+    arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(TinyLMError, match="checkpoint"):
+        load_checkpoint(str(path))

@@ -138,6 +138,19 @@ def test_rank_above_full_rank_and_a_lower_rank_checkpoint_are_refused():
     assert set(ranks_of(lower).values()) == {2}
 
 
+def test_a_layer_not_smaller_factorized_stays_dense():
+    config, params, idx = tiny_model()
+    new, info = C.compress_model(params, config, C.ranks_for(config, ("fraction", 0.6)), "svd")   # r = 10 of 16
+    ranks = ranks_of(new)          # c_attn (48×16) and the MLP's are smaller as factors; c_proj (16×16) is not
+    assert "transformer.h.0.attn.c_proj" not in ranks and "transformer.h.1.attn.c_proj" not in ranks
+    assert set(ranks) == {n for n in C.layer_names(config) if not n.endswith("attn.c_proj")}
+    W = params["transformer.h.1.attn.c_proj.weight"]
+    U, s, Vt = np.linalg.svd(W)
+    np.testing.assert_allclose(new["transformer.h.1.attn.c_proj.weight"], (U[:, :10] * s[:10]) @ Vt[:10], atol=1e-10)
+    assert info["kept"] == sum(min(10 * sum(params[n + ".weight"].shape), params[n + ".weight"].size)
+                               for n in C.layer_names(config))
+
+
 def test_calibration_windows():
     ids = np.arange(100)
     w = C.calibration_windows(ids, 8, 30)

@@ -294,8 +294,7 @@ def truncate(params, factors, ranks):
         A_full, B_full, _ = factors[name]
         A, B = A_full[:, :r].astype(dtype), B_full[:r].astype(dtype)
         if stays_dense((A.shape[0], B.shape[1]), r):
-            new = factor_params(new, name, A, B)
-            new = dense_params(new)
+            new[name + ".weight"] = A @ B                  # params is dense here: the product takes W's place
         else:
             new = factor_params(new, name, A, B)
     return new

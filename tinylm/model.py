@@ -494,6 +494,7 @@ def decode_next(dw, kv, token):
     causal mask is needed; vectors are 1-D, every product writes into a preallocated buffer, and each
     block costs ~30 NumPy calls and no allocation beyond the scores (at one token a step, the calls'
     overhead is the cost). A layer norm is one product for Σx and Σx² plus the 1/σ after the next product.
+    A factorized layer (lowrank.py) is two products through its rank-r middle (matvec_into).
     """
     pos = kv["len"]
     n = pos + 1

@@ -3,7 +3,9 @@
 Inside the zip: every weight under its nanoGPT name, the AdamW moments under
 `optim.m.<name>` and `optim.v.<name>` (when saved), and `meta.json`, UTF-8 bytes
 holding the format version, model config, tokenizer, step, best validation loss,
-random states and training arguments.
+random states and training arguments. A compressed model (tinylm.compress) stores each factorized
+linear layer as `<layer>.weight_A` (out, r) and `<layer>.weight_B` (r, in) in place of
+`<layer>.weight` (see lowrank.py), and its metadata lists the ranks: `"lowrank": {"<layer>": r}`.
 
 Writing goes through `atomic.atomic_write`: a crash at any moment leaves the old file or the
 new one, never a mix (on Linux not even a temporary file). A failed write (a full disk) raises
@@ -26,6 +28,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import TinyLMError
+from .lowrank import factorized_shapes, ranks_of
 from .model import GPTConfig, param_shapes
 from .tokenizer import tokenizer_from_dict
 
@@ -55,6 +58,9 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     meta = dict(meta or {})
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, config=config.to_dict(),
                 tokenizer=tokenizer.to_dict(), dtype=str(params["transformer.wte.weight"].dtype))
+    meta.pop("lowrank", None)
+    if ranks_of(params):               # factorized layers (lowrank.py): their ranks imply the factors' shapes
+        meta["lowrank"] = ranks_of(params)
     arrays = dict(params)
     if opt_state is not None:
         meta["optim_t"] = int(opt_state["t"])
@@ -229,7 +235,10 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     dtype = FLOAT_DTYPES.get(meta.get("dtype"))
     if dtype is None:
         raise CheckpointError(f"checkpoint {path}: unsupported dtype {meta.get('dtype')!r}")
-    shapes = param_shapes(config)
+    ranks = meta.get("lowrank", {})
+    if not isinstance(ranks, dict):
+        raise CheckpointError(f"checkpoint {path}: metadata field 'lowrank' is not an object")
+    shapes = factorized_shapes(param_shapes(config), ranks)
     has_optimizer = "optim_t" in meta
     expected = set(shapes) | {META_KEY}
     if has_optimizer:

@@ -120,6 +120,8 @@ def sample_parser():
     ap.add_argument("--top_p", type=float, default=None, help="keep the smallest set of tokens with this much probability")
     ap.add_argument("--seed", type=int, default=1337, help="random seed")
     ap.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for comparison)")
+    ap.add_argument("--rank", default=None, help="first compress the model on the fly by plain truncated SVD to this rank: "
+                    "a fraction of each block matrix's full rank (0.375) or an integer rank (32); see python -m tinylm.compress")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return ap
 
@@ -149,8 +151,16 @@ def _sample(argv):
         path = a.checkpoint
     else:
         path = os.path.join(a.out_dir, a.checkpoint)
+    rank = None
+    if a.rank is not None:
+        from .compress import parse_rank
+        rank = parse_rank(a.rank)
     ckpt = load_any(path)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
+    if rank is not None:
+        from .compress import compress_on_the_fly
+        params, line = compress_on_the_fly(params, config, rank)
+        print(line, file=sys.stderr)
     start = a.start
     if start.startswith("FILE:"):
         from .data import read_text

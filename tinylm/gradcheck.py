@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from . import layers as L
+from . import lowrank as LR
 from . import model as M
 
 TOLERANCE = 1e-6
@@ -93,6 +94,12 @@ def layer_checks(seed=0):
         return {"x": dx, "W": g["W"], "b": g["b"]}
     record("linear", check_function(L.linear_forward, lin_back, {"x": randn(B, T, C), "W": randn(3, C), "b": randn(3)}))
 
+    def lowrank_back(d, c):
+        dx, g = LR.lowrank_backward(d, c)
+        return {"x": dx, "A": g["A"], "B": g["B"], "b": g["b"]}
+    record("lowrank linear", check_function(LR.lowrank_forward, lowrank_back,
+                                            {"x": randn(B, T, C), "A": randn(3, 2), "B": randn(2, C), "b": randn(3)}))
+
     def ln_back(d, c):
         dx, g = L.layernorm_backward(d, c)
         return {"x": dx, "w": g["w"], "b": g["b"]}
@@ -126,10 +133,20 @@ def layer_checks(seed=0):
     return results
 
 
-def model_check(config, seed=0, max_entries=None, train=False):
-    """Whole-model gradient of the loss for every parameter. Returns [(param name, error)]."""
+FACTORIZED_CHECK = {f"transformer.h.0.{n}": 3 for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+FACTORIZED_CHECK["transformer.h.1.mlp.c_fc"] = 3
+
+
+def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
+    """Whole-model gradient of the loss for every parameter. Returns [(param name, error)].
+
+    ranks {layer name: r} stores those linear layers as random factorized layers of rank r (lowrank.py).
+    """
     rng = np.random.default_rng(seed)
     params = M.init_params(config, seed=seed, dtype=np.float64)
+    for name, r in (ranks or {}).items():
+        out, inp = params[name + ".weight"].shape
+        params = LR.factor_params(params, name, 0.1 * rng.standard_normal((out, r)), rng.standard_normal((r, inp)))
     for k in params:     # GPT-2 init has LN gain 1 and bias 0: perturb so no term hides behind a constant
         params[k] += 0.1 * rng.standard_normal(params[k].shape)
     T = config.block_size
@@ -164,6 +181,11 @@ def main(argv=None):
         for name, err in model_check(config, args.seed, train=dropout > 0):
             worst = max(worst, err)
             print(f"  {name:<40}{err:>16.2e}")
+    config = M.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=True)
+    print("\nwhole model, bias=True, every linear layer of block 0 and h.1.mlp.c_fc factorized (rank 3)")
+    for name, err in model_check(config, args.seed, ranks=FACTORIZED_CHECK):
+        worst = max(worst, err)
+        print(f"  {name:<40}{err:>16.2e}")
     ok = worst < TOLERANCE
     print(f"\nworst relative error {worst:.2e}: {'PASS' if ok else 'FAIL'} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1

@@ -170,6 +170,11 @@ def export_hf(source, folder, dtype=np.float32):
         raise TinyLMError(f"export folder {folder} exists and is not a folder")
     os.makedirs(folder, exist_ok=True)
     notes = []
+    from .lowrank import dense_params, ranks_of
+    if ranks_of(params):              # GPT-2 has no factorized layers: write what they compute
+        notes.append(f"{len(ranks_of(params))} factorized (low-rank) layers were written as their dense products "
+                     "A B (GPT-2 has no factorized layers): the same function, at the dense model's size")
+        params = dense_params(params)
     if not config.bias:
         notes.append("the model has no biases; GPT-2 always has them, so zero biases were written "
                      "(the same function; tinylm's importer drops them again)")

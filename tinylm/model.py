@@ -11,6 +11,7 @@ import numpy as np
 
 from . import layers as L
 from .errors import TinyLMError
+from .lowrank import lowrank_backward, lowrank_forward
 
 
 @dataclasses.dataclass
@@ -137,6 +138,20 @@ def with_input(linear_cache, x):
     return (x,) + tuple(linear_cache[1:])
 
 
+def linear_by_name(params, name, x):
+    """The linear layer `name` (e.g. transformer.h.0.mlp.c_fc) on x: y = x Wᵀ + b with W = name.weight, or
+    y = (x Bᵀ) Aᵀ + b when params hold its factors name.weight_A, name.weight_B instead (lowrank.py)."""
+    A = params.get(name + ".weight_A")
+    if A is None:
+        return L.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+    return lowrank_forward(x, A, params[name + ".weight_B"], params.get(name + ".bias"))
+
+
+def linear_backward_by_name(params, name, dy, cache):
+    """The backward of linear_by_name(params, name, ·): (dx, {"W", "b"}) dense, (dx, {"A", "B", "b"}) factorized."""
+    return (lowrank_backward if name + ".weight_A" in params else L.linear_backward)(dy, cache)
+
+
 def recomputed_input(linear_cache, ln_cache):
     """The cache of a linear layer fed by a layer norm, its input put back from the norm's cache if it was dropped."""
     if linear_cache[0] is not None:
@@ -177,16 +192,16 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
         c = {}
         # attention sublayer: x + proj(attention(c_attn(ln_1(x))))
         h, c["ln_1"] = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
-        qkv, c["c_attn"] = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        qkv, c["c_attn"] = linear_by_name(P, pre + "attn.c_attn", h)
         if recompute:
             c["c_attn"] = without_input(c["c_attn"])             # h again from ln_1's x̂ in the backward
         a, c["attn"] = L.attention_forward(qkv, config.n_head, p, rng)
-        a, c["attn_proj"] = L.linear_forward(a, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
+        a, c["attn_proj"] = linear_by_name(P, pre + "attn.c_proj", a)
         a, c["attn_drop"] = L.dropout_forward(a, p, rng)
         x, _ = L.residual_forward(x, a)
         # MLP sublayer: x + c_proj(gelu(c_fc(ln_2(x))))
         h, c["ln_2"] = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
-        f, c["c_fc"] = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        f, c["c_fc"] = linear_by_name(P, pre + "mlp.c_fc", h)
         if not for_backward:
             g = L.gelu_values_forward(f)
         elif recompute:   # keep GELU's input only: its slope and output (2·B·T·4C numbers) are recomputed
@@ -194,7 +209,7 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
             g, c["gelu_in"] = L.gelu_values_forward(f), f
         else:
             g, c["gelu"] = L.gelu_forward(f)
-        m, c["mlp_proj"] = L.linear_forward(g, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        m, c["mlp_proj"] = linear_by_name(P, pre + "mlp.c_proj", g)
         if recompute:
             c["mlp_proj"] = without_input(c["mlp_proj"])         # g again from GELU's input in the backward
         del h, g
@@ -216,7 +231,10 @@ def backward(params, config, cache, dloss=1.0):
     grads = {}
 
     def put(prefix, g):
-        grads[prefix + ".weight"] = g.get("W", g.get("w"))
+        if "A" in g:                                   # a factorized layer (lowrank.py)
+            grads[prefix + ".weight_A"], grads[prefix + ".weight_B"] = g["A"], g["B"]
+        else:
+            grads[prefix + ".weight"] = g.get("W", g.get("w"))
         if "b" in g:
             grads[prefix + ".bias"] = g["b"]
 
@@ -236,22 +254,22 @@ def backward(params, config, cache, dloss=1.0):
             g_out, gelu_cache = L.gelu_forward(c["gelu_in"])
             proj_cache = with_input(c["mlp_proj"], g_out)
             del g_out
-        df, g = L.linear_backward(dm, proj_cache)
+        df, g = linear_backward_by_name(params, pre + "mlp.c_proj", dm, proj_cache)
         del proj_cache
         put(pre + "mlp.c_proj", g)
         df = L.gelu_backward_(df, gelu_cache)                    # in place: df is linear_backward's own new array
         del gelu_cache
-        dh, g = L.linear_backward(df, recomputed_input(c["c_fc"], c["ln_2"]))
+        dh, g = linear_backward_by_name(params, pre + "mlp.c_fc", df, recomputed_input(c["c_fc"], c["ln_2"]))
         put(pre + "mlp.c_fc", g)
         dh, g = L.layernorm_backward(dh, c["ln_2"])
         put(pre + "ln_2", g)
         dx = dx + dh
         dx, da = L.residual_backward(dx, None)
         da = L.dropout_backward(da, c["attn_drop"])
-        da, g = L.linear_backward(da, c["attn_proj"])
+        da, g = linear_backward_by_name(params, pre + "attn.c_proj", da, c["attn_proj"])
         put(pre + "attn.c_proj", g)
         dqkv = L.attention_backward(da, c["attn"])
-        dh, g = L.linear_backward(dqkv, recomputed_input(c["c_attn"], c["ln_1"]))
+        dh, g = linear_backward_by_name(params, pre + "attn.c_attn", dqkv, recomputed_input(c["c_attn"], c["ln_1"]))
         put(pre + "attn.c_attn", g)
         dh, g = L.layernorm_backward(dh, c["ln_1"])
         put(pre + "ln_1", g)
@@ -341,7 +359,7 @@ def forward_cached(params, config, idx, kv, record=None, last_only=False):
     for i in range(config.n_layer):
         pre = block_prefix(i)
         h, _ = L.layernorm_forward(x, P[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
-        qkv, _ = L.linear_forward(h, P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
+        qkv, _ = linear_by_name(P, pre + "attn.c_attn", h)
         q, k, v = L.qkv_heads(qkv, H)                                 # views, (B,H,t,D) each
         kv["k"][i, :, :, start:start + t] = k
         kv["v"][i, :, :, start:start + t] = v
@@ -352,12 +370,12 @@ def forward_cached(params, config, idx, kv, record=None, last_only=False):
         att = L.causal_softmax_(q @ keys.transpose(0, 1, 3, 2), offset=start + t - q.shape[2])
         y = np.empty((B, q.shape[2], config.n_embd), dtype=x.dtype)
         np.matmul(att, values, out=L.split_heads(y, H))
-        a, _ = L.linear_forward(y, P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias"))
+        a, _ = linear_by_name(P, pre + "attn.c_proj", y)
         x = x + a
         h, _ = L.layernorm_forward(x, P[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
-        f, _ = L.linear_forward(h, P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
+        f, _ = linear_by_name(P, pre + "mlp.c_fc", h)
         f = L.gelu_values_forward(f)
-        m, _ = L.linear_forward(f, P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))
+        m, _ = linear_by_name(P, pre + "mlp.c_proj", f)
         x += m
         if record is not None:
             record["residual"].append(x)
@@ -406,14 +424,32 @@ def decoding_weights(params, config):
         col = np.zeros((W.shape[0], 1), W.dtype) if c is None else c[:, None]
         return np.ascontiguousarray(np.concatenate([W, col], axis=1).T)
 
+    def passing_last(M):
+        """M (in+1, r) with one more column that carries the vector's last entry (σ, or the 1) through: (in+1, r+1)."""
+        col = np.zeros((M.shape[0], 1), M.dtype)
+        col[-1] = 1.0
+        return np.ascontiguousarray(np.concatenate([M, col], axis=1))
+
+    def layer(name, ln=None, scale=None):
+        """The stored matrix for the linear layer `name` (after the layer norm `ln`, if given). A factorized
+        layer W = A B (lowrank.py) gives the pair (M₁, M₂) = (the same for B with no bias, passing σ or 1
+        through; [A, c]ᵀ), used as (v M₁) M₂: [x, σ] M₁ = [x B'ᵀ + σ B b, σ], then that M₂ is the A (x B'ᵀ +
+        σ B b)ᵀ + σ c of the dense form."""
+        c = get(name + ".bias")
+        if name + ".weight_A" not in P:
+            W = P[name + ".weight"] if scale is None else scale * P[name + ".weight"]
+            return fold(ln, W, c) if ln else with_bias(W, c)
+        A, B = P[name + ".weight_A"], P[name + ".weight_B"]
+        first = fold(ln, B, None) if ln else with_bias(B, None)
+        return passing_last(first), with_bias(A if scale is None else scale * A, c)
+
     layers = []
     for i in range(config.n_layer):
         pre = block_prefix(i)
-        W_attn = fold(pre + "ln_1", P[pre + "attn.c_attn.weight"], get(pre + "attn.c_attn.bias"))
-        W_attn[:, :C] *= 1.0 / math.sqrt(C // H)
-        W_fc = fold(pre + "ln_2", P[pre + "mlp.c_fc.weight"], get(pre + "mlp.c_fc.bias"))
-        layers.append((W_attn, with_bias(P[pre + "attn.c_proj.weight"], get(pre + "attn.c_proj.bias")),
-                       W_fc, with_bias(0.5 * P[pre + "mlp.c_proj.weight"], get(pre + "mlp.c_proj.bias"))))
+        W_attn = layer(pre + "attn.c_attn", pre + "ln_1")
+        (W_attn[1] if isinstance(W_attn, tuple) else W_attn)[:, :C] *= 1.0 / math.sqrt(C // H)
+        W_fc = layer(pre + "mlp.c_fc", pre + "ln_2")
+        layers.append((W_attn, layer(pre + "attn.c_proj"), W_fc, layer(pre + "mlp.c_proj", scale=0.5)))
     head = fold("transformer.ln_f", P["transformer.wte.weight"], None)
     return {"wte": P["transformer.wte.weight"], "wpe": P["transformer.wpe.weight"], "layers": layers,
             "head": head, "n_head": H, "eps": 1e-5}
@@ -443,6 +479,13 @@ def decoding_buffers(kv, dtype):
             "out": np.empty(C, dtype)}
 
 
+def matvec_into(v, M, out):
+    """out = v M for a stored matrix M, or (v M₁) M₂ for a factorized layer's pair (M₁, M₂) (decoding_weights)."""
+    if type(M) is tuple:
+        return np.dot(np.dot(v, M[0]), M[1], out=out)
+    return np.dot(v, M, out=out)
+
+
 def decode_next(dw, kv, token):
     """Logits (V,) for one more token of a single sequence whose earlier tokens are in kv (batch 1).
 
@@ -451,6 +494,7 @@ def decode_next(dw, kv, token):
     causal mask is needed; vectors are 1-D, every product writes into a preallocated buffer, and each
     block costs ~30 NumPy calls and no allocation beyond the scores (at one token a step, the calls'
     overhead is the cost). A layer norm is one product for Σx and Σx² plus the 1/σ after the next product.
+    A factorized layer (lowrank.py) is two products through its rank-r middle (matvec_into).
     """
     pos = kv["len"]
     n = pos + 1
@@ -476,7 +520,7 @@ def decode_next(dw, kv, token):
 
     for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
         sigma = set_sigma()
-        np.dot(xa, W_attn, out=qkv)
+        matvec_into(xa, W_attn, qkv)
         qkv *= 1.0 / sigma                                      # q (already × 1/√D), k, v
         KV[:, :, pos] = new_kv                                  # append this position's key and value
         s = np.matmul(q, Kt[:, :, :n])                          # (H, 1, n) scores against every cached key
@@ -484,9 +528,9 @@ def decode_next(dw, kv, token):
         np.exp(s, out=s)
         s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
         np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (H,1,D) -> (C,)
-        x += np.dot(y, W_o, out=out)                            # y ends in 1: c_proj's bias included
+        x += matvec_into(y, W_o, out)                            # y ends in 1: c_proj's bias included
         sigma = set_sigma()
-        np.dot(xa, W_fc, out=f)
+        matvec_into(xa, W_fc, f)
         f *= 1.0 / sigma
         np.multiply(f, f, out=g_out)                            # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
         g_out *= c1
@@ -495,7 +539,7 @@ def decode_next(dw, kv, token):
         np.tanh(g_out, out=g_out)
         g_out += 1.0
         g_out *= f
-        x += np.dot(g, W_p, out=out)                            # W_p carries GELU's ½; g ends in 1: bias
+        x += matvec_into(g, W_p, out)                            # W_p carries GELU's ½; g ends in 1: bias
     kv["len"] = n
     sigma = set_sigma()
     logits = np.dot(xa, dw["head"])

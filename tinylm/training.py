@@ -333,7 +333,7 @@ def train(a, explicit=(), log=print, dist=None):
         log(f"nothing to do: the run in {a.out_dir} is at step {start}, which is --max_iters; to train on, "
             f"pass a larger --max_iters (and --lr_decay_iters, for the learning rate to keep decaying)")
         return {"step": start, "best_val_loss": best, "elapsed_s": 0.0, "checkpoint": ckpt_path}
-    log(f"tinylm: {M.count_params(config):,} parameters, vocab {config.vocab_size}, "
+    log(f"tinylm: {sum(p.size for p in params.values()):,} parameters, vocab {config.vocab_size}, "
         f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
 
     def save(step, path=ckpt_path, with_optimizer=True):

@@ -149,8 +149,19 @@ def run_analysis(ckpt, path, sections, args, log=print):
             big = scale.is_big_model(config)
             xl, yl = (x[:scale.BIG_LOWRANK_SEQS], y[:scale.BIG_LOWRANK_SEQS]) if big else (x, y)
             fractions = scale.BIG_FRACTIONS if big else DEFAULT_FRACTIONS
-            run = lambda: rank_sweep(params, config, [(xl[i:i + 8], yl[i:i + 8]) for i in range(0, len(xl), 8)],
-                                     fractions=fractions, progress=progress)
+            calib = None
+            if not big:      # the whitened curve and samples: calibration on the train split of the run's text
+                from ..compress import DEFAULT_CALIB_TOKENS, calibration_ids, calibration_windows
+                calib = calibration_windows(calibration_ids(tok, meta)[0], config.block_size, DEFAULT_CALIB_TOKENS)
+
+            def run():
+                from .lowrank import lowrank_samples
+                sec = rank_sweep(params, config, [(xl[i:i + 8], yl[i:i + 8]) for i in range(0, len(xl), 8)],
+                                 fractions=fractions, progress=progress, calib=calib)
+                if not big:
+                    start = tok.encode("\n") if "\n" in chars else x[0, :1]
+                    sec["samples"] = lowrank_samples(params, config, start, tok.decode, calib)
+                return sec
         elif name == "curvature":
             from .hessian import analyze_curvature
             nb = max(1, args.hessian_batch)
@@ -192,6 +203,11 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_any(path, with_optimizer="curvature" in sections)
+    from ..lowrank import dense_params, ranks_of
+    if ranks_of(ckpt["params"]):      # a compressed model (tinylm.compress): the analysis reads the products A B
+        sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
+                         f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")
+        ckpt = dict(ckpt, params=dense_params(ckpt["params"]), opt_state=None)
     out = sys.stdout
     if a.poster:
         from .poster import make_poster

@@ -160,6 +160,12 @@ def section_summaries(results):
         out.append(f"low rank: base loss {lr['base_loss']:.4f}; " + (
             f"smallest rank within {100 * lr['tolerance']:.0f}%: {100 * b['rank_fraction']:.1f}% of each matrix's rank, "
             f"{100 * b['param_fraction']:.0f}% of block parameters, loss {b['loss']:.4f}" if b else "no truncation stays within tolerance"))
+        if "whitened_smallest_within_tolerance" in lr:
+            w = lr["whitened_smallest_within_tolerance"]
+            out.append("low rank, whitened (tinylm.compress): " + (
+                f"smallest rank within {100 * lr['tolerance']:.0f}%: {100 * w['rank_fraction']:.1f}% of each matrix's rank, "
+                f"{100 * w['param_fraction']:.0f}% of block parameters, loss {w['whitened_loss']:.4f}" if w
+                else "no truncation stays within tolerance"))
     if "curvature" in results:
         cv = results["curvature"]
         line = (f"curvature: top Hessian eigenvalues {', '.join(f'{v:.3g}' for v in cv['eigenvalues'])}; "
@@ -445,7 +451,10 @@ def lowrank_figures(sec):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     c = sec["curve"]
-    ax.plot([r["param_fraction"] for r in c], [r["loss"] for r in c], "o-")
+    ax.plot([r["param_fraction"] for r in c], [r["loss"] for r in c], "o-", label="plain SVD")
+    if c and "whitened_loss" in c[0]:
+        ax.plot([r["param_fraction"] for r in c], [r["whitened_loss"] for r in c], "s-", ms=3,
+                label="whitened SVD (Cholesky of XᵀX)")
     for r in c:
         ax.annotate(f"{r['rank_fraction']:.2g}", (r["param_fraction"], r["loss"]), fontsize=6)
     ax.axhline(sec["base_loss"], color="grey", ls="--", lw=0.8, label="full model")
@@ -454,7 +463,8 @@ def lowrank_figures(sec):
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    return [("Validation loss after truncating every block linear weight to rank k by SVD (labels: k / full rank)", _png(fig))]
+    return [("Validation loss after truncating every block linear weight to rank k, by plain SVD and by whitened SVD "
+             "(labels: k / full rank)", _png(fig))]
 
 
 def curvature_figures(sec):
@@ -578,13 +588,24 @@ def _section_tables(name, sec, results):
                 + _table(["readout"] + [str(i) for i in range(L)], rows))
     if name == "lowrank":
         b = sec["smallest_within_tolerance"]
+        white = bool(sec["curve"]) and "whitened_loss" in sec["curve"][0]
         rows = [[f"{r['rank_fraction']:.3f}", f"{r['param_fraction']:.3f}", f"{r['loss']:.4f}", f"{100 * r['relative_increase']:+.2f}%"]
+                + ([f"{r['whitened_loss']:.4f}", f"{100 * r['whitened_relative_increase']:+.2f}%"] if white else [])
                 for r in sec["curve"]]
         head = (f"<p>Base loss {sec['base_loss']:.4f} on {sec['n_tokens']} validation tokens, "
                 f"{len(sec['curve'])} rank fractions. " +
                 (f"Smallest rank within {100 * sec['tolerance']:.0f}%: {100 * b['rank_fraction']:.1f}% of each matrix's rank "
                  f"({100 * b['param_fraction']:.1f}% of the block parameters).</p>" if b else "No truncation stays within tolerance.</p>"))
-        return head + _table(["rank / full rank", "params kept", "loss", "change"], rows)
+        cols = ["rank / full rank", "params kept", "loss (SVD)", "change"] + (["loss (whitened)", "change"] if white else [])
+        note = (f"<p class='note'>Whitened: each layer's factors minimize its output error on {sec['calib_tokens']} "
+                "calibration tokens of the training text (Cholesky S of XᵀX, SVD of W S, triangular solve back; "
+                "tinylm/compress.py). Same ranks, so the same parameters kept.</p>") if white else ""
+        samples = ""
+        if sec.get("samples"):
+            label = lambda s: "dense" if s["model"] == "dense" else f"{s['model']}, rank {s['rank_fraction']:.3g} of full"
+            samples = "<h4>Samples (same seed, temperature 0.8)</h4>" + "".join(
+                f"<p><b>{e(label(s))}</b></p><pre>{e(s['text'])}</pre>" for s in sec["samples"])
+        return head + _table(cols, rows) + note + samples
     if name == "curvature":
         rows = [["top eigenvalues of H", ", ".join(f"{v:.4g}" for v in sec["eigenvalues"])],
                 ["2 / peak learning rate", _num(sec["gd_threshold_2_over_lr"], "{:.4g}")],

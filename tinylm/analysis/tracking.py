@@ -33,7 +33,8 @@ def spectra_snapshot(params, config):
 def log_spectra(params, config, step, path):
     """Append {"step", "elapsed_ms", "matrices": spectra_snapshot(...)} as one JSON line to path."""
     t0 = time.perf_counter()
-    record = {"step": int(step), "matrices": spectra_snapshot(params, config)}
+    from ..lowrank import dense_params
+    record = {"step": int(step), "matrices": spectra_snapshot(dense_params(params), config)}   # factorized: the products
     record["elapsed_ms"] = round(1000 * (time.perf_counter() - t0), 1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:

@@ -258,3 +258,10 @@ def test_bench_quick_runs():
                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
     assert "PiSSA reaches LoRA's final val loss" in r.stdout and "peak traced memory" in r.stdout
+
+
+def test_finetune_from_a_gpt2_folder(base, tmp_path):
+    from tinylm.hf import export_hf
+    export_hf(base, str(tmp_path / "hf"))
+    summary = run_ft(str(tmp_path / "hf"), tmp_path / "ft", lora_rank=2, max_iters=3)
+    assert summary["step"] == 3 and np.isfinite(summary["best_val_loss"])

@@ -35,7 +35,7 @@ from .errors import TinyLMError
 KJV_DATA = os.path.join(os.path.dirname(DEFAULT_DATA), "kjv_genesis_exodus.txt")
 METHODS = (("full", 0, "lora"), ("lora R=4", 4, "lora"), ("pissa R=4", 4, "pissa"),
            ("lora R=16", 16, "lora"), ("pissa R=16", 16, "pissa"))
-FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+FULL_LRS = (1e-4, 3e-4, 1e-3)
 ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
@@ -96,18 +96,19 @@ def main(argv=None):
     ap.add_argument("--data", default=KJV_DATA, help="the fine-tuning text")
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps of each run")
     ap.add_argument("--eval_interval", type=int, default=25, help="steps between validation losses")
-    ap.add_argument("--eval_iters", type=int, default=20, help="batches per validation loss")
+    ap.add_argument("--eval_iters", type=int, default=10, help="batches per validation loss")
     ap.add_argument("--json", metavar="FILE", help="also write every curve and figure to FILE")
     ap.add_argument("--quick", action="store_true", help="tiny base model, 20 steps, two learning rates")
     a = ap.parse_args(argv)
     from .checkpoint import load_checkpoint
     from .model import param_shapes
+    from .training import Interrupted
     from .adapters import adapter_shapes, resolve_targets
     with tempfile.TemporaryDirectory() as tmp:
         full_lrs, adapter_lrs = FULL_LRS, ADAPTER_LRS
         if a.quick:
             a.base, a.steps, a.eval_interval, a.eval_iters = make_quick_base(tmp), 20, 5, 2
-            full_lrs, adapter_lrs = FULL_LRS[1:3], ADAPTER_LRS[1:3]
+            full_lrs, adapter_lrs = FULL_LRS[:2], ADAPTER_LRS[:2]
         if not os.path.exists(a.base):
             print(f"error: no base model at {a.base}; train the default one first with: python train.py",
                   file=sys.stderr)
@@ -120,13 +121,18 @@ def main(argv=None):
               f"validation every {a.eval_interval} steps ({a.eval_iters} batches); load average {load:.2f}")
         sweep, ms = {}, {m[0]: [] for m in METHODS}
         t0 = time.perf_counter()
-        for i in range(len(FULL_LRS) if not a.quick else 2):
+        for i in range(max(len(full_lrs), len(adapter_lrs))):
             for name, rank, init in METHODS:
-                lr = (full_lrs if rank == 0 else adapter_lrs)[i]
+                lrs = full_lrs if rank == 0 else adapter_lrs
+                if i >= len(lrs):
+                    continue
+                lr = lrs[i]
                 out = os.path.join(tmp, f"{name.replace(' ', '_')}_{lr:g}")
                 args = run_args(a.base, a.data, out, rank, init, lr, a.steps, a.eval_interval, a.eval_iters)
                 try:
                     steps, losses, step_ms = one_run(*args)
+                except Interrupted:
+                    raise
                 except TinyLMError as e:          # a learning rate too high for the method: diverged
                     steps, losses, step_ms = [], [], []
                     print(f"  {name} lr {lr:g}: {e}")

@@ -3,7 +3,9 @@
 Inside the zip: every weight under its nanoGPT name, the AdamW moments under
 `optim.m.<name>` and `optim.v.<name>` (when saved), and `meta.json`, UTF-8 bytes
 holding the format version, model config, tokenizer, step, best validation loss,
-random states and training arguments.
+random states and training arguments. A run with adapters (LoRA/PiSSA) keeps its frozen weights
+under the same names, its adapters as `<matrix>.lora_A` / `.lora_B`, their moments alone under
+`optim.*`, and their rank, α, targets and init as `meta.json`'s "lora" entry: base + adapters in one file.
 
 Writing goes through `atomic.atomic_write`: a crash at any moment leaves the old file or the
 new one, never a mix (on Linux not even a temporary file). A failed write (a full disk) raises

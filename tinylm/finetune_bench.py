@@ -35,8 +35,8 @@ from .errors import TinyLMError
 KJV_DATA = os.path.join(os.path.dirname(DEFAULT_DATA), "kjv_genesis_exodus.txt")
 METHODS = (("full", 0, "lora"), ("lora R=4", 4, "lora"), ("pissa R=4", 4, "pissa"),
            ("lora R=16", 16, "lora"), ("pissa R=16", 16, "pissa"))
-FULL_LRS = (1e-4, 3e-4, 1e-3)
-ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+ADAPTER_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def run_args(base, data, out_dir, rank, init, lr, steps, eval_interval, eval_iters):

@@ -176,6 +176,22 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_refused(mpiexec, shakes
     assert not out.exists()
 
 
+def test_adapters_under_mpi_are_refused_and_full_fine_tuning_runs(mpiexec, shakespeare_head, tmp_path):
+    base = tmp_path / "base"
+    assert launch(mpiexec, 2, "--data", shakespeare_head, "--out_dir", base, "--max_iters", "2", *TINY).returncode == 0
+    out = tmp_path / "lora"
+    proc = launch(mpiexec, 2, "--data", shakespeare_head, "--out_dir", out, "--max_iters", "2", *TINY,
+                  "--init_from", base / "ckpt.npz", "--lora_rank", "2")
+    assert proc.returncode == 1
+    assert len(error_lines(proc)) == 1 and "--lora_rank is not supported under mpiexec" in error_lines(proc)[0]
+    assert not out.exists()
+    full = tmp_path / "full"
+    proc = launch(mpiexec, 2, "--data", shakespeare_head, "--out_dir", full, "--max_iters", "2", *TINY,
+                  "--init_from", base / "ckpt.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert (full / "ckpt.npz").is_file()
+
+
 @pytest.mark.parametrize("flags, line", [
     (["--batch_size", "0"], "error: --batch_size must be a positive integer, got 0"),
     (["--data", "/nonexistent/text.txt"], "error: data file not found: /nonexistent/text.txt"),

@@ -6,6 +6,9 @@ holding the format version, model config, tokenizer, step, best validation loss,
 random states and training arguments. A compressed model (tinylm.compress) stores each factorized
 linear layer as `<layer>.weight_A` (out, r) and `<layer>.weight_B` (r, in) in place of
 `<layer>.weight` (see lowrank.py), and its metadata lists the ranks: `"lowrank": {"<layer>": r}`.
+A run with adapters (LoRA/PiSSA) keeps its frozen weights
+under the same names, its adapters as `<matrix>.lora_A` / `.lora_B`, their moments alone under
+`optim.*`, and their rank, α, targets and init as `meta.json`'s "lora" entry: base + adapters in one file.
 
 Writing goes through `atomic.atomic_write`: a crash at any moment leaves the old file or the
 new one, never a mix (on Linux not even a temporary file). A failed write (a full disk) raises
@@ -48,8 +51,12 @@ def _write_npz(f, arrays):
     np.savez(f, **arrays)
 
 
-def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
+def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None, adapters=None):
     """Write params (and optimizer moments, if given) with their metadata to path, atomically.
+
+    With adapters (LoRA/PiSSA, see adapters.py; meta['lora'] names their rank, α, targets and init),
+    params are the frozen weights, the adapters are stored beside them under their own names, and
+    the optimizer moments are those of the adapters alone: base + adapters in one file.
 
     The data is written to an unnamed (or temporary) file in the same folder, flushed to disk
     and renamed over `path`, so a crash at any moment leaves either the old file or the new one.
@@ -61,10 +68,10 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None):
     meta.pop("lowrank", None)
     if ranks_of(params):               # factorized layers (lowrank.py): their ranks imply the factors' shapes
         meta["lowrank"] = ranks_of(params)
-    arrays = dict(params)
+    arrays = {**params, **(adapters or {})}
     if opt_state is not None:
         meta["optim_t"] = int(opt_state["t"])
-        for name in params:
+        for name in opt_state["m"]:          # the trained arrays: every parameter, or the adapters
             arrays["optim.m." + name] = opt_state["m"][name]
             arrays["optim.v." + name] = opt_state["v"][name]
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
@@ -189,8 +196,12 @@ def _members(zf, path, file_size):
     return members
 
 
-def load_checkpoint(path, with_optimizer=True):
-    """Read a checkpoint: {'params', 'config', 'tokenizer', 'opt_state' (or None), 'meta'}.
+def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
+    """Read a checkpoint: {'params', 'config', 'tokenizer', 'opt_state' (or None), 'meta', 'adapters'}.
+
+    A checkpoint with adapters is returned merged (params = frozen + s·B A, adapters and opt_state
+    None), so sampling and analysis see a plain model; merge_adapters=False returns the frozen
+    params, the adapters and their optimizer state as stored (to resume training).
 
     Raises CheckpointError with one clear line for a missing, truncated, damaged or foreign file.
     """
@@ -199,7 +210,15 @@ def load_checkpoint(path, with_optimizer=True):
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
-        return _load(path, with_optimizer)
+        ckpt = _load(path, with_optimizer)
+        if merge_adapters and ckpt["adapters"] is not None:
+            from .adapters import merged_params
+            meta = dict(ckpt["meta"])
+            meta.pop("lora_base_sha256", None)
+            meta["merged_adapters"] = meta.pop("lora")      # a plain model now: re-saved, it is a plain file
+            ckpt.update(params=merged_params(ckpt["params"], ckpt["adapters"], meta["merged_adapters"]),
+                        adapters=None, opt_state=None, meta=meta)
+        return ckpt
     except CheckpointError:
         raise
     except TinyLMError as e:            # a config or tokenizer that cannot work
@@ -239,10 +258,19 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     if not isinstance(ranks, dict):
         raise CheckpointError(f"checkpoint {path}: metadata field 'lowrank' is not an object")
     shapes = factorized_shapes(param_shapes(config), ranks)
+    lora_shapes = {}
+    if "lora" in meta:
+        from .adapters import AdapterError, adapter_shapes, check_lora_meta
+        try:
+            meta["lora"] = check_lora_meta(meta["lora"], shapes, f"checkpoint {path}")
+        except AdapterError as e:
+            raise CheckpointError(str(e)) from None
+        lora_shapes = adapter_shapes(meta["lora"]["targets"], meta["lora"]["rank"], shapes)
+    trained = lora_shapes or shapes          # the arrays with optimizer moments
     has_optimizer = "optim_t" in meta
-    expected = set(shapes) | {META_KEY}
+    expected = set(shapes) | set(lora_shapes) | {META_KEY}
     if has_optimizer:
-        expected |= {f"optim.{m}.{k}" for k in shapes for m in "mv"}
+        expected |= {f"optim.{m}.{k}" for k in trained for m in "mv"}
     missing, extra = expected - set(members), set(members) - expected
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
@@ -250,18 +278,21 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
         raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(sorted(extra)[:3])}")
     # Bound every allocation before making it: the arrays the config implies must fit in the file.
     itemsize = np.dtype(dtype).itemsize
-    implied = sum(math.prod(s) for s in shapes.values()) * itemsize * (3 if has_optimizer else 1)
+    implied = (sum(math.prod(s) for s in shapes.values()) + sum(math.prod(s) for s in lora_shapes.values())
+               + (2 * sum(math.prod(s) for s in trained.values()) if has_optimizer else 0)) * itemsize
     if implied > file_size:
         raise CheckpointError(f"checkpoint {path}: its config implies {implied:,} bytes of arrays, "
                               f"but the file has only {file_size:,} bytes")
-    for k, s in shapes.items():
-        for name in [k] + ([f"optim.m.{k}", f"optim.v.{k}"] if has_optimizer else []):
+    for k, s in {**shapes, **lora_shapes}.items():
+        for name in [k] + ([f"optim.m.{k}", f"optim.v.{k}"] if has_optimizer and k in trained else []):
             if members[name].file_size < math.prod(s) * itemsize:
                 raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} is too small for shape {s}")
     params = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in shapes.items()}
+    adapters = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in lora_shapes.items()} or None
     opt_state = None
     if has_optimizer and with_optimizer:
         opt_state = {"t": int(meta["optim_t"]),
-                     "m": {k: _read_npy(zf, members["optim.m." + k], dtype, s, path) for k, s in shapes.items()},
-                     "v": {k: _read_npy(zf, members["optim.v." + k], dtype, s, path) for k, s in shapes.items()}}
-    return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": opt_state, "meta": meta}
+                     "m": {k: _read_npy(zf, members["optim.m." + k], dtype, s, path) for k, s in trained.items()},
+                     "v": {k: _read_npy(zf, members["optim.v." + k], dtype, s, path) for k, s in trained.items()}}
+    return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": opt_state, "meta": meta,
+            "adapters": adapters}

@@ -93,7 +93,7 @@ def _train(argv):
     from .training import TrainArgs, train
     ns = vars(train_parser().parse_args(argv))
     ns.pop("debug", None)
-    if "max_iters" in ns and "lr_decay_iters" not in ns and ns.get("init_from", "scratch") == "scratch":
+    if "max_iters" in ns and "lr_decay_iters" not in ns and ns.get("init_from", "scratch") != "resume":
         ns["lr_decay_iters"] = ns["max_iters"]    # a shorter run still decays its learning rate to min_lr
     args = dataclasses.replace(TrainArgs(), **ns)
     train(args, explicit=tuple(ns))

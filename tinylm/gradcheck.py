@@ -126,6 +126,11 @@ def layer_checks(seed=0):
         lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(3), row_block=2),
         lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
 
+    from .adapters import lora_backward, lora_forward
+    record("lora adapter", check_function(
+        lambda W, A, B: lora_forward(W, A, B, 0.7), lambda d, c: lora_backward(d, c),
+        {"W": randn(6, C), "A": randn(3, C), "B": randn(6, 3)}))
+
     targets = rng.integers(0, V, size=(B, T))
     record("cross_entropy", check_function(
         lambda logits: L.cross_entropy_forward(logits, targets),
@@ -165,6 +170,27 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
     return results
 
 
+def adapter_check(config, init="pissa", seed=0, max_entries=None):
+    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix). Returns [(name, error)]."""
+    from .adapters import adapter_grads, block_matrix_names, init_adapters, merged_params
+    rng = np.random.default_rng(seed)
+    params = M.init_params(config, seed=seed, dtype=np.float64)
+    for k in params:
+        params[k] += 0.1 * rng.standard_normal(params[k].shape)
+    lora = {"rank": 2, "alpha": 3.0, "targets": block_matrix_names(params), "init": init}
+    frozen, adapters = init_adapters(params, lora, seed=seed)
+    for k in adapters:   # LoRA's B = 0 would hide A's gradient: move both off their start
+        adapters[k] += 0.1 * rng.standard_normal(adapters[k].shape)
+    T = config.block_size
+    idx = rng.integers(0, config.vocab_size, size=(2, T))
+    targets = rng.integers(0, config.vocab_size, size=(2, T))
+    run = lambda: M.forward(merged_params(frozen, adapters, lora), config, idx, targets)
+    merged = merged_params(frozen, adapters, lora)
+    grads = adapter_grads(M.backward(merged, config, run()[2]), adapters, lora)
+    return [(name, compare(grads[name], numerical_gradient(lambda: run()[1], a, max_entries=max_entries, rng=rng)))
+            for name, a in adapters.items()]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinylm.gradcheck",
                                  description="Check every backward pass against finite differences (float64).")
@@ -186,6 +212,12 @@ def main(argv=None):
     for name, err in model_check(config, args.seed, ranks=FACTORIZED_CHECK):
         worst = max(worst, err)
         print(f"  {name:<40}{err:>16.2e}")
+    config = M.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=0.0, bias=True)
+    for init in ("lora", "pissa"):
+        print(f"\nwhole model through {init} adapters (rank 2 on every block matrix)")
+        for name, err in adapter_check(config, init, args.seed):
+            worst = max(worst, err)
+            print(f"  {name:<40}{err:>16.2e}")
     ok = worst < TOLERANCE
     print(f"\nworst relative error {worst:.2e}: {'PASS' if ok else 'FAIL'} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1

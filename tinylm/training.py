@@ -11,7 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import distributed
+from . import finetune
 from . import model as M
+from .adapters import adapter_grads, merged_params
 from .atomic import atomic_write, remove_stale_temp_files
 from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -58,12 +60,20 @@ class TrainArgs:
     progress: bool = True
     track_spectra: bool = False
     mpi_timeout: float = 60.0
+    unknown_chars: str = "error"
+    replace_char: str = " "
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = "all"
+    lora_init: str = "lora"
+    merge: bool = False
 
 
 HELP = {
     "data": "UTF-8 text file to train on (default: the bundled Tiny Shakespeare)",
     "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
-    "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz",
+    "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file "
+                 "or GPT-2 folder to fine-tune (a new run in OUT_DIR; the source is only read)",
     "n_layer": "number of transformer blocks",
     "n_head": "attention heads per block (must divide n_embd)",
     "n_embd": "width of the residual stream",
@@ -92,6 +102,17 @@ HELP = {
     "track_spectra": "at every evaluation, log each weight matrix's spectral metrics to OUT_DIR/spectra.jsonl",
     "mpi_timeout": "under mpiexec: seconds a rank waits for the others at a step (longer after an evaluation, "
                    "20 times as long for rank 0's setup) before it gives up with one line",
+    "unknown_chars": "fine-tuning a character model on text with characters its vocabulary lacks: 'error' names "
+                     "them, 'drop' leaves them out, 'replace' writes --replace_char instead",
+    "replace_char": "with --unknown_chars replace: the vocabulary's character written for an unknown one",
+    "lora_rank": "fine-tune low-rank adapters of this rank R instead of every weight: each target W becomes "
+                 "W + (α/R)·B A, only A and B trained (no weight decay), the rest frozen; 0 for full fine-tuning",
+    "lora_alpha": "adapter scale α (α/R multiplies B A); 0 means α = R",
+    "lora_targets": "matrices that get adapters: 'all' block matrices or a comma list of attn.c_attn, "
+                    "attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj is both) or full parameter names",
+    "lora_init": "'lora' (A random, B zero) or 'pissa' (A, B from the top-R singular triplets of W, the "
+                 "residual frozen)",
+    "merge": "with adapters: at the end write OUT_DIR/merged.npz, best.npz with W + (α/R)·B A folded in",
 }
 
 
@@ -117,8 +138,6 @@ def validate_args(a):
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(a, name) < 1.0:
             raise TinyLMError(f"--{name} must be in [0, 1), got {getattr(a, name)}")
-    if a.init_from not in ("scratch", "resume"):
-        raise TinyLMError(f"--init_from must be 'scratch' or 'resume', got {a.init_from!r}")
     if a.tokenizer not in ("char", "bpe"):
         raise TinyLMError(f"--tokenizer must be 'char' or 'bpe', got {a.tokenizer!r}")
     if a.tokenizer == "bpe" and a.vocab_size < 257:
@@ -141,7 +160,7 @@ def prepare_out_dir(out_dir):
             os.fsync(f.fileno())
     except OSError as e:
         raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
-    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz") + LOG_FILES)
+    remove_stale_temp_files(out_dir, ("ckpt.npz", "best.npz", "merged.npz") + LOG_FILES)
 
 
 def check_saved_args(saved, ckpt_path):
@@ -251,11 +270,15 @@ def encode_file(path, errors, tokenizer):
     return tokenizer.encode(read_text(path, errors))
 
 
-def setup(a, explicit=()):
-    """Build or resume everything training needs: (args, config, tokenizer, params, opt_state, state, splits)."""
+def setup(a, explicit=(), log=print):
+    """Build or resume everything training needs: (args, config, tokenizer, params, opt_state, state, splits).
+
+    With adapters, params are the frozen weights, state['adapters'] the trained ones and opt_state theirs.
+    """
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
+    lora = adapters = None
     if a.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, merge_adapters=False)
         if ckpt["opt_state"] is None:
             raise CheckpointError(f"{ckpt_path} has no optimizer state, so it cannot be resumed")
         meta = ckpt["meta"]
@@ -276,12 +299,25 @@ def setup(a, explicit=()):
         validate_args(a)
         tokenizer = ckpt["tokenizer"]
         params, opt_state = ckpt["params"], ckpt["opt_state"]
+        lora, adapters = finetune.resume_adapters(ckpt, a, explicit, ckpt_path)
         state = {"step": int(meta["step"]), "best_val_loss": meta.get("best_val_loss"),
                  "batch_rng": meta["rng"]["batch"], "dropout_rng": meta["rng"]["dropout"],
                  "elapsed_s": float(meta.get("elapsed_s", 0.0))}
-        ids = encode_file(a.data, a.encoding_errors, tokenizer)
+        if "data" in explicit and saved.get("data") not in (None, a.data):
+            log(f"note: the best val loss so far ({state['best_val_loss']}) and best.npz were measured on "
+                f"{saved['data']}; to fine-tune on {a.data} as a new run, use --init_from {ckpt_path} "
+                f"--out_dir NEW_FOLDER")
+        ids = finetune.encode_for_model(a, tokenizer, log)
         for log_name in LOG_FILES:
             trim_metrics(os.path.join(a.out_dir, log_name), state["step"])
+    elif a.init_from != "scratch":           # fine-tuning: a new run from another model's weights
+        config, tokenizer, params = finetune.load_source(a, explicit)
+        lora, params, adapters = finetune.new_adapters(a, config, params, log)
+        ids = finetune.encode_for_model(a, tokenizer, log)
+        opt_state = adamw_init(params if lora is None else adapters)
+        state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
+                 "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
+                 "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
     else:
         if a.tokenizer == "bpe":
             text = read_text(a.data, a.encoding_errors)          # read once: learn the merges, then encode
@@ -296,9 +332,17 @@ def setup(a, explicit=()):
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
                  "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
                  "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
+    state.update(lora=lora, adapters=adapters)
     train_ids, val_ids = train_val_split(ids)
     check_long_enough(train_ids, val_ids, config.block_size)
     return a, config, tokenizer, params, opt_state, state, {"train": train_ids, "val": val_ids}
+
+
+def adapter_step(fn, *args):
+    """The adapters' thin products on one BLAS thread: at R = 16 a multi-threaded BLAS left its threads
+    spinning after them, and the model's threaded step that follows ran about 1.8x slower."""
+    with blas_threads(1):
+        return fn(*args)
 
 
 def rng_from_state(bit_state):
@@ -315,9 +359,17 @@ def train(a, explicit=(), log=print, dist=None):
         return distributed.run(train, a, explicit, log)
     validate_args(a)
     root = dist is None or dist.root        # under MPI only rank 0 reads, evaluates, logs and writes
+    finetune.validate_finetune_args(a, explicit)
+    if dist is not None and a.lora_rank:
+        raise TinyLMError("--lora_rank is not supported under mpiexec: fine-tune adapters in one process "
+                          "(python train.py ...); full fine-tuning (--init_from CKPT without --lora_rank) works")
     if root:
         prepare_out_dir(a.out_dir)
-    a, config, tokenizer, params, opt_state, state, splits = dist.share(setup, a, explicit) if dist else setup(a, explicit)
+    a, config, tokenizer, params, opt_state, state, splits = (dist.share(lambda a, e: setup(a, e, log), a, explicit)
+                                                               if dist else setup(a, explicit, log))
+    lora, adapters = state.get("lora"), state.get("adapters")
+    trained = params if lora is None else adapters       # what the optimizer steps
+    run_params = (lambda: params) if lora is None else (lambda: adapter_step(merged_params, params, adapters, lora))
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
     best_path = os.path.join(a.out_dir, "best.npz")
     metrics_path = os.path.join(a.out_dir, "metrics.jsonl")
@@ -326,27 +378,31 @@ def train(a, explicit=(), log=print, dist=None):
     start = state["step"]
     best = state["best_val_loss"]
     tokens_per_step = a.batch_size * config.block_size
-    if a.init_from == "scratch":
+    if a.init_from != "resume":
         if root:
             start_fresh(a.out_dir, log)
     elif start >= a.max_iters:
         log(f"nothing to do: the run in {a.out_dir} is at step {start}, which is --max_iters; to train on, "
             f"pass a larger --max_iters (and --lr_decay_iters, for the learning rate to keep decaying)")
+        if a.merge and lora is not None:
+            finetune.write_merged(best_path, os.path.join(a.out_dir, "merged.npz"), log)
         return {"step": start, "best_val_loss": best, "elapsed_s": 0.0, "checkpoint": ckpt_path}
+    begin = ("resuming at step " + str(start) if start else
+             "from scratch" if a.init_from == "scratch" else "fine-tuning " + a.init_from)
     log(f"tinylm: {sum(p.size for p in params.values()):,} parameters, vocab {config.vocab_size}, "
-        f"{len(splits['train']):,} training tokens; {'resuming at step ' + str(start) if start else 'from scratch'}")
+        f"{len(splits['train']):,} training tokens; {begin}")
 
     def save(step, path=ckpt_path, with_optimizer=True):
         if not root:
             return
-        bad = [k for k, p in params.items() if not np.isfinite(p).all()]
+        bad = [k for k, p in trained.items() if not np.isfinite(p).all()]
         if bad:        # never replace a good checkpoint with a broken state
             raise TinyLMError(f"training diverged before step {step}: {bad[0]} is not finite; "
                               f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
         meta = {"step": step, "best_val_loss": best, "train_args": dataclasses.asdict(a),
                 "rng": {"batch": batch_rng.bit_generator.state, "dropout": dropout_rng.bit_generator.state},
-                "elapsed_s": elapsed()}
-        save_checkpoint(path, params, config, tokenizer, opt_state if with_optimizer else None, meta)
+                "elapsed_s": elapsed(), **(finetune.lora_meta(lora) if lora else {})}
+        save_checkpoint(path, params, config, tokenizer, opt_state if with_optimizer else None, meta, adapters)
 
     lr_at = lambda s: learning_rate_at(s, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
     t0 = time.perf_counter()
@@ -360,7 +416,7 @@ def train(a, explicit=(), log=print, dist=None):
             while True:
                 is_eval = step % a.eval_interval == 0 or step == a.max_iters
                 if is_eval and root and not (step == start and a.init_from == "resume"):   # evaluated before it was saved
-                    losses = estimate_loss(params, config, splits, a, step)
+                    losses = estimate_loss(run_params(), config, splits, a, step)
                     if not all(np.isfinite(v) for v in losses.values()):
                         raise TinyLMError(f"training diverged at step {step}: evaluation loss {losses['train']} (train), "
                                           f"{losses['val']} (val); {ckpt_path} keeps the last good state; "
@@ -376,7 +432,7 @@ def train(a, explicit=(), log=print, dist=None):
                     if a.track_spectra:
                         from .analysis.tracking import log_spectra
                         with blas_threads(1):
-                            log_spectra(params, config, step, os.path.join(a.out_dir, "spectra.jsonl"))
+                            log_spectra(run_params(), config, step, os.path.join(a.out_dir, "spectra.jsonl"))
                     save(step)
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:
@@ -390,13 +446,16 @@ def train(a, explicit=(), log=print, dist=None):
                 lr = lr_at(step)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
-                loss, grads = (dist.loss_and_grads(params, config, x, y, dropout_rng, stop.signum, is_eval) if dist
-                               else M.loss_and_grads_parallel(params, config, x, y, train=True, rng=dropout_rng))
+                loss, grads = (dist.loss_and_grads(run_params(), config, x, y, dropout_rng, stop.signum, is_eval) if dist
+                               else M.loss_and_grads_parallel(run_params(), config, x, y, train=True, rng=dropout_rng))
+                if lora is not None:
+                    grads = adapter_step(adapter_grads, grads, adapters, lora)   # dW of each merged matrix -> dA, dB
                 norm = global_norm(grads)
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
                                       f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
-                adamw_step(params, grads, opt_state, lr, a.beta1, a.beta2, weight_decay=a.weight_decay,
+                adamw_step(trained, grads, opt_state, lr, a.beta1, a.beta2,
+                           weight_decay=a.weight_decay if lora is None else 0.0,
                            grad_scale=clip_factor(norm, a.grad_clip))      # clipping, folded into the update
                 step += 1
                 dt = time.perf_counter() - t_step
@@ -416,9 +475,11 @@ def train(a, explicit=(), log=print, dist=None):
             prompt = np.array([0])
         pick = lambda logits: sample_next(logits, temperature=0.8, top_k=200, rng=rng)
         with blas_threads(1):
-            text = tokenizer.decode(list(M.generate(params, config, prompt, a.sample_tokens, pick)))
+            text = tokenizer.decode(list(M.generate(run_params(), config, prompt, a.sample_tokens, pick)))
         log(f"--- sample after {step} steps ---\n{text}\n---")
         summary["sample"] = text
     best_text = "n/a" if best is None else f"{best:.4f}"
     log(f"done: {step} steps in {summary['elapsed_s']:.1f}s, best val loss {best_text}; saved {ckpt_path} and {best_path}")
+    if a.merge and lora is not None:
+        summary["merged"] = finetune.write_merged(best_path, os.path.join(a.out_dir, "merged.npz"), log)
     return summary

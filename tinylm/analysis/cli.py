@@ -33,6 +33,11 @@ def analyze_parser():
                     "(needs matplotlib); alone it draws only the poster, with --report or --only the sections run too")
     ap.add_argument("--compare-init", "--compare_init", action="store_true",
                     help="also analyse the same model at initialization (the run's seed) and show it beside the trained one")
+    ap.add_argument("--compare", metavar="BASE",
+                    help="a base checkpoint (or GPT-2 folder) this one was fine-tuned from: which singular values and "
+                    "directions of each matrix moved, principal angles between the top-k subspaces, and the rank of "
+                    "W_tuned - W_base; alone it runs only this comparison")
+    ap.add_argument("--compare-k", "--compare_k", type=int, default=8, help="top singular directions compared")
     ap.add_argument("--data", metavar="FILE",
                     help="text to evaluate on; if not given, the validation split of the run's training file "
                     "(or of the bundled Tiny Shakespeare)%(default).0s")
@@ -215,7 +220,23 @@ def _analyze(argv):
         out.write(f"wrote {a.poster}\n")
         if not a.report and a.only == analyze_parser().get_default("only"):
             return 0        # --poster alone: the poster, not the default sections
+    if a.compare:
+        from .compare import COMPARE_HEADER, compare_rows, compare_summary, compare_weights
+        if a.compare_k < 1:
+            raise TinyLMError(f"--compare-k must be >= 1, got {a.compare_k}")
+        base = load_any(checkpoint_path(a.compare))
+        if base["config"].to_dict() != ckpt["config"].to_dict():
+            differs = [k for k, v in base["config"].to_dict().items() if ckpt["config"].to_dict().get(k) != v]
+            raise TinyLMError(f"--compare {a.compare} is not the same shape of model as {path} "
+                              f"({', '.join(differs)} differ); compare a fine-tuned model with its own base")
+        comparison = compare_weights(base["params"], ckpt["params"], ckpt["config"], a.compare_k,
+                                     progress=not a.no_progress)
+        out.write(R.text_table(COMPARE_HEADER, compare_rows(comparison)) + "\n\n" + compare_summary(comparison) + "\n")
+        if not a.report and a.only == analyze_parser().get_default("only"):
+            return 0            # --compare alone: the comparison, not the default sections
     results = run_analysis(ckpt, path, sections, a)
+    if a.compare:
+        results["compare"] = {"base": a.compare, "k": a.compare_k, "matrices": comparison}
     if "spectra" in results:
         out.write(R.text_table(R.SPECTRA_HEADER, R.spectra_rows(results["spectra"]["trained"])) + "\n\n")
     for line in R.section_summaries(results):

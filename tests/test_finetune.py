@@ -1,6 +1,8 @@
 """Fine-tuning: a new run from a checkpoint, unknown characters, LoRA/PiSSA adapters, --merge, bad input, --compare."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -265,3 +267,18 @@ def test_finetune_from_a_gpt2_folder(base, tmp_path):
     export_hf(base, str(tmp_path / "hf"))
     summary = run_ft(str(tmp_path / "hf"), tmp_path / "ft", lora_rank=2, max_iters=3)
     assert summary["step"] == 3 and np.isfinite(summary["best_val_loss"])
+
+
+def test_adapters_on_a_compressed_model_are_refused_and_its_factors_fine_tune(base, tmp_path):
+    small = tmp_path / "small.npz"
+    r = subprocess.run([sys.executable, "-m", "tinylm.compress", str(base), str(small), "--rank", "0.5", "--method",
+                        "svd"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "lora"
+    r = run_script("train.py", "--init_from", small, "--data", KJV, "--out_dir", out, "--unknown_chars", "drop",
+                   "--lora_rank", "2", "--max_iters", "2")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--lora_rank needs a dense model" in r.stderr, r.stderr
+    assert not os.path.exists(out / "ckpt.npz")
+    out = tmp_path / "full"
+    run_ft(str(small), out, max_iters=2)
+    assert any(k.endswith(".weight_A") for k in load_checkpoint(str(out / "ckpt.npz"))["params"])

@@ -145,6 +145,10 @@ def new_adapters(a, config, params, log=print):
     """(lora settings, frozen params, adapters) for --lora_rank, or (None, params, None) without it."""
     if not a.lora_rank:
         return None, params, None
+    from .lowrank import ranks_of
+    if ranks_of(params):         # the adapters sit on dense weights W; a compressed layer has two factors instead
+        raise TinyLMError(f"--lora_rank needs a dense model, and {a.init_from} is compressed (tinylm.compress): "
+                          f"fine-tune it without --lora_rank (its factors train), or put adapters on the dense model")
     shapes = param_shapes(config)
     targets = AD.resolve_targets(a.lora_targets, shapes)
     AD.check_rank(a.lora_rank, targets, shapes)

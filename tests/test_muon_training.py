@@ -235,3 +235,40 @@ def test_a_muon_checkpoint_missing_a_momentum_array_is_refused(tmp_path):
     save_checkpoint(path, params, CONFIG, tok, state, {"step": 1})
     with pytest.raises(CheckpointError, match="missing array"):
         load_checkpoint(path)
+
+
+def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_adamw(shakespeare_head, tmp_path):
+    from tinylm.analysis.tracking import read_jsonl
+    flat = {}
+    for optimizer in ("muon", "adamw"):
+        out = tmp_path / optimizer
+        train(small_args(shakespeare_head, out, optimizer=optimizer, n_embd=32, track_spectra=True, max_iters=20,
+                         lr_decay_iters=25),
+              log=lambda *a: None)
+        rows = read_jsonl(str(out / "spectra.jsonl"))
+        assert [r["step"] for r in rows] == [0, 10, 20]
+        assert "updates" not in rows[0] and all(r["optimizer"] == optimizer for r in rows[1:])
+        # every block matrix's gradient has one exact null direction: a c_proj writes into the residual
+        # stream, whose gradient sums to zero over the features (each layer norm's backward removes the
+        # mean), so 1ᵀ dW = 0 and 1ᵀ(momentum) = 0; so that σ stays ~0 even for Muon, and the other σ are equal
+        for kind in ("attn", "mlp"):
+            sv = np.array(rows[-1]["updates"][f"transformer.h.0.{kind}.c_proj.weight"]["sv"])
+            assert len(sv) == 32 and (sv[-1] < 1e-2 * sv[0] or optimizer == "adamw")    # AdamW's divides per entry
+            flat[f"{optimizer} {kind}"] = sv[:-1].min() / sv[0]
+        # the logged update is the real one: σ₁ of Muon's is its learning rate at step 19 (square matrix;
+        # min_lr / learning_rate sets where its cosine ends)
+        if optimizer == "muon":
+            from tinylm.optim import learning_rate_at
+            assert np.isclose(sv[0], learning_rate_at(19, 0.02, 0.02 * 1e-4 / 3e-3, 3, 25), rtol=1e-3)
+    assert flat["muon attn"] > 0.999 and flat["muon mlp"] > 0.999, flat
+    assert flat["adamw attn"] < 0.5 and flat["adamw mlp"] < 0.5, flat
+
+
+def test_the_report_draws_the_update_spectra(shakespeare_head, tmp_path):
+    pytest.importorskip("matplotlib")
+    from tinylm.analysis.cli import analyze_main
+    train(small_args(shakespeare_head, tmp_path, track_spectra=True, max_iters=10), log=lambda *a: None)
+    assert analyze_main([str(tmp_path / "ckpt.npz"), "--only", "training", "--report", str(tmp_path / "rep"),
+                         "--no-progress"]) == 0
+    html = open(tmp_path / "rep" / "index.html", encoding="utf-8").read()
+    assert "Singular values of the updates muon applied" in html

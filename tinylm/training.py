@@ -450,6 +450,7 @@ def train(a, explicit=(), log=print, dist=None):
     bar = tqdm(total=a.max_iters, initial=start, unit="step", disable=not a.progress, dynamic_ncols=True,
                desc="train", file=sys.stderr)
     step = start
+    last_update = None
     with StopRequested() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         try:      # floating-point warnings stay quiet: a non-finite loss or gradient is checked below
             while True:
@@ -471,7 +472,8 @@ def train(a, explicit=(), log=print, dist=None):
                     if a.track_spectra:
                         from .analysis.tracking import log_spectra
                         with blas_threads(1):
-                            log_spectra(run_params(), config, step, os.path.join(a.out_dir, "spectra.jsonl"))
+                            log_spectra(run_params(), config, step, os.path.join(a.out_dir, "spectra.jsonl"),
+                                        last_update, a.optimizer)
                     save(step)
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:
@@ -483,6 +485,10 @@ def train(a, explicit=(), log=print, dist=None):
                                       f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
                                       signum if signum != getattr(signal, "SIGINT", None) else None)
                 lr = lr_at(step)
+                # --track_spectra: keep the step before an evaluation's ΔW of the block matrices, to log its spectrum
+                next_is_eval = (step + 1) % a.eval_interval == 0 or step + 1 == a.max_iters
+                before = ({k: p.copy() for k, p in trained.items() if k.startswith("transformer.h.") and p.ndim == 2}
+                          if a.track_spectra and root and next_is_eval else None)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
                 loss, grads = (dist.loss_and_grads(run_params(), config, x, y, dropout_rng, stop.signum, is_eval) if dist
@@ -503,6 +509,7 @@ def train(a, explicit=(), log=print, dist=None):
                                grad_scale=clip_factor(norm, a.grad_clip))      # clipping, folded into the update
                 step += 1
                 dt = time.perf_counter() - t_step
+                last_update = {k: w - trained[k] for k, w in before.items()} if before else None
                 tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
                 bar.update(1)
                 if step % 10 == 0 or step == a.max_iters:

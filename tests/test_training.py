@@ -4,9 +4,11 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from tinylm import model as M
 from tinylm.checkpoint import load_checkpoint
+from tinylm.errors import TinyLMError
 from tinylm.training import TrainArgs, train
 
 
@@ -70,13 +72,60 @@ def test_resume_continues_the_same_trajectory_bit_for_bit(shakespeare_head, tmp_
     assert strip(log_one) == strip(log_two)          # step 12 is logged only where the first half ended
 
 
-def test_a_new_run_in_an_old_folder_starts_its_logs_afresh(shakespeare_head, tmp_path):
+def test_a_new_run_in_an_old_folder_is_refused_unless_overwrite_and_then_starts_its_logs_afresh(
+        shakespeare_head, tmp_path):
     notes = []
     train(_args(shakespeare_head, tmp_path, 10), log=notes.append)
-    train(_args(shakespeare_head, tmp_path, 5), log=notes.append)
+    before = open(tmp_path / "ckpt.npz", "rb").read()
+    with pytest.raises(TinyLMError, match="holds an earlier run; continue it with --init_from resume, replace it "
+                                          "with --overwrite"):
+        train(_args(shakespeare_head, tmp_path, 5), log=notes.append)
+    assert open(tmp_path / "ckpt.npz", "rb").read() == before          # not a byte changed
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [0, 5, 10]
+    train(_args(shakespeare_head, tmp_path, 5, overwrite=True), log=notes.append)
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 5]
     assert any("from an earlier run will be replaced" in n for n in notes)
+
+
+def test_fine_tuning_into_a_folder_with_a_checkpoint_is_refused_too(shakespeare_head, tmp_path):
+    train(_args(shakespeare_head, tmp_path / "a", 5), log=lambda *a: None)
+    train(_args(shakespeare_head, tmp_path / "b", 5), log=lambda *a: None)
+    with pytest.raises(TinyLMError, match="holds an earlier run"):
+        train(_args(shakespeare_head, tmp_path / "b", 5, init_from=str(tmp_path / "a" / "ckpt.npz")),
+              log=lambda *a: None)
+
+
+def test_a_second_trainer_on_the_same_folder_refuses_while_the_first_runs(shakespeare_head, tmp_path):
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", shakespeare_head, "--out_dir", str(out),
+           "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--batch_size", "4",
+           "--eval_interval", "10", "--eval_iters", "2", "--sample_tokens", "0", "--progress", "false"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    first = subprocess.Popen(cmd + ["--max_iters", "100000"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "ckpt.npz").exists():
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        for extra in ([], ["--init_from", "resume"], ["--overwrite", "true"]):     # every way in is refused
+            second = subprocess.run(cmd + ["--max_iters", "20"] + extra, env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert second.returncode == 1, second.stderr
+            assert f"another trainer is using --out_dir {out}; wait for it" in second.stderr, second.stderr
+            assert second.stderr.strip().count("\n") == 0
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert first.returncode == 143                    # it saved and stopped cleanly, untouched by the second
+    # the lock went with the process: the folder is free again
+    again = subprocess.run(cmd + ["--max_iters", "20", "--init_from", "resume"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(shakespeare_head, tmp_path):

@@ -12,6 +12,12 @@ update Muon applies (muon.py). Each way is a test oracle for the others (tests/t
   σ up fast and leave each σ in a band around 1 (about 0.7 to 1.2 after five steps), not at 1 exactly:
   a cheap, approximate Q, enough for an optimizer.
 
+Where G lacks a direction (σ = 0) the polar factor is not unique: the SVD sets that σ to 1 along an
+arbitrary pair of singular vectors, the Gram way and Newton–Schulz leave it near 0. Every block
+gradient of the model has one such direction (a layer norm's backward removes the mean, so 1ᵀ dW = 0
+for the matrices writing into the residual stream, and x̂ ⊥ 1/g for those reading a layer-normed x̂):
+the methods agree on the directions G has, which is what the tests hold them to.
+
 Every function takes one matrix (m, n) or a stack of them (..., m, n) and works on the short side, so
 the square matrix it forms (XXᵀ or GᵀG) is min(m, n) wide.
 """

@@ -73,6 +73,7 @@ class TrainArgs:
     muon_momentum: float = 0.95
     ns_steps: int = 5
     orthogonalize: str = "eigh"
+    overwrite: bool = False
 
 
 HELP = {
@@ -119,6 +120,8 @@ HELP = {
     "lora_init": "'lora' (A random, B zero) or 'pissa' (A, B from the top-R singular triplets of W, the "
                  "residual frozen)",
     "merge": "with adapters: at the end write OUT_DIR/merged.npz, best.npz with W + (α/R)·B A folded in",
+    "overwrite": "a new run (not --init_from resume) into an --out_dir that holds a checkpoint: replace it "
+                 "(without this flag such a run is refused, so that no finished run is lost by a slip)",
     "optimizer": "'adamw' (nanoGPT's) or 'muon': the block matrices' updates orthogonalized (every singular "
                  "value set to 1, see tinylm/muon.py), AdamW at --learning_rate for embeddings and gains",
     "muon_lr": "with --optimizer muon: peak learning rate of the block matrices (same warmup and cosine "
@@ -211,11 +214,21 @@ def init_optimizer(a, params):
     return adamw_init(params)
 
 
+def refuse_to_replace(a):
+    """A new run into a folder that holds a checkpoint is refused unless --overwrite says to replace it."""
+    ckpt = os.path.join(a.out_dir, "ckpt.npz")
+    if a.init_from not in ("scratch", "resume"):
+        finetune.check_not_source(a.init_from, a.out_dir)      # the more telling reason, when it is the one
+    if a.init_from != "resume" and not a.overwrite and os.path.exists(ckpt):
+        raise TinyLMError(f"{ckpt} holds an earlier run; continue it with --init_from resume, replace it with "
+                          f"--overwrite, or choose another --out_dir")
+
+
 def start_fresh(out_dir, log):
-    """A run from scratch: its logs start empty, and an earlier run's checkpoint is named before it is replaced."""
+    """A new run: its logs start empty, and an earlier run's checkpoint (--overwrite) is named before it is replaced."""
     if os.path.exists(os.path.join(out_dir, "ckpt.npz")):
-        log(f"note: {os.path.join(out_dir, 'ckpt.npz')} from an earlier run will be replaced at the first "
-            f"evaluation (continue it instead with --init_from resume, or choose another --out_dir)")
+        log(f"note: --overwrite: {os.path.join(out_dir, 'ckpt.npz')} from an earlier run will be replaced at the "
+            f"first evaluation")
     for log_name in LOG_FILES:
         path = os.path.join(out_dir, log_name)
         if os.path.exists(path):
@@ -400,8 +413,46 @@ def train(a, explicit=(), log=print, dist=None):
     if dist is not None and a.lora_rank:
         raise TinyLMError("--lora_rank is not supported under mpiexec: fine-tune adapters in one process "
                           "(python train.py ...); full fine-tuning (--init_from CKPT without --lora_rank) works")
-    if root:
-        prepare_out_dir(a.out_dir)
+    lock = lock_out_dir(a.out_dir) if root else None     # first: a second trainer must not even clean the folder
+    try:
+        if root:
+            prepare_out_dir(a.out_dir)
+            refuse_to_replace(a)
+        return _train(a, explicit, log, dist, root)
+    finally:
+        unlock(lock)
+
+
+def lock_out_dir(out_dir):
+    """Hold an exclusive lock on the OUT_DIR folder itself for the run: a second trainer on the same folder
+    refuses at once instead of overwriting the first one's checkpoints. The kernel drops the lock when
+    the process ends, however it ends, so a killed run leaves nothing behind (no lock file). Returns the
+    folder's descriptor; None where there is no fcntl (not POSIX: no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as e:
+        raise TinyLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TinyLMError(f"another trainer is using --out_dir {out_dir}; wait for it to end or choose another "
+                          f"--out_dir") from None
+    return fd
+
+
+def unlock(fd):
+    if fd is not None:
+        os.close(fd)             # closing the descriptor releases the lock
+
+
+def _train(a, explicit, log, dist, root):
+    """train()'s body, with the arguments validated and OUT_DIR prepared and locked (by rank 0)."""
     a, config, tokenizer, params, opt_state, state, splits = (dist.share(lambda a, e: setup(a, e, log), a, explicit)
                                                                if dist else setup(a, explicit, log))
     lora, adapters = state.get("lora"), state.get("adapters")

@@ -212,6 +212,24 @@ def steer(params, config, direction, layer, scale):
     return dict(params, **{name: (base + scale * direction).astype(dtype)})
 
 
+def steering_direction(spec, params, config, tok):
+    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is)."""
+    import os
+    if spec == "case":
+        from .scale import token_labels
+        d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
+        return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
+    if spec.endswith(".npy") and os.path.isfile(spec):
+        try:
+            d = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({e})") from None
+        if d.dtype.kind not in "fiu" or d.shape != (config.n_embd,):
+            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} {d.shape}")
+        return d.astype(np.float64), f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
+    raise TinyLMError(f"--steer {spec!r}: expected 'case' or a .npy file holding an n_embd vector")
+
+
 def uppercase_fraction(text):
     """Uppercase letters / letters in text (0 when it has no letter)."""
     letters = [c for c in text if c.isalpha()]

@@ -201,6 +201,8 @@ def steer(params, config, direction, layer, scale):
     if not 0 <= layer <= config.n_layer:
         raise TinyLMError(f"--steer_layer must be in 0..{config.n_layer} (the input of a block, {config.n_layer}: "
                           f"before the final layer norm), got {layer}")
+    if not np.isfinite(scale):
+        raise TinyLMError(f"--steer_scale must be a finite number, got {scale}")
     direction = np.asarray(direction, dtype=np.float64)
     if direction.shape != (config.n_embd,):
         raise TinyLMError(f"a steering direction must have n_embd = {config.n_embd} entries, got shape {direction.shape}")

@@ -21,7 +21,7 @@ def analyze_parser():
                        epilog="Flags take hyphens or underscores (--compare-init or --compare_init).",
                        description="Measure what a trained tinylm model learned: weight spectra (SVD, power-law ESD fits), "
                        "attention circuits, embedding geometry, least-squares probes, low-rank compression, Hessian "
-                       "curvature and training curves. Prints a per-matrix table; --report also writes HTML and JSON.")
+                       "curvature, training curves, and head ablation (--ablate). Prints a per-matrix table; --report also writes HTML and JSON.")
     ap.add_argument("checkpoint", help="a checkpoint file (e.g. out/ckpt.npz), a folder holding ckpt.npz, or a GPT-2 "
                     "folder in the Hugging Face layout (config.json + model.safetensors + vocab.json/merges.txt)")
     ap.add_argument("--report", metavar="DIR", help="write DIR/index.html (self-contained, figures need matplotlib) and DIR/metrics.json")
@@ -240,12 +240,15 @@ def _analyze(argv):
         sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
                          f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")
         ckpt = dict(ckpt, params=dense_params(ckpt["params"]), opt_state=None)
+    if "ablation" in sections:
+        from .interventions import parse_heads
+        parse_heads(a.ablate or "all", ckpt["config"])      # a head beyond the model: one line before any work
     out = sys.stdout
     if a.poster:
         from .poster import make_poster
         make_poster(ckpt, a.poster, data=a.data, prompt=a.prompt, source=os.path.basename(path))
         out.write(f"wrote {a.poster}\n")
-        if not a.report and a.only == analyze_parser().get_default("only"):
+        if not a.report and a.only == analyze_parser().get_default("only") and a.ablate is None:
             return 0        # --poster alone: the poster, not the default sections
     if a.compare:
         from .compare import COMPARE_HEADER, compare_rows, compare_summary, compare_weights
@@ -259,7 +262,7 @@ def _analyze(argv):
         comparison = compare_weights(base["params"], ckpt["params"], ckpt["config"], a.compare_k,
                                      progress=not a.no_progress)
         out.write(R.text_table(COMPARE_HEADER, compare_rows(comparison)) + "\n\n" + compare_summary(comparison) + "\n")
-        if not a.report and a.only == analyze_parser().get_default("only"):
+        if not a.report and a.only == analyze_parser().get_default("only") and a.ablate is None:
             return 0            # --compare alone: the comparison, not the default sections
     results = run_analysis(ckpt, path, sections, a)
     if a.compare:

@@ -147,7 +147,8 @@ HEAD_SPEC = re.compile(r"L(\d+)H(\d+)", re.I)
 
 
 def parse_heads(text, config=None):
-    """'L1H1', 'L0H2,L1H3' or 'all' -> [(layer, head)] (with config: checked against its n_layer and n_head)."""
+    """'L1H1', 'L0H2,L1H3' or 'all' -> [(layer, head)], checked against config's n_layer and n_head.
+    Without config only the form is checked (and 'all' comes back as 'all'): analyze.py does that before loading."""
     items = [s.strip() for s in str(text).split(",") if s.strip()]
     if items == ["all"] and config is not None:
         return [(l, h) for l in range(config.n_layer) for h in range(config.n_head)]

@@ -17,7 +17,7 @@ seconds. So:
   big model (over BIG_MODEL block parameters) uses BIG_EVAL_SEQS windows by default,
   low-rank compression tries BIG_FRACTIONS on the first BIG_LOWRANK_SEQS windows (still
   truncating every layer, so the curve keeps its meaning), and alpha's bootstrap defaults
-  to BIG_N_BOOT resamples.
+  to BIG_N_BOOT resamples, and head ablation (a forward pass per head) uses BIG_ABLATION_SEQS windows.
 - attention maps are drawn for the last MAX_PROMPT tokens of the prompt, position-embedding
   similarities for at most MAX_POSITIONS evenly spaced positions.
 """

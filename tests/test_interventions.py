@@ -102,6 +102,8 @@ def test_ablation_table_rows_agree_with_single_ablations():
         alone = I.ablate_heads(params, config, [(r["layer"], r["index"])], "mean", idx, targets)
         assert r["loss"] == pytest.approx(alone, abs=1e-10) and tab["delta"][r["layer"], r["index"]] == r["delta"]
     assert tab["together"]["loss"] == pytest.approx(I.ablate_heads(params, config, heads, "mean", idx, targets), abs=1e-12)
+    with pytest.raises(TinyLMError, match="'zero' or 'mean'"):
+        I.ablate_heads(params, config, heads, "half", idx, targets)
 
 
 def test_parse_heads():

@@ -104,9 +104,15 @@ def dense_run(params, config, idx):
     return xs[:-1], np.stack([y.mean(axis=(0, 2)) for y in heads])
 
 
+def check_mode(mode):
+    if mode not in ("zero", "mean"):
+        raise TinyLMError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
+
+
 def ablate_heads(params, config, heads, mode, idx, targets, means=None):
     """Validation loss with every head in `heads` ([(layer, head)]) ablated at once: its output replaced by
     zero (mode "zero") or by its mean over these tokens (mode "mean").   idx, targets (B,T) -> float"""
+    check_mode(mode)
     if mode == "mean" and means is None:
         means = dense_run(params, config, idx)[1]
     replace = {(l, h): 0.0 if mode == "zero" else means[l, h] for l, h in heads}
@@ -122,6 +128,7 @@ def ablation_table(params, config, heads, mode, idx, targets, together=False, pr
     at block l (dense_run) instead of recomputing blocks 0..l−1.
     """
     from tqdm import tqdm
+    check_mode(mode)
     xs, means = dense_run(params, config, idx)
     dense = forward_from(params, config, xs[0], 0, targets)[1]
     grid = np.full((config.n_layer, config.n_head), np.nan)

@@ -122,6 +122,13 @@ def sample_parser():
     ap.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for comparison)")
     ap.add_argument("--rank", default=None, help="first compress the model on the fly by plain truncated SVD to this rank: "
                     "a fraction of each block matrix's full rank (0.375) or an integer rank (32); see python -m tinylm.compress")
+    ap.add_argument("--steer", default=None, metavar="DIRECTION",
+                    help="add --steer_scale x this direction to the residual stream at the input of block --steer_layer, "
+                    "at every position: 'case' (the mean of wte[X] - wte[x] over the letters: scale > 0 pushes towards "
+                    "capitals) or a .npy file holding an n_embd vector; see tinylm/analysis/interventions.py: steer")
+    ap.add_argument("--steer_layer", type=int, default=0, help="block whose input is steered (0 .. n_layer)")
+    ap.add_argument("--steer_scale", type=float, default=1.0, help="multiple of the direction added (0: the plain model; "
+                    "with the case direction 1 moves a lowercase letter onto its capital, on average)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return ap
 
@@ -161,6 +168,12 @@ def _sample(argv):
         from .compress import compress_on_the_fly
         params, line = compress_on_the_fly(params, config, rank)
         print(line, file=sys.stderr)
+    if a.steer is not None:
+        from .analysis.interventions import steering_direction, steer
+        direction, what = steering_direction(a.steer, params, config, tok)
+        params = steer(params, config, direction, a.steer_layer, a.steer_scale)
+        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input",
+              file=sys.stderr)
     start = a.start
     if start.startswith("FILE:"):
         from .data import read_text

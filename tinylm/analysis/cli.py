@@ -21,13 +21,14 @@ def analyze_parser():
                        epilog="Flags take hyphens or underscores (--compare-init or --compare_init).",
                        description="Measure what a trained tinylm model learned: weight spectra (SVD, power-law ESD fits), "
                        "attention circuits, embedding geometry, least-squares probes, low-rank compression, Hessian "
-                       "curvature and training curves. Prints a per-matrix table; --report also writes HTML and JSON.")
+                       "curvature, training curves, and head ablation (--ablate). Prints a per-matrix table; --report also writes HTML and JSON.")
     ap.add_argument("checkpoint", help="a checkpoint file (e.g. out/ckpt.npz), a folder holding ckpt.npz, or a GPT-2 "
                     "folder in the Hugging Face layout (config.json + model.safetensors + vocab.json/merges.txt)")
     ap.add_argument("--report", metavar="DIR", help="write DIR/index.html (self-contained, figures need matplotlib) and DIR/metrics.json")
     ap.add_argument("--only", metavar="LIST", default=",".join(DEFAULT_SECTIONS),
                     help="comma-separated sections from: " + ", ".join(R.SECTION_NAMES) + ", or 'all'. "
-                    "curvature (Hessian eigenvalues by Lanczos, the slow one: up to a minute) is left out unless named")
+                    "curvature (Hessian eigenvalues by Lanczos, the slow one: up to a minute) and ablation (a forward pass per "
+                    "head; see --ablate) are left out unless named")
     ap.add_argument("--poster", metavar="FILE",
                     help="draw the seven concepts of the linear algebra, one panel each from this model, into one PNG "
                     "(needs matplotlib); alone it draws only the poster, with --report or --only the sections run too")
@@ -38,6 +39,12 @@ def analyze_parser():
                     "directions of each matrix moved, principal angles between the top-k subspaces, and the rank of "
                     "W_tuned - W_base; alone it runs only this comparison")
     ap.add_argument("--compare-k", "--compare_k", type=int, default=8, help="top singular directions compared")
+    ap.add_argument("--ablate", metavar="HEADS",
+                    help="switch heads off one at a time and measure the validation loss: L1H1, a list L0H2,L1H3 (each alone, "
+                    "then together) or all; a table of the loss change per head (and a layer x head figure with --report); "
+                    "alone it runs only the ablation, with --report or --only the sections run too")
+    ap.add_argument("--ablate-mode", "--ablate_mode", choices=("zero", "mean"), default="zero",
+                    help="replace an ablated head's output (before c_proj) by zero, or by its mean over the evaluation tokens")
     ap.add_argument("--data", metavar="FILE",
                     help="text to evaluate on; if not given, the validation split of the run's training file "
                     "(or of the bundled Tiny Shakespeare)%(default).0s")
@@ -88,7 +95,11 @@ def run_analysis(ckpt, path, sections, args, log=print):
     results = {"checkpoint": path, "config": config.to_dict(), "step": meta.get("step"),
                "n_params": count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
     # The text is needed for the windows, and for a large vocabulary's token subset (its most frequent tokens).
-    needs_text = {"circuits", "probes", "lowrank", "curvature"} | ({"embeddings"} if large else set())
+    heads = None
+    if "ablation" in sections:        # checked before any work: a head beyond the model is one line
+        from .interventions import parse_heads
+        heads = parse_heads(getattr(args, "ablate", None) or "all", config)
+    needs_text = {"circuits", "probes", "lowrank", "curvature", "ablation"} | ({"embeddings"} if large else set())
     if needs_text & set(sections):
         train_args = meta.get("train_args") or {}
         data_path = resolve_data_path(meta, args.data)
@@ -172,6 +183,17 @@ def run_analysis(ckpt, path, sections, args, log=print):
             nb = max(1, args.hessian_batch)
             run = lambda: analyze_curvature(params, config, x[:nb], y[:nb], meta.get("train_args") or {}, meta.get("step"),
                                             ckpt.get("opt_state"), k=max(1, args.hessian_k), progress=progress)
+        elif name == "ablation":
+            from .interventions import ablation_table
+            n_ab = scale.BIG_ABLATION_SEQS if scale.is_big_model(config) else len(x)
+            together = (getattr(args, "ablate", None) or "all").strip() != "all"
+
+            def run():
+                table = lambda p: ablation_table(p, config, heads, args.ablate_mode, x[:n_ab], y[:n_ab], together, progress)
+                sec = table(params)
+                if init is not None:
+                    sec["init"] = table(init)
+                return sec
         elif name == "training":
             run = lambda: training_logs(path)
         results[name] = timed(name, run)
@@ -197,6 +219,11 @@ def _analyze(argv):
     sections = parse_sections(a.only)
     if (a.n_boot or 0) < 0 or (a.eval_seqs is not None and a.eval_seqs < 1) or a.hessian_k < 1 or a.hessian_batch < 1:
         raise TinyLMError("--n-boot must be >= 0; --eval-seqs, --hessian-k and --hessian-batch >= 1")
+    if a.ablate is not None:
+        from .interventions import parse_heads
+        parse_heads(a.ablate)                 # its form now, its range once the model is loaded
+        alone = not a.report and a.only == analyze_parser().get_default("only")
+        sections = ["ablation"] if alone else [n for n in R.SECTION_NAMES if n in sections or n == "ablation"]
     path = checkpoint_path(a.checkpoint)
     if a.poster and not R.have_matplotlib():
         from .poster import PLOT_HINT
@@ -213,12 +240,15 @@ def _analyze(argv):
         sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
                          f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")
         ckpt = dict(ckpt, params=dense_params(ckpt["params"]), opt_state=None)
+    if "ablation" in sections:
+        from .interventions import parse_heads
+        parse_heads(a.ablate or "all", ckpt["config"])      # a head beyond the model: one line before any work
     out = sys.stdout
     if a.poster:
         from .poster import make_poster
         make_poster(ckpt, a.poster, data=a.data, prompt=a.prompt, source=os.path.basename(path))
         out.write(f"wrote {a.poster}\n")
-        if not a.report and a.only == analyze_parser().get_default("only"):
+        if not a.report and a.only == analyze_parser().get_default("only") and a.ablate is None:
             return 0        # --poster alone: the poster, not the default sections
     if a.compare:
         from .compare import COMPARE_HEADER, compare_rows, compare_summary, compare_weights
@@ -232,13 +262,17 @@ def _analyze(argv):
         comparison = compare_weights(base["params"], ckpt["params"], ckpt["config"], a.compare_k,
                                      progress=not a.no_progress)
         out.write(R.text_table(COMPARE_HEADER, compare_rows(comparison)) + "\n\n" + compare_summary(comparison) + "\n")
-        if not a.report and a.only == analyze_parser().get_default("only"):
+        if not a.report and a.only == analyze_parser().get_default("only") and a.ablate is None:
             return 0            # --compare alone: the comparison, not the default sections
     results = run_analysis(ckpt, path, sections, a)
     if a.compare:
         results["compare"] = {"base": a.compare, "k": a.compare_k, "matrices": comparison}
     if "spectra" in results:
         out.write(R.text_table(R.SPECTRA_HEADER, R.spectra_rows(results["spectra"]["trained"])) + "\n\n")
+    if "ablation" in results:
+        from .interventions import ABLATION_HEADER, ablation_rows
+        out.write(R.ablation_title(results["ablation"], results) + "\n"
+                  + R.text_table(ABLATION_HEADER, ablation_rows(results["ablation"])) + "\n\n")
     for line in R.section_summaries(results):
         out.write(line + "\n")
     if a.report:

@@ -20,6 +20,9 @@ SECTIONS = {
                 "tinylm/analysis/weight_spectra.py: analyze_spectra (metrics in spectra.py: matrix_metrics)"),
     "circuits": ("Attention circuits", "4 inner products and norms, 7 eigendecomposition and SVD",
                  "tinylm/analysis/circuits.py: analyze_circuits (head_circuits, head_pattern_scores)"),
+    "ablation": ("Head ablation: the loss without each head", "2 matrices and matrix operations (c_proj reads the heads "
+                 "side by side, so its output is a sum of one W_O block per head; ablation removes one term)",
+                 "tinylm/analysis/interventions.py: ablation_table (forward_from, block)"),
     "embeddings": ("Embedding geometry", "1 vectors and vector spaces, 4 inner products and norms, 5 orthogonality and basis",
                    "tinylm/analysis/embeddings.py: analyze_embeddings"),
     "probes": ("Linear probes and logit lens", "6 linear systems",
@@ -120,6 +123,14 @@ def scale_note(results):
     return ("Scaled down (tinylm/analysis/scale.py): " + "; ".join(parts) + ".") if parts else ""
 
 
+def ablation_title(sec, results):
+    """The line above the ablation table: what was replaced, on how many tokens."""
+    ev = results.get("eval") or {}
+    what = "zero" if sec["mode"] == "zero" else "its mean over these tokens"
+    return (f"ablation: each head's output (before c_proj) replaced by {what}; validation loss on {sec['n_tokens']} tokens"
+            + (f" ({sec['n_tokens'] // ev['window']} windows of {ev['window']})" if ev.get("window") else ""))
+
+
 def section_summaries(results):
     """One short paragraph of plain text per section that ran (the terminal's view of everything but the big table)."""
     out = [scale_note(results)] if scale_note(results) else []
@@ -140,6 +151,14 @@ def section_summaries(results):
                    f"previous-token heads (> {pat['threshold']}): {name(pat['previous_token_heads'])}; "
                    f"induction heads: {name(pat['induction_heads'])}; max scores prev {np.max(pat['previous_token']):.2f}, "
                    f"induction {np.max(pat['induction']):.2f}")
+    if "ablation" in results:
+        ab = results["ablation"]
+        top = ab["rows"][0]
+        line = (f"ablation ({ab['mode']}): dense loss {ab['dense_loss']:.4f}; without {top['head']} {top['loss']:.4f} "
+                f"({top['delta']:+.4f}, the largest of {len(ab['rows'])} heads)")
+        if ab.get("init"):
+            line += f"; at init the largest Δ is {ab['init']['rows'][0]['delta']:+.4f}"
+        out.append(line)
     if "embeddings" in results:
         e = results["embeddings"]
         an = e["analogies"]
@@ -467,6 +486,31 @@ def lowrank_figures(sec):
              "(labels: k / full rank)", _png(fig))]
 
 
+def ablation_figures(sec):
+    """A layer × head heatmap of Δloss (and the same at initialization beside it, when given)."""
+    plt = _plt()
+    panels = [("trained", sec)] + ([("at initialization", sec["init"])] if sec.get("init") else [])
+    grids = [np.asarray(p["delta"], dtype=float) for _, p in panels]
+    top = max(float(np.nanmax(np.abs(g))) if np.isfinite(g).any() else 0.0 for g in grids) or 1.0
+    L, H = grids[0].shape
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.7 * H * len(panels) + 1.5, 0.5 * L + 1.5), squeeze=False)
+    for ax, (title, p), g in zip(axes[0], panels, grids):
+        im = ax.imshow(g, cmap="RdBu_r", vmin=-top, vmax=top)      # one colour scale for both panels
+        for (i, h), v in np.ndenumerate(g):
+            if np.isfinite(v):
+                ax.text(h, i, f"{v:+.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * top else "black")
+        ax.set_xticks(range(H), [f"H{h}" for h in range(H)], fontsize=7)
+        ax.set_yticks(range(L), [f"L{i}" for i in range(L)], fontsize=7)
+        ax.set_title(f"{title}: dense loss {p['dense_loss']:.3f}", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="Δ validation loss")
+    what = "zero" if sec["mode"] == "zero" else "its mean over the evaluation tokens"
+    return [(f"Validation loss change when one head's output is replaced by {what} (rows: layers, columns: heads)"
+             + ("; right: the same model at initialization" if sec.get("init") else "")
+             + ". What to notice: the heads the loss rises most without are the ones the model relies on; set them beside "
+             "the circuits section's pattern scores (docs/tour.md, 'What if I switch a head off?').", _png(fig))]
+
+
 def curvature_figures(sec):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -586,6 +630,12 @@ def _section_tables(name, sec, results):
                 f"{'yes (gains and centring; the per-token 1/std is left out)' if sec['fold_ln'] else 'no'}.</p>"
                 + _table(["head", "copying score (W_U W_OV W_E)", "copying score (W_OV)", "σ₁(W_QK)", "σ₁(W_OV)",
                           "prev-token", "induction"], rows))
+    if name == "ablation":
+        from .interventions import ABLATION_HEADER, ablation_rows
+        out = f"<p>{e(ablation_title(sec, results))}.</p>" + _table(ABLATION_HEADER, ablation_rows(sec))
+        if sec.get("init"):
+            out += "<p>At initialization:</p>" + _table(ABLATION_HEADER, ablation_rows(sec["init"]))
+        return out
     if name == "embeddings":
         from .embeddings import token_label
         an = sec["analogies"]
@@ -663,6 +713,8 @@ def section_figures(name, sec, results):
         return spectra_figures(sec)
     if name == "circuits":
         return circuits_figures(sec, results["chars"], results["prompt"], results.get("prompt_tokens"))
+    if name == "ablation":
+        return ablation_figures(sec)
     if name == "embeddings":
         return embeddings_figures(sec)
     if name == "probes":

@@ -17,7 +17,7 @@ seconds. So:
   big model (over BIG_MODEL block parameters) uses BIG_EVAL_SEQS windows by default,
   low-rank compression tries BIG_FRACTIONS on the first BIG_LOWRANK_SEQS windows (still
   truncating every layer, so the curve keeps its meaning), and alpha's bootstrap defaults
-  to BIG_N_BOOT resamples.
+  to BIG_N_BOOT resamples, and head ablation (a forward pass per head) uses BIG_ABLATION_SEQS windows.
 - attention maps are drawn for the last MAX_PROMPT tokens of the prompt, position-embedding
   similarities for at most MAX_POSITIONS evenly spaced positions.
 """
@@ -33,6 +33,7 @@ DEFAULT_EVAL_SEQS = 32     # evaluation windows, small models
 DEFAULT_N_BOOT = 100       # bootstrap resamples of alpha, small models
 BIG_EVAL_SEQS = 8          # evaluation windows, big models: a 124M forward on 8×256 tokens takes ~15 s (1 core)
 BIG_LOWRANK_SEQS = 2       # windows for each low-rank loss of a big model (each fraction costs a forward)
+BIG_ABLATION_SEQS = 2      # windows for head ablation of a big model (a forward per head: 144 for GPT-2)
 BIG_N_BOOT = 20            # bootstrap resamples of alpha, big models (each refits a tail of C eigenvalues: O(C²))
 BIG_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
 MAX_PROMPT = 64            # tokens of the prompt whose attention is drawn

@@ -1,0 +1,257 @@
+"""Interventions: change what the model computes and measure what changes, so a finding is tested, not only seen.
+
+- Head ablation: a head's output, its softmax(Q Kᵀ/√D + mask) V before the output projection c_proj,
+  is replaced at every position by zero ("zero") or by its mean over the evaluation tokens ("mean"),
+  and the validation loss is measured again. Δloss is how much the model relies on that head; a head
+  whose pattern looks meaningful but whose Δloss is ~0 is not doing much with it.
+- Steering: α·d is added to the residual stream at the input of block `layer`, at every position.
+  A constant added to the residual stream is a bias: at layer 0 it is a shift of every position
+  embedding (x₀ = wte[token] + wpe[t] + α d), at layer l > 0 a shift of block l−1's MLP output bias
+  (block l−1 ends in x + c_proj(gelu(..)) + b). So `steer` returns edited parameters, and the fast
+  generate() samples from the steered model as from any other.
+
+The forward here is tinylm/reference.py's, cut at the blocks so a run can start at any layer and with
+the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for speed);
+tests/test_interventions.py holds it equal to model.forward when no edit is given.
+Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
+"""
+import re
+
+import numpy as np
+
+from ..errors import TinyLMError
+from ..reference import layer_norm, linear, softmax
+
+
+def gelu(x):
+    """reference.gelu, written x·x·x (NumPy's x ** 3 is ~50× slower) with Python-float constants (float32 stays float32)."""
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))   # 0.797… = √(2/π)
+
+
+# ----------------------------------------------------------------------------- the forward, with edits
+
+
+def head_outputs(P, prefix, h, n_head):
+    """Each head's softmax(Q Kᵀ/√D + mask) V, before c_proj mixes the heads.   h = ln_1(x) (B,T,C) -> (B,H,T,D)"""
+    B, T, C = h.shape
+    D = C // n_head
+    q, k, v = np.split(linear(h, P[prefix + "attn.c_attn.weight"], P.get(prefix + "attn.c_attn.bias")), 3, axis=-1)
+    q, k, v = (a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3) for a in (q, k, v))
+    mask = np.triu(np.full((T, T), -np.inf, dtype=h.dtype), k=1)       # token t sees tokens ≤ t only
+    return softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D).astype(h.dtype) + mask) @ v
+
+
+def block(P, config, i, x, replace=None, record=None):
+    """Block i on the residual stream x (B,T,C) -> (B,T,C), with head outputs replaced: replace = {head: value},
+    value 0 or a (D,) vector put at every position. record (a list) gets this block's head outputs (B,H,T,D)."""
+    p = f"transformer.h.{i}."
+    y = head_outputs(P, p, layer_norm(x, P[p + "ln_1.weight"], P.get(p + "ln_1.bias")), config.n_head)
+    if record is not None:
+        record.append(y.copy())
+    for head, value in (replace or {}).items():
+        y[:, head] = value                                              # the intervention: one line
+    B, H, T, D = y.shape
+    x = x + linear(y.transpose(0, 2, 1, 3).reshape(B, T, H * D), P[p + "attn.c_proj.weight"], P.get(p + "attn.c_proj.bias"))
+    h = layer_norm(x, P[p + "ln_2.weight"], P.get(p + "ln_2.bias"))
+    return x + linear(gelu(linear(h, P[p + "mlp.c_fc.weight"], P.get(p + "mlp.c_fc.bias"))),
+                      P[p + "mlp.c_proj.weight"], P.get(p + "mlp.c_proj.bias"))
+
+
+def embed(P, idx):
+    """The residual stream before block 0: wte[idx] + wpe[:T].   idx (B,T) -> (B,T,C)"""
+    return P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][:idx.shape[1]]
+
+
+def mean_cross_entropy(logits, targets):
+    """−mean log softmax(logits)[target], accumulated in float64.   logits (B,T,V), targets (B,T) -> float"""
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -float(np.take_along_axis(logp, targets[..., None], axis=-1).astype(np.float64).mean())
+
+
+def forward_from(params, config, x, first, targets=None, replace=None, add=None):
+    """Blocks first..L−1 on the residual stream x (B,T,C), then ln_f and the tied head: (logits (B,T,V), loss or None).
+
+    replace: {(layer, head): 0 or a (D,) vector}, the heads' outputs replaced (head ablation).
+    add: {layer: (C,) vector} added to the residual stream at the input of that block, L meaning before ln_f (steering).
+    """
+    replace, add = replace or {}, add or {}
+    for i in range(first, config.n_layer):
+        if i in add:
+            x = x + add[i]
+        x = block(params, config, i, x, {h: v for (l, h), v in replace.items() if l == i})
+    if config.n_layer in add:
+        x = x + add[config.n_layer]
+    x = layer_norm(x, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
+    logits = x @ params["transformer.wte.weight"].T
+    return logits, None if targets is None else mean_cross_entropy(logits, targets)
+
+
+def forward(params, config, idx, targets=None, replace=None, add=None):
+    """The model on token ids idx (B,T), with optional edits (see forward_from): (logits (B,T,V), loss or None)."""
+    return forward_from(params, config, embed(params, idx), 0, targets, replace, add)
+
+
+# ----------------------------------------------------------------------------- head ablation
+
+
+def dense_run(params, config, idx):
+    """The unedited model's residual stream at the input of every block (a list of L arrays (B,T,C)) and
+    each head's mean output over the B·T tokens ((L, H, D), what mean ablation puts in its place)."""
+    xs, heads = [embed(params, idx)], []
+    for i in range(config.n_layer):
+        xs.append(block(params, config, i, xs[-1], record=heads))
+    return xs[:-1], np.stack([y.mean(axis=(0, 2)) for y in heads])
+
+
+def check_mode(mode):
+    if mode not in ("zero", "mean"):
+        raise TinyLMError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
+
+
+def ablate_heads(params, config, heads, mode, idx, targets, means=None):
+    """Validation loss with every head in `heads` ([(layer, head)]) ablated at once: its output replaced by
+    zero (mode "zero") or by its mean over these tokens (mode "mean").   idx, targets (B,T) -> float"""
+    check_mode(mode)
+    if mode == "mean" and means is None:
+        means = dense_run(params, config, idx)[1]
+    replace = {(l, h): 0.0 if mode == "zero" else means[l, h] for l, h in heads}
+    return forward(params, config, idx, targets, replace=replace)[1]
+
+
+def ablation_table(params, config, heads, mode, idx, targets, together=False, progress=False):
+    """Each head of `heads` ablated alone: dense loss, ablated loss and Δ = ablated − dense, sorted by Δ (largest first).
+
+    -> {"mode", "n_tokens", "dense_loss", "rows": [{"head": "L1H0", "layer", "index", "loss", "delta"}],
+        "delta": (L, H) Δ per head (NaN where not ablated), "together": {"heads", "loss", "delta"} or None}
+    Ablating a head of layer l changes nothing below l, so each run starts from the dense residual stream
+    at block l (dense_run) instead of recomputing blocks 0..l−1.
+    """
+    from tqdm import tqdm
+    check_mode(mode)
+    xs, means = dense_run(params, config, idx)
+    dense = forward_from(params, config, xs[0], 0, targets)[1]
+    grid = np.full((config.n_layer, config.n_head), np.nan)
+    rows = []
+    for l, h in tqdm(heads, desc="ablation", disable=not progress, leave=False):
+        value = 0.0 if mode == "zero" else means[l, h]
+        loss = forward_from(params, config, xs[l], l, targets, replace={(l, h): value})[1]
+        grid[l, h] = loss - dense
+        rows.append({"head": head_name(l, h), "layer": l, "index": h, "loss": loss, "delta": loss - dense})
+    rows.sort(key=lambda r: -r["delta"])
+    joint = None
+    if together and len(heads) > 1:
+        loss = ablate_heads(params, config, heads, mode, idx, targets, means)
+        joint = {"heads": "+".join(head_name(l, h) for l, h in heads), "loss": loss, "delta": loss - dense}
+    return {"mode": mode, "n_tokens": int(idx.size), "dense_loss": dense, "rows": rows, "delta": grid, "together": joint}
+
+
+def head_name(layer, head):
+    return f"L{layer}H{head}"
+
+
+HEAD_SPEC = re.compile(r"L(\d+)H(\d+)", re.I)
+
+
+def parse_heads(text, config=None):
+    """'L1H1', 'L0H2,L1H3' or 'all' -> [(layer, head)], checked against config's n_layer and n_head.
+    Without config only the form is checked (and 'all' comes back as 'all'): analyze.py does that before loading."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if items == ["all"] and config is not None:
+        return [(l, h) for l in range(config.n_layer) for h in range(config.n_head)]
+    if items == ["all"]:
+        return "all"
+    heads = []
+    for item in items or [""]:
+        m = HEAD_SPEC.fullmatch(item)
+        if not m:
+            raise TinyLMError(f"--ablate {item!r}: expected heads as L<layer>H<head> (L1H1, or a list L0H2,L1H3) or all")
+        heads.append((int(m[1]), int(m[2])))
+    if config is not None:
+        for l, h in heads:
+            if l >= config.n_layer or h >= config.n_head:
+                raise TinyLMError(f"--ablate {head_name(l, h)}: this model has layers 0-{config.n_layer - 1} and "
+                                  f"heads 0-{config.n_head - 1} (L0H0 to {head_name(config.n_layer - 1, config.n_head - 1)})")
+    return list(dict.fromkeys(heads))                                   # each head once, in the order given
+
+
+ABLATION_HEADER = ["head", "dense loss", "ablated loss", "Δloss"]
+
+
+def ablation_rows(sec):
+    rows = [[r["head"], f"{sec['dense_loss']:.4f}", f"{r['loss']:.4f}", f"{r['delta']:+.4f}"] for r in sec["rows"]]
+    if sec.get("together"):
+        t = sec["together"]
+        rows.append([t["heads"] + " together", f"{sec['dense_loss']:.4f}", f"{t['loss']:.4f}", f"{t['delta']:+.4f}"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def case_direction(wte, chars):
+    """The mean of wte['X'] − wte['x'] over every letter with both cases in the vocabulary: (C,).
+
+    The offset the case analogies of embeddings.py test ('x' − 'X' + 'Y' ≈ 'y'), averaged. Scale 1 moves
+    a lowercase letter's embedding onto its capital's, on average.
+    """
+    index = {c: i for i, c in enumerate(chars)}
+    pairs = [(index[c], index[c.lower()]) for c in chars if len(c) == 1 and c.isupper() and c.lower() in index]
+    if not pairs:
+        raise TinyLMError("the vocabulary has no letter in both cases: there is no case direction")
+    wte = np.asarray(wte, dtype=np.float64)
+    return np.mean([wte[u] - wte[l] for u, l in pairs], axis=0)
+
+
+def steer(params, config, direction, layer, scale):
+    """Parameters of the same model with scale·direction added to the residual stream at the input of block
+    `layer` (0..L; L: after the last block, before ln_f), at every position. direction (C,); params is not changed."""
+    if not 0 <= layer <= config.n_layer:
+        raise TinyLMError(f"--steer_layer must be in 0..{config.n_layer} (the input of a block, {config.n_layer}: "
+                          f"before the final layer norm), got {layer}")
+    if not np.isfinite(scale):
+        raise TinyLMError(f"--steer_scale must be a finite number, got {scale}")
+    direction = np.asarray(direction, dtype=np.float64)
+    if direction.shape != (config.n_embd,):
+        raise TinyLMError(f"a steering direction must have n_embd = {config.n_embd} entries, got shape {direction.shape}")
+    # x₀ = wte[token] + wpe[t]: shifting every wpe row is adding to the stream at block 0's input;
+    # block l−1 ends in x + (… c_projᵀ + b): shifting b is adding to the stream at block l's input.
+    name = "transformer.wpe.weight" if layer == 0 else f"transformer.h.{layer - 1}.mlp.c_proj.bias"
+    dtype = params["transformer.wte.weight"].dtype
+    base = params[name] if name in params else np.zeros(config.n_embd, dtype)   # bias=False: a zero bias, then shifted
+    return dict(params, **{name: (base + scale * direction).astype(dtype)})
+
+
+def steering_direction(spec, params, config, tok):
+    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is)."""
+    import os
+    if spec == "case":
+        from .scale import token_labels
+        d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
+        return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
+    if spec.endswith(".npy") and os.path.isfile(spec):
+        try:
+            d = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({e})") from None
+        if d.dtype.kind not in "fiu" or d.shape != (config.n_embd,):
+            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} {d.shape}")
+        return d.astype(np.float64), f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
+    raise TinyLMError(f"--steer {spec!r}: expected 'case' or a .npy file holding an n_embd vector")
+
+
+def uppercase_fraction(text):
+    """Uppercase letters / letters in text (0 when it has no letter)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def sample_texts(params, config, tok, start, n_samples=4, n_tokens=200, seed=0, temperature=0.8, top_k=200):
+    """n_samples continuations of start (the new text only), drawn as sample.py draws them (one generator, seeded)."""
+    from ..model import generate
+    from ..parallel import blas_threads
+    from ..sampling import sample_next
+    rng = np.random.default_rng(seed)
+    pick = lambda logits: sample_next(logits, temperature, top_k, None, rng)
+    with blas_threads(1):
+        return [tok.decode(list(generate(params, config, tok.encode(start), n_tokens, pick))) for _ in range(n_samples)]

@@ -301,12 +301,13 @@ def check_svd(call, rng, opts):
 
 
 def compressed_checkpoint(call, opts):
-    """With --ckpt: every block matrix of a trained model truncated by the learner's truncated_svd: the
-    validation loss and a greedy sample at a few ranks (information, not checks)."""
+    """With --ckpt: every block matrix of a trained model replaced by the learner's truncated_svd at a few
+    fractions of its rank: the validation loss and a sample (same seed at every rank). Information, not checks."""
     from .compress import layer_names
+    from .sampling import sample_next
     config, params, tok, x, y = checkpoint_model(opts.ckpt, opts.seed)
     print(f"\n{opts.ckpt}: every block matrix replaced by your truncated_svd's A @ B")
-    prompt = tok.encode("ROMEO:")
+    prompt = "ROMEO:"
     for frac in (1.0, 0.5, 0.25, 0.125):
         P = dict(params)
         for name in layer_names(config):
@@ -315,9 +316,10 @@ def compressed_checkpoint(call, opts):
             A, B = unpack(call("truncated_svd", W, r), 2, "truncated_svd", "(A, B)")
             P[name + ".weight"] = np.asarray(A, np.float64) @ np.asarray(B, np.float64)
         loss = M.forward(P, config, x, y, for_backward=False)[1]
-        ids = M.generate(P, config, prompt, 60, lambda logits: int(np.argmax(logits)))
-        sample = tok.decode(list(ids)).replace("\n", " | ")
-        print(f"  rank {frac:5.3f} of full: val loss {loss:.4f}  greedy: {sample!r}")
+        draw = np.random.default_rng(opts.seed)
+        ids = M.generate(P, config, tok.encode(prompt), 80, lambda z: sample_next(z, temperature=0.8, rng=draw))
+        sample = (prompt + tok.decode(list(ids))).replace("\n", " / ")
+        print(f"  rank × {frac:<5}: val loss {loss:.4f}  {sample}")
 
 
 # ----------------------------------------------------------------------------- 6 head ablation
@@ -352,7 +354,7 @@ def forward_without_head(params, config, idx, targets, layer, head):
     return float(-np.take_along_axis(logp, targets[..., None], axis=-1).mean())
 
 
-def checkpoint_model(path, seed, n_seq=16):
+def checkpoint_model(path, seed, n_seq=8):
     """(config, float64 params, tokenizer, x, y) for a checkpoint, x/y windows of its validation text."""
     from .analysis.textdata import fixed_windows, resolve_data_path, validation_ids
     from .checkpoint import load_checkpoint

@@ -322,7 +322,69 @@ def compressed_checkpoint(call, opts):
         print(f"  rank × {frac:<5}: val loss {loss:.4f}  {sample}")
 
 
-# ----------------------------------------------------------------------------- 6 head ablation
+# ----------------------------------------------------------------------------- 6 linear systems
+
+
+def check_linear_systems(call, rng, opts):
+    from .analysis.linalg import ridge_least_squares
+    from .compress import solve_triangular
+    n = 9
+    F = rng.standard_normal((n + 3, n))
+    G = F.T @ F + 0.1 * np.eye(n)                     # symmetric positive definite, condition number ~ 10³
+    Lg = call("cholesky", G)
+    a, why = as_array(Lg, (n, n))
+    yield small("cholesky(G) is lower triangular (max |entry above the diagonal|)",
+                None if a is None else float(np.max(np.abs(np.triu(a, 1)))), 0.0, why)
+    yield small("cholesky(G): L Lᵀ = G (max |L Lᵀ − G| / max |G|)",
+                None if a is None else max_abs(a @ a.T, G) / np.max(np.abs(G)), 1e-12, why)
+    yield close("cholesky(G) equals numpy.linalg.cholesky (relative error)", Lg, np.linalg.cholesky(G), 1e-10)
+    Y = rng.standard_normal((n, 3))
+    Lo = np.linalg.cholesky(G)
+    for lower, T in ((True, Lo), (False, Lo.T)):
+        kind = "lower" if lower else "upper"
+        yield close(f"solve_triangular, {kind}: T Z = Y, equal to compress.solve_triangular (relative error)",
+                    call("solve_triangular", T, Y, lower), solve_triangular(T, Y, lower), 1e-12)
+    X = rng.standard_normal((40, n)) @ np.diag(np.geomspace(1.0, 0.01, n))      # columns of very different scale
+    Yp = X @ rng.standard_normal((n, 2)) + 0.1 * rng.standard_normal((40, 2))
+    lam = 1e-3
+    W = call("ridge_probe", X, Yp, lam)
+    yield close("ridge_probe equals analysis.linalg.ridge_least_squares (relative error)", W,
+                ridge_least_squares(X, Yp, lam)["coef"], 1e-10)
+    w, why = as_array(W, (n, 2))
+    yield small("the normal equations hold: Xᵀ(Y − X W) = λ W (max |difference| / max |XᵀY|)",
+                None if w is None else max_abs(X.T @ (Yp - X @ w), lam * w) / np.max(np.abs(X.T @ Yp)), 1e-12, why)
+
+
+# ----------------------------------------------------------------------------- 7 polar factor
+
+
+def check_polar(call, rng, opts):
+    cases = []
+    for m, n in ((8, 8), (24, 8)):                      # square and tall, condition number 10
+        U, V = random_orthonormal(rng, m, n), random_orthonormal(rng, n, n)
+        Mx = (U * np.geomspace(10.0, 1.0, n)) @ V.T
+        cases.append((Mx, U @ V.T))                     # its polar factor, known by construction
+    tols = {"polar_svd": (1e-10, 1e-10), "polar_eigh": (1e-10, 1e-8), "polar_newton_schulz": (1e-6, 1e-6)}
+    got = {name: [] for name in tols}
+    for name, (tol_orth, tol_ref) in tols.items():
+        orth, ref, why = 0.0, 0.0, None
+        for Mx, Q_ref in cases:
+            Q, why = as_array(call(name, Mx), Mx.shape)
+            if why:
+                break
+            got[name].append(Q)
+            orth = max(orth, max_abs(Q.T @ Q, np.eye(Mx.shape[1])))
+            # the reference is numpy's SVD, U Vᵀ, not the construction (as the learner would check it)
+            u, _, vt = np.linalg.svd(Mx, full_matrices=False)
+            ref = max(ref, max_abs(Q, u @ vt))
+        yield small(f"{name}: QᵀQ = I, square and tall M (max |QᵀQ − I|)", None if why else orth, tol_orth, why)
+        yield small(f"{name}: Q equals U Vᵀ from numpy.linalg.svd (max |difference|)", None if why else ref, tol_ref, why)
+    a, b = got["polar_svd"], got["polar_eigh"]
+    agree = max(max_abs(x, y) for x, y in zip(a, b)) if len(a) == len(b) == len(cases) else None
+    yield small("the exact ones agree: polar_svd(M) = polar_eigh(M) (max |difference|)", agree, 1e-8)
+
+
+# ----------------------------------------------------------------------------- 8 head ablation
 
 
 def forward_without_head(params, config, idx, targets, layer, head):
@@ -422,35 +484,6 @@ def _table_error(table, want):
     return (None if a is None else max_abs(a, want)), 1e-10, why
 
 
-# ----------------------------------------------------------------------------- 7 polar factor
-
-
-def check_polar(call, rng, opts):
-    cases = []
-    for m, n in ((8, 8), (24, 8)):                      # square and tall, condition number 10
-        U, V = random_orthonormal(rng, m, n), random_orthonormal(rng, n, n)
-        Mx = (U * np.geomspace(10.0, 1.0, n)) @ V.T
-        cases.append((Mx, U @ V.T))                     # its polar factor, known by construction
-    tols = {"polar_svd": (1e-10, 1e-10), "polar_eigh": (1e-10, 1e-8), "polar_newton_schulz": (1e-6, 1e-6)}
-    got = {name: [] for name in tols}
-    for name, (tol_orth, tol_ref) in tols.items():
-        orth, ref, why = 0.0, 0.0, None
-        for Mx, Q_ref in cases:
-            Q, why = as_array(call(name, Mx), Mx.shape)
-            if why:
-                break
-            got[name].append(Q)
-            orth = max(orth, max_abs(Q.T @ Q, np.eye(Mx.shape[1])))
-            # the reference is numpy's SVD, U Vᵀ, not the construction (as the learner would check it)
-            u, _, vt = np.linalg.svd(Mx, full_matrices=False)
-            ref = max(ref, max_abs(Q, u @ vt))
-        yield small(f"{name}: QᵀQ = I, square and tall M (max |QᵀQ − I|)", None if why else orth, tol_orth, why)
-        yield small(f"{name}: Q equals U Vᵀ from numpy.linalg.svd (max |difference|)", None if why else ref, tol_ref, why)
-    a, b = got["polar_svd"], got["polar_eigh"]
-    agree = max(max_abs(x, y) for x, y in zip(a, b)) if len(a) == len(b) == len(cases) else None
-    yield small("the exact ones agree: polar_svd(M) = polar_eigh(M) (max |difference|)", agree, 1e-8)
-
-
 # ----------------------------------------------------------------------------- the list
 
 
@@ -465,10 +498,12 @@ EXERCISES = {
         "random_subspace"), "check": check_subspaces},
     5: {"title": "compress a matrix by truncated SVD (Eckart–Young)", "functions": ("truncated_svd",
         "eckart_young_error"), "check": check_svd},
-    6: {"title": "ablate an attention head and measure the loss", "functions": ("ablate_head", "loss_changes"),
-        "check": check_ablation},
+    6: {"title": "a ridge probe by Cholesky and triangular solves", "functions": ("cholesky", "solve_triangular",
+        "ridge_probe"), "check": check_linear_systems},
     7: {"title": "orthogonalize a matrix three ways (the polar factor)", "functions": ("polar_svd", "polar_eigh",
         "polar_newton_schulz"), "check": check_polar},
+    8: {"title": "ablate an attention head and measure the loss", "functions": ("ablate_head", "loss_changes"),
+        "check": check_ablation},
 }
 
 
@@ -546,8 +581,8 @@ def exercises_parser():
     ck.add_argument("--file", metavar="PATH", help=file_help)
     ck.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     ck.add_argument("--ckpt", metavar="CKPT", default=None,
-                    help="exercises 5 and 6: also run on this trained checkpoint (e.g. out/ckpt.npz): "
-                    "5 compresses its block matrices and samples, 6 ablates its heads on its validation text")
+                    help="exercises 5 and 8: also run on this trained checkpoint (e.g. out/ckpt.npz): "
+                    "5 compresses its block matrices and samples, 8 ablates its heads on its validation text")
     return ap
 
 

@@ -1,24 +1,31 @@
-"""Exercise 6: zero-ablate one attention head and measure what the loss loses."""
+"""Exercise 6: a ridge least-squares probe, solved by Cholesky and two triangular solves."""
 import numpy as np
 
-from tinylm import model as M
+
+def cholesky(G):
+    """L lower triangular with L Lᵀ = G (G symmetric positive definite), column by column:
+    L[j, j] = √(G[j, j] − Σ_{k<j} L[j, k]²),  L[i, j] = (G[i, j] − Σ_{k<j} L[i, k] L[j, k]) / L[j, j] for i > j."""
+    n = G.shape[0]
+    L = np.zeros_like(G, dtype=np.float64)
+    for j in range(n):
+        L[j, j] = np.sqrt(G[j, j] - L[j, :j] @ L[j, :j])
+        L[j + 1:, j] = (G[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
+    return L
 
 
-def ablate_head(params, config, layer, head):
-    """A copy of params in which head h of block `layer` writes nothing: c_proj maps the joined heads
-    [y_0 … y_{H−1}] to the residual stream, so y_h enters only through columns h·D … (h+1)·D of W_O."""
-    D = config.n_embd // config.n_head
-    P = dict(params)                                          # a new dict; only one array is replaced
-    name = f"transformer.h.{layer}.attn.c_proj.weight"
-    W = P[name].copy()
-    W[:, head * D:(head + 1) * D] = 0.0
-    P[name] = W
-    return P
+def solve_triangular(T, Y, lower):
+    """Z with T Z = Y, T (n, n) triangular, Y (n, k): row by row, each row one dot product with the rows solved
+    (forward substitution from the top when lower, back substitution from the bottom when upper)."""
+    n = T.shape[0]
+    Z = np.zeros((n, Y.shape[1]))
+    for i in (range(n) if lower else reversed(range(n))):
+        done = slice(0, i) if lower else slice(i + 1, n)
+        Z[i] = (Y[i] - T[i, done] @ Z[done]) / T[i, i]
+    return Z
 
 
-def loss_changes(params, config, idx, targets):
-    """Δ[l, h] = loss(head h of block l zeroed) − loss, every head.   -> (n_layer, n_head)"""
-    loss = lambda P: M.forward(P, config, idx, targets, for_backward=False)[1]
-    clean = loss(params)
-    return np.array([[loss(ablate_head(params, config, l, h)) - clean for h in range(config.n_head)]
-                     for l in range(config.n_layer)])
+def ridge_probe(X, Y, lam):
+    """W = argmin ‖X W − Y‖² + λ‖W‖²: the normal equations (XᵀX + λI) W = XᵀY, with XᵀX + λI = L Lᵀ,
+    solved as L Z = XᵀY, then Lᵀ W = Z."""
+    L = cholesky(X.T @ X + lam * np.eye(X.shape[1]))
+    return solve_triangular(L.T, solve_triangular(L, X.T @ Y, lower=True), lower=False)

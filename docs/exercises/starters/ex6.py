@@ -1,18 +1,20 @@
-"""Exercise 6: zero-ablate an attention head and measure the loss (docs/exercises.md).
+"""Exercise 6: a ridge least-squares probe, by Cholesky and triangular solves (docs/exercises.md).
 
-Grade it with: python -m tinylm.exercises check 6      (add --ckpt out/ckpt.npz for your own model)
+Grade it with: python -m tinylm.exercises check 6
 """
 import numpy as np
 
-from tinylm import model as M
+
+def cholesky(G):
+    """L (n, n) lower triangular with L Lᵀ = G, for G symmetric positive definite; written out, not np.linalg."""
+    raise NotImplementedError("cholesky")
 
 
-def ablate_head(params, config, layer, head):
-    """A new params dict in which head `head` of block `layer` contributes nothing to the residual stream.
-    params itself must stay unchanged."""
-    raise NotImplementedError("ablate_head")
+def solve_triangular(T, Y, lower):
+    """Z (n, k) with T Z = Y, T (n, n) lower triangular if lower else upper, by substitution (no inverse)."""
+    raise NotImplementedError("solve_triangular")
 
 
-def loss_changes(params, config, idx, targets):
-    """(n_layer, n_head) array: loss with that head ablated − loss of the intact model, on idx -> targets."""
-    raise NotImplementedError("loss_changes")
+def ridge_probe(X, Y, lam):
+    """W (d, k) minimizing ‖X W − Y‖²_F + lam ‖W‖²_F, for X (n, d), Y (n, k), lam > 0, with the two functions above."""
+    raise NotImplementedError("ridge_probe")

@@ -538,7 +538,7 @@ def run_check(n, path, opts):
 def list_exercises():
     print("The exercises, easy to hard (docs/exercises.md says what each asks):")
     for n, ex in EXERCISES.items():
-        print(f"  {n}  {ex['title']:<52} write: {', '.join(ex['functions'])}")
+        print(f"  {n}  {ex['title']:<54} write: {', '.join(ex['functions'])}")
     print("\nstart one:  python -m tinylm.exercises start N      (copies the starter to exercises/exN.py)")
     print("grade it:   python -m tinylm.exercises check N      (or --file PATH)")
 

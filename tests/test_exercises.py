@@ -159,6 +159,11 @@ def test_missing_file_and_unknown_exercise(tmp_path, capsys, monkeypatch):
     for n in ("9", "0"):
         code = main(["check", n, "--file", solution(1)])
         one_line_exit_2(code, capsys.readouterr()[1])
+    code = main(["check", "3", "--file", solution(3), "--ckpt", "out/ckpt.npz"])   # only 5 and 8 read a model
+    one_line_exit_2(code, capsys.readouterr()[1])
+    code = main(["check", "8", "--file", solution(8), "--ckpt", str(tmp_path / "none.npz")])
+    err = capsys.readouterr()[1]
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "none.npz" in err
     with pytest.raises(SystemExit) as exit_:            # argparse's usage error, one line too
         main(["check", "x"])
     one_line_exit_2(exit_.value.code, capsys.readouterr()[1])

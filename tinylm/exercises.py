@@ -474,7 +474,8 @@ def check_ablation(call, rng, opts):
             break
     yield small(f"ablate_head: the loss equals a forward with that head's output zeroed, all {Lr * H} heads "
                 "(max |difference|)", None if why else worst, 1e-10, why)
-    yield small("ablate_head leaves the params it was given unchanged (max change)", unchanged, 0.0)
+    yield small("ablate_head leaves the params it was given unchanged (max change)", unchanged, 0.0,
+                "a key of params was added, removed or reshaped" if unchanged == math.inf else None)
     table, why = as_array(call("loss_changes", params, config, x, y), want.shape)
     yield small(f"loss_changes: the ({Lr}, {H}) table of loss(ablated) − loss (max |difference|)",
                 None if why else max_abs(table, want), 1e-10, why)

@@ -260,7 +260,7 @@ def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_ad
         if optimizer == "muon":
             from tinylm.optim import learning_rate_at
             assert np.isclose(sv[0], learning_rate_at(19, 0.02, 0.02 * 1e-4 / 3e-3, 3, 25), rtol=1e-3)
-    assert flat["muon attn"] > 0.999 and flat["muon mlp"] > 0.999, flat
+    assert flat["muon attn"] > 0.99 and flat["muon mlp"] > 0.99, flat       # (float32 Gram: weak directions to ~0.3%)
     assert flat["adamw attn"] < 0.5 and flat["adamw mlp"] < 0.5, flat
 
 

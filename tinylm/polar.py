@@ -59,15 +59,15 @@ def polar_eigh(G, floor=None):
     """U Vᵀ = Λ^{-1/2}-whitened G: for wide G (m ≤ n), GGᵀ = U Λ Uᵀ and Q = U Λ^{-1/2} Uᵀ G.
 
     Eigenvalues below floor·λ_max (σ below √floor·σ_max: directions G hardly has, where the polar factor
-    is not determined) are raised to it, so they come out small rather than amplified noise. The Gram
-    matrix and its eigendecomposition are in float64 (squaring G squares its condition number)."""
-    G64 = G.astype(np.float64, copy=False)
-    lam, U = np.linalg.eigh(G64 @ np.swapaxes(G64, -1, -2))
+    is not determined, and a float32 Gram matrix holds only rounding) are raised to it, so they come out
+    small rather than as amplified noise. The products are in G's dtype; the small eigendecomposition is
+    in float64 (it costs the same, and squaring G squared its condition number)."""
     if floor is None:
         floor = 1e-12 if G.dtype == np.float64 else 1e-7
+    lam, U = np.linalg.eigh((G @ np.swapaxes(G, -1, -2)).astype(np.float64))
     lam = np.maximum(lam, floor * lam[..., -1:] + np.finfo(np.float64).tiny)
     inv_sqrt = (U / np.sqrt(lam)[..., None, :]) @ np.swapaxes(U, -1, -2)      # U Λ^{-1/2} Uᵀ
-    return (inv_sqrt @ G64).astype(G.dtype, copy=False)
+    return inv_sqrt.astype(G.dtype, copy=False) @ G
 
 
 def orthogonalize(G, method="newton_schulz", ns_steps=5):

@@ -47,3 +47,23 @@ def test_quick_bench_prints_a_sane_table():
     assert re.search(r"^\s+64\s+[\d,]+\s+[\d,]+\s+[\d.]+x$", out, re.M), out
     assert re.search(r"^\s+256\s+[\d,]+\s+[\d,]+\s+[\d.]+x$", out, re.M), out
     assert time.perf_counter() - t0 < 60
+
+
+def test_time_to_loss_quick_runs_both_optimizers_and_reports_steps_to_the_target():
+    """The time-to-quality bench (tinylm/bench_train.py) drives its workers to the target and prints a row each."""
+    proc = subprocess.run([sys.executable, "-m", "tinylm.bench", "--time-to-loss", "3.9", "--quick", "--no-torch",
+                           "--optimizer-share"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for label in ("AdamW", "Muon, eigh", "Muon, svd", "Muon, newton_schulz (5 steps)", "Muon, newton_schulz (3 steps)"):
+        row = re.search(rf"^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
+        assert row, (label, out)
+        ms, opt_ms, share = map(float, row.groups())
+        assert 0 < opt_ms < ms and abs(share - 100 * opt_ms / ms) < 1.5
+    for name in ("tinylm AdamW", "tinylm Muon"):
+        row = re.search(rf"^{name}\s+(\d+)\s+(\d+|-)\s+([\d.]+)\s", out, re.M)
+        assert row, (name, out)
+        schedule, steps, loss = row.groups()
+        assert steps != "-" and int(steps) <= int(schedule) and float(loss) <= 3.9    # reached, and says where
+    assert "PyTorch AdamW" not in out.split("time to validation loss")[1]          # --no-torch

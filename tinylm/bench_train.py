@@ -103,6 +103,12 @@ def worker(spec):
                 n += 1
             train_s += time.perf_counter() - t
             print(json.dumps({"step": n, "train_s": train_s, "opt_s": run.opt_s}), flush=True)
+        elif command[0] == "time":      # N more steps, only timed (after the run: the state no longer matters)
+            opt_before, t = run.opt_s, time.perf_counter()
+            for _ in range(int(command[1])):
+                x, y = get_batch(train_ids, config.block_size, r["batch_size"], batch_rng)
+                step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
+            print(json.dumps({"s": time.perf_counter() - t, "opt_s": run.opt_s - opt_before}), flush=True)
         elif command[0] == "eval":
             print(json.dumps({"val_loss": float(np.mean([run.loss(x, y) for x, y in evals]))}), flush=True)
         else:
@@ -145,7 +151,7 @@ def torch_available():
         return False
 
 
-def time_to_loss(target, specs, eval_every, log=print):
+def time_to_loss(target, specs, eval_every, log=print, paired_rounds=6, paired_steps=10):
     """Drive the workers in turns until each reaches `target` or ends its schedule; a row per run."""
     workers = {name: Worker(spec) for name, spec in specs.items()}
     rows = {name: {"name": name, "max_iters": spec["max_iters"], "curve": []} for name, spec in specs.items()}
@@ -168,6 +174,16 @@ def time_to_loss(target, specs, eval_every, log=print):
                     active.remove(name)
             log("  " + "   ".join(f"{n}: step {r['step']} val {r['val_loss']:.4f}" for n, r in rows.items()
                                   if "step" in r))
+        # The runs end at different times, so their seconds come from different minutes of a machine whose
+        # speed drifts; a step's cost is therefore also timed with every run in turn, in the same minutes.
+        paired = {name: [] for name in workers}
+        for _ in range(paired_rounds):
+            for name, w in workers.items():
+                d = w.ask(f"time {paired_steps}")
+                paired[name].append((d["s"] / paired_steps, d["opt_s"] / paired_steps))
+        for name, row in rows.items():
+            row["paired_ms"] = 1e3 * float(np.median([s for s, _ in paired[name]]))
+            row["paired_opt_ms"] = 1e3 * float(np.median([o for _, o in paired[name]]))
     finally:
         for w in workers.values():
             w.close()
@@ -175,31 +191,37 @@ def time_to_loss(target, specs, eval_every, log=print):
 
 
 def print_time_to_loss(rows, target):
-    print(f"\ntime to validation loss {target} (training seconds; evaluations not counted):")
-    print(f"{'run':<16}{'schedule':>10}{'steps':>8}{'seconds':>9}{'ms/step':>9}{'optimizer':>11}{'val loss':>10}"
-          f"{'vs PyTorch':>12}{'vs AdamW':>10}")
+    """Two tables: as measured (each run's own seconds), and at the paired speed (steps × a step's cost timed
+    with every run in turn in the same minutes): the second is the one to compare on a drifting machine."""
     by_name = {r["name"]: r for r in rows}
+
+    def ratio(r, o, key):
+        if o is None or o is r:
+            return ""
+        if "reached_step" in r and "reached_step" in o:
+            return f"{key(o) / key(r):.2f}x"
+        if "reached_step" in r:          # the other never got there: its whole run is a lower bound
+            return f">{key(o, whole=True) / key(r):.2f}x"
+        return "n/a"
+
+    measured = lambda r, whole=False: r["train_s"] if whole or "reached_s" not in r else r["reached_s"]
+    paired = lambda r, whole=False: (r["step"] if whole or "reached_step" not in r else r["reached_step"]) \
+        * r["paired_ms"] / 1e3
+    print(f"\ntime to validation loss {target} (training seconds; evaluations not counted):")
+    print(f"{'run':<16}{'schedule':>9}{'steps':>7}{'val loss':>10}{'seconds':>9}{'ms/step':>9}{'paired':>8}"
+          f"{'opt.':>7}{'seconds at paired':>19}{'vs PyTorch':>12}{'vs AdamW':>10}")
     for r in rows:
-        reached = "reached_s" in r
-        ms = 1e3 * r["train_s"] / max(r["step"], 1)
-        ratios = []
-        for other in ("PyTorch AdamW", "tinylm AdamW"):
-            o = by_name.get(other)
-            if o is None or o is r:
-                ratios.append("")
-            elif reached and "reached_s" in o:
-                ratios.append(f"{o['reached_s'] / r['reached_s']:.2f}x")
-            elif reached:
-                ratios.append(f">{o['train_s'] / r['reached_s']:.2f}x")     # the other never got there
-            else:
-                ratios.append("n/a")
-        print(f"{r['name']:<16}{r['max_iters']:>10}{(r['reached_step'] if reached else '-'):>8}"
-              f"{(r['reached_s'] if reached else r['train_s']):>9.1f}{ms:>9.1f}{r['opt_s'] / r['train_s']:>10.1%}"
-              f"{r['val_loss']:>10.4f}{ratios[0]:>12}{ratios[1]:>10}")
-    missing = [r["name"] for r in rows if "reached_s" not in r]
+        reached = "reached_step" in r
+        print(f"{r['name']:<16}{r['max_iters']:>9}{(r['reached_step'] if reached else '-'):>7}{r['val_loss']:>10.4f}"
+              f"{measured(r):>9.1f}{1e3 * r['train_s'] / max(r['step'], 1):>9.1f}{r['paired_ms']:>8.1f}"
+              f"{r['paired_opt_ms'] / r['paired_ms']:>7.0%}{paired(r):>19.1f}"
+              f"{ratio(r, by_name.get('PyTorch AdamW'), paired):>12}{ratio(r, by_name.get('tinylm AdamW'), paired):>10}")
+    missing = [r["name"] for r in rows if "reached_step" not in r]
     if missing:
-        print(f"not reached within the schedule: {', '.join(missing)} (seconds and val loss are at its end; "
-              f"a '>' ratio is a lower bound)")
+        print(f"not reached within the schedule: {', '.join(missing)} (its val loss is at the end; a '>' ratio "
+              f"counts its whole schedule, a lower bound)")
+    print("ratios from 'seconds at paired' (steps to the target × the paired ms/step); 'paired' and 'opt.' (the "
+          "optimizer's share) timed with every run in turn after the runs")
 
 
 def optimizer_share(specs, rounds, steps_per_round, log=print):

@@ -136,6 +136,10 @@ def lowrank_figure(ckpt, folder, plt):
     fig, ax = plt.subplots(figsize=(5.4, 3.6))
     ax.plot([100 * r["rank_fraction"] for r in c], [r["loss"] for r in c], "o-")
     ax.axhline(sweep["base_loss"], color="0.5", ls="--", lw=0.8, label=f"full rank {sweep['base_loss']:.3f}")
+    # Above ln V the compressed model is worse than a uniform guess: there the curve measures how
+    # confidently a broken model is wrong, which need not fall with the rank (docs/tour.md explains).
+    V = ckpt["config"].vocab_size
+    ax.axhline(np.log(V), color="C3", ls=":", lw=0.8, label=f"uniform guess ln {V} = {np.log(V):.2f}")
     q = next(r for r in c if r["rank_fraction"] == 0.25)
     ax.annotate(f"25%: {q['loss']:.3f}", (25, q["loss"]), (40, q["loss"] + 1.0), fontsize=8,
                 arrowprops=dict(arrowstyle="->", lw=0.7))

@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 from tinylm.analysis import poster as P  # noqa: E402
 from tinylm.analysis.circuits import head_circuits  # noqa: E402
 from tinylm.analysis.lowrank import rank_sweep  # noqa: E402
+from tinylm.analysis.weight_spectra import init_like  # noqa: E402
 from tinylm.analysis.weights import head_weights  # noqa: E402
 from tinylm.checkpoint import load_checkpoint  # noqa: E402
 
@@ -110,6 +111,10 @@ def qk_figure(ckpt, folder, plt):
         for c in head_circuits(params, config, layer):
             axes[0].semilogy(np.arange(1, len(c["qk_singular_values"]) + 1), c["qk_singular_values"], style,
                              color=f"C{c['head']}", lw=1.2, label=f"L{layer}H{c['head']}")
+    init, _ = init_like(config, ckpt["meta"])                    # the same heads before training, for comparison
+    for c in head_circuits(init, config, 0):
+        axes[0].semilogy(np.arange(1, len(c["qk_singular_values"]) + 1), c["qk_singular_values"], "-", color="0.6",
+                         lw=0.8, label="layer 0 at init" if c["head"] == 0 else None)
     axes[0].set_xlabel("i")
     axes[0].set_ylabel("σᵢ of W_QK = W_Qᵀ W_K")
     axes[0].set_title(f"QK singular values, layer 0 (solid) and {config.n_layer - 1} (dotted)", fontsize=9)
@@ -118,6 +123,10 @@ def qk_figure(ckpt, folder, plt):
     for h in range(config.n_head):
         _, _, Vt = np.linalg.svd(hw["W_Q"][h].T.astype(np.float64) @ hw["W_K"][h].astype(np.float64))
         axes[1].plot((wpe - wpe.mean(0)) @ Vt[0], color=f"C{h}", lw=1.2, label=f"L0H{h}")
+    hw0 = head_weights(init, config, 0)
+    wpe0 = np.asarray(init["transformer.wpe.weight"], dtype=np.float64)
+    _, _, Vt0 = np.linalg.svd(hw0["W_Q"][0].T.astype(np.float64) @ hw0["W_K"][0].astype(np.float64))
+    axes[1].plot((wpe0 - wpe0.mean(0)) @ Vt0[0], color="0.6", lw=0.8, label="L0H0 at init")
     axes[1].set_xlabel("position t")
     axes[1].set_ylabel("(wpe[t] − mean) · v₁")
     axes[1].set_title("layer 0: position embeddings along the top key direction v₁", fontsize=9)

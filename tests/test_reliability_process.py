@@ -56,8 +56,12 @@ def same_state(a, b):
     assert a["meta"]["step"] == b["meta"]["step"]
     for k in a["params"]:
         assert np.array_equal(a["params"][k], b["params"][k]), k
-        assert np.array_equal(a["opt_state"]["m"][k], b["opt_state"]["m"][k]), k
-        assert np.array_equal(a["opt_state"]["v"][k], b["opt_state"]["v"][k]), k
+    assert a["opt_state"].keys() == b["opt_state"].keys()
+    for part in a["opt_state"]:        # AdamW's m and v (and Muon's momentum, when it is Muon's run)
+        if part != "t":
+            assert a["opt_state"][part].keys() == b["opt_state"][part].keys(), part
+            for k in a["opt_state"][part]:
+                assert np.array_equal(a["opt_state"][part][k], b["opt_state"][part][k]), (part, k)
     assert a["opt_state"]["t"] == b["opt_state"]["t"]
     assert a["meta"]["rng"] == b["meta"]["rng"]
 

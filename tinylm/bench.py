@@ -4,6 +4,8 @@
     python -m tinylm.bench --quick      # small shapes, a few seconds: checks that it runs
     python -m tinylm.bench --compare    # alternate plain and threaded steps in one run
     python -m tinylm.bench --against ../main   # alternate another checkout's step with this one's
+    python -m tinylm.bench --time-to-loss 1.886   # AdamW vs Muon (vs PyTorch) to a validation loss: bench_train.py
+    python -m tinylm.bench --optimizer-share      # the optimizer's share of a step, per orthogonalization
 
 Each training configuration runs in a fresh subprocess, so its peak memory is its own.
 Definitions (B batch, T block, L layers, C width, V vocabulary, N = B·T tokens a step):
@@ -479,7 +481,13 @@ def print_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description="Benchmark tinylm's training step and sampling against the matmul peak.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=")[0] in ("--time-to-loss", "--optimizer-share") for a in argv):
+        from .bench_train import main as time_to_quality
+        return time_to_quality(argv)
+    ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description="Benchmark tinylm's training step and sampling against the matmul peak.",
+                                 epilog="--time-to-loss LOSS and --optimizer-share measure time to quality instead "
+                                        "(AdamW vs Muon, PyTorch alongside): see python -m tinylm.bench_train --help")
     ap.add_argument("--quick", action="store_true", help="small shapes and few steps: a smoke test")
     ap.add_argument("--configs", default="cpu,baby", help="comma-separated: cpu, baby")
     ap.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement")

@@ -1,7 +1,8 @@
 """Checkpoints: one .npz file, written atomically, read without pickle.
 
 Inside the zip: every weight under its nanoGPT name, the AdamW moments under
-`optim.m.<name>` and `optim.v.<name>` (when saved), and `meta.json`, UTF-8 bytes
+`optim.m.<name>` and `optim.v.<name>` (when saved; with Muon, its block matrices' momentum under
+`optim.momentum.<name>` instead, and `"optimizer": "muon"` in the metadata), and `meta.json`, UTF-8 bytes
 holding the format version, model config, tokenizer, step, best validation loss,
 random states and training arguments. A compressed model (tinylm.compress) stores each factorized
 linear layer as `<layer>.weight_A` (out, r) and `<layer>.weight_B` (r, in) in place of
@@ -33,6 +34,7 @@ from .atomic import atomic_write
 from .errors import TinyLMError
 from .lowrank import factorized_shapes, ranks_of
 from .model import GPTConfig, param_shapes
+from .muon import OPTIMIZERS, is_muon_matrix
 from .tokenizer import tokenizer_from_dict
 
 FORMAT_NAME = "tinylm-checkpoint"
@@ -71,9 +73,12 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None, 
     arrays = {**params, **(adapters or {})}
     if opt_state is not None:
         meta["optim_t"] = int(opt_state["t"])
+        meta["optimizer"] = "muon" if "momentum" in opt_state else "adamw"
         for name in opt_state["m"]:          # the trained arrays: every parameter, or the adapters
             arrays["optim.m." + name] = opt_state["m"][name]
             arrays["optim.v." + name] = opt_state["v"][name]
+        for name in opt_state.get("momentum", {}):      # Muon's block matrices
+            arrays["optim.momentum." + name] = opt_state["momentum"][name]
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
 
     try:
@@ -268,9 +273,15 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
         lora_shapes = adapter_shapes(meta["lora"]["targets"], meta["lora"]["rank"], shapes)
     trained = lora_shapes or shapes          # the arrays with optimizer moments
     has_optimizer = "optim_t" in meta
+    optimizer = meta.get("optimizer", "adamw")
+    if optimizer not in OPTIMIZERS:
+        raise CheckpointError(f"checkpoint {path}: unknown optimizer {optimizer!r} in its metadata")
+    # the optimizer's arrays for each trained one: Muon keeps one momentum per block matrix, AdamW two moments
+    state_names = {k: ("momentum",) if optimizer == "muon" and is_muon_matrix(k, s) else ("m", "v")
+                   for k, s in trained.items()}
     expected = set(shapes) | set(lora_shapes) | {META_KEY}
     if has_optimizer:
-        expected |= {f"optim.{m}.{k}" for k in trained for m in "mv"}
+        expected |= {f"optim.{m}.{k}" for k in trained for m in state_names[k]}
     missing, extra = expected - set(members), set(members) - expected
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
@@ -279,20 +290,23 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     # Bound every allocation before making it: the arrays the config implies must fit in the file.
     itemsize = np.dtype(dtype).itemsize
     implied = (sum(math.prod(s) for s in shapes.values()) + sum(math.prod(s) for s in lora_shapes.values())
-               + (2 * sum(math.prod(s) for s in trained.values()) if has_optimizer else 0)) * itemsize
+               + (sum(len(state_names[k]) * math.prod(s) for k, s in trained.items()) if has_optimizer else 0)
+               ) * itemsize
     if implied > file_size:
         raise CheckpointError(f"checkpoint {path}: its config implies {implied:,} bytes of arrays, "
                               f"but the file has only {file_size:,} bytes")
     for k, s in {**shapes, **lora_shapes}.items():
-        for name in [k] + ([f"optim.m.{k}", f"optim.v.{k}"] if has_optimizer and k in trained else []):
+        for name in [k] + ([f"optim.{m}.{k}" for m in state_names[k]] if has_optimizer and k in trained else []):
             if members[name].file_size < math.prod(s) * itemsize:
                 raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} is too small for shape {s}")
     params = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in shapes.items()}
     adapters = {k: _read_npy(zf, members[k], dtype, s, path) for k, s in lora_shapes.items()} or None
     opt_state = None
     if has_optimizer and with_optimizer:
-        opt_state = {"t": int(meta["optim_t"]),
-                     "m": {k: _read_npy(zf, members["optim.m." + k], dtype, s, path) for k, s in trained.items()},
-                     "v": {k: _read_npy(zf, members["optim.v." + k], dtype, s, path) for k, s in trained.items()}}
+        read = lambda m: {k: _read_npy(zf, members[f"optim.{m}.{k}"], dtype, s, path)
+                          for k, s in trained.items() if m in state_names[k]}
+        opt_state = {"t": int(meta["optim_t"]), "m": read("m"), "v": read("v")}
+        if optimizer == "muon":
+            opt_state["momentum"] = read("momentum")
     return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": opt_state, "meta": meta,
             "adapters": adapters}

@@ -19,6 +19,7 @@ from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
+from .muon import check_muon_args, muon_init, muon_step
 from .optim import adamw_init, adamw_step, clip_factor, global_norm, learning_rate_at
 from .parallel import blas_threads
 from .sampling import sample_next
@@ -67,6 +68,11 @@ class TrainArgs:
     lora_targets: str = "all"
     lora_init: str = "lora"
     merge: bool = False
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    ns_steps: int = 5
+    orthogonalize: str = "eigh"
 
 
 HELP = {
@@ -113,6 +119,15 @@ HELP = {
     "lora_init": "'lora' (A random, B zero) or 'pissa' (A, B from the top-R singular triplets of W, the "
                  "residual frozen)",
     "merge": "with adapters: at the end write OUT_DIR/merged.npz, best.npz with W + (α/R)·B A folded in",
+    "optimizer": "'adamw' (nanoGPT's) or 'muon': the block matrices' updates orthogonalized (every singular "
+                 "value set to 1, see tinylm/muon.py), AdamW at --learning_rate for embeddings and gains",
+    "muon_lr": "with --optimizer muon: peak learning rate of the block matrices (same warmup and cosine "
+               "shape as --learning_rate's)",
+    "muon_momentum": "with --optimizer muon: Nesterov momentum of the block matrices",
+    "ns_steps": "with --orthogonalize newton_schulz: iterations of the quintic Newton-Schulz",
+    "orthogonalize": "with --optimizer muon: how the polar factor U Vᵀ is found: 'eigh' (eigendecomposition "
+                     "of the small Gram matrix, exact), 'svd' (exact, slower) or 'newton_schulz' (approximate, "
+                     "products only)",
 }
 
 
@@ -146,6 +161,12 @@ def validate_args(a):
         raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {a.encoding_errors!r}")
     if a.seed < 0:
         raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
+    problem = check_muon_args(a.optimizer, a.muon_lr, a.muon_momentum, a.ns_steps, a.orthogonalize)
+    if problem:
+        raise TinyLMError(problem)
+    if a.optimizer == "muon" and a.lora_rank:
+        raise TinyLMError("--optimizer muon does not step adapters; fine-tune with --lora_rank and the default "
+                          "--optimizer adamw, or fully (no --lora_rank) with muon")
     if a.init_from == "scratch":
         model_config(a, 1)            # the model's shape, before any folder is made or data read
 
@@ -178,6 +199,16 @@ def check_saved_args(saved, ckpt_path):
             raise CheckpointError(f"checkpoint {ckpt_path}: saved setting {k!r} is {v!r}, not of type {want.__name__}")
         good[k] = want(v)
     return good
+
+
+def init_optimizer(a, params):
+    """The optimizer state for a new run: AdamW's moments, or Muon's momentum and AdamW for the rest."""
+    if a.optimizer == "muon":
+        try:
+            return muon_init(params)
+        except ValueError as e:
+            raise TinyLMError(f"--optimizer muon: {e}") from None
+    return adamw_init(params)
 
 
 def start_fresh(out_dir, log):
@@ -291,6 +322,12 @@ def setup(a, explicit=(), log=print):
             if name in explicit and getattr(a, name) != getattr(config, name):
                 raise TinyLMError(f"--{name} {getattr(a, name)} differs from the resumed checkpoint's "
                                   f"{getattr(config, name)}; a resumed model keeps its shape")
+        saved_optimizer = meta.get("optimizer", "adamw")
+        if "optimizer" in explicit and a.optimizer != saved_optimizer:
+            raise TinyLMError(f"--optimizer {a.optimizer} differs from the resumed run's {saved_optimizer}: its "
+                              f"state cannot carry over; resume with --optimizer {saved_optimizer}, or start a new "
+                              f"run from it with --init_from {ckpt_path} --out_dir NEW_FOLDER")
+        saved["optimizer"] = saved_optimizer
         merged = {**dataclasses.asdict(TrainArgs()), **saved}
         merged.update({k: getattr(a, k) for k in explicit})
         merged["init_from"] = "resume"
@@ -314,7 +351,7 @@ def setup(a, explicit=(), log=print):
         config, tokenizer, params = finetune.load_source(a, explicit)
         lora, params, adapters = finetune.new_adapters(a, config, params, log)
         ids = finetune.encode_for_model(a, tokenizer, log)
-        opt_state = adamw_init(params if lora is None else adapters)
+        opt_state = init_optimizer(a, params) if lora is None else adamw_init(adapters)
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
                  "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
                  "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
@@ -328,7 +365,7 @@ def setup(a, explicit=(), log=print):
             tokenizer, ids = load_ids(a.data, a.encoding_errors)
         config = model_config(a, tokenizer.vocab_size)
         params = M.init_params(config, seed=a.seed)
-        opt_state = adamw_init(params)
+        opt_state = init_optimizer(a, params)
         state = {"step": 0, "best_val_loss": None, "elapsed_s": 0.0,
                  "batch_rng": np.random.default_rng([a.seed, 1]).bit_generator.state,
                  "dropout_rng": np.random.default_rng([a.seed, 2]).bit_generator.state}
@@ -405,12 +442,15 @@ def train(a, explicit=(), log=print, dist=None):
         save_checkpoint(path, params, config, tokenizer, opt_state if with_optimizer else None, meta, adapters)
 
     lr_at = lambda s: learning_rate_at(s, a.learning_rate, a.min_lr, a.warmup_iters, a.lr_decay_iters)
+    muon_lr_at = lambda s: learning_rate_at(s, a.muon_lr, a.muon_lr * (a.min_lr / a.learning_rate if a.learning_rate
+                                                                      else 0.1), a.warmup_iters, a.lr_decay_iters)
     t0 = time.perf_counter()
     elapsed = lambda: state["elapsed_s"] + time.perf_counter() - t0
     tok_s = 0.0           # tokens/s, smoothed over steps
     bar = tqdm(total=a.max_iters, initial=start, unit="step", disable=not a.progress, dynamic_ncols=True,
                desc="train", file=sys.stderr)
     step = start
+    last_update = None
     with StopRequested() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         try:      # floating-point warnings stay quiet: a non-finite loss or gradient is checked below
             while True:
@@ -432,7 +472,8 @@ def train(a, explicit=(), log=print, dist=None):
                     if a.track_spectra:
                         from .analysis.tracking import log_spectra
                         with blas_threads(1):
-                            log_spectra(run_params(), config, step, os.path.join(a.out_dir, "spectra.jsonl"))
+                            log_spectra(run_params(), config, step, os.path.join(a.out_dir, "spectra.jsonl"),
+                                        last_update, a.optimizer)
                     save(step)
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if step >= a.max_iters:
@@ -444,6 +485,10 @@ def train(a, explicit=(), log=print, dist=None):
                                       f"continue with: python train.py --out_dir {a.out_dir} --init_from resume",
                                       signum if signum != getattr(signal, "SIGINT", None) else None)
                 lr = lr_at(step)
+                # --track_spectra: keep the step before an evaluation's ΔW of the block matrices, to log its spectrum
+                next_is_eval = (step + 1) % a.eval_interval == 0 or step + 1 == a.max_iters
+                before = ({k: p.copy() for k, p in trained.items() if k.startswith("transformer.h.") and p.ndim == 2}
+                          if a.track_spectra and root and next_is_eval else None)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
                 loss, grads = (dist.loss_and_grads(run_params(), config, x, y, dropout_rng, stop.signum, is_eval) if dist
@@ -454,11 +499,17 @@ def train(a, explicit=(), log=print, dist=None):
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
                                       f"{ckpt_path} keeps the last good state; try a lower --learning_rate")
-                adamw_step(trained, grads, opt_state, lr, a.beta1, a.beta2,
-                           weight_decay=a.weight_decay if lora is None else 0.0,
-                           grad_scale=clip_factor(norm, a.grad_clip))      # clipping, folded into the update
+                if a.optimizer == "muon":
+                    muon_step(trained, grads, opt_state, lr, muon_lr_at(step), a.muon_momentum, a.orthogonalize,
+                              a.ns_steps, a.beta1, a.beta2, weight_decay=a.weight_decay,
+                              grad_scale=clip_factor(norm, a.grad_clip))
+                else:
+                    adamw_step(trained, grads, opt_state, lr, a.beta1, a.beta2,
+                               weight_decay=a.weight_decay if lora is None else 0.0,
+                               grad_scale=clip_factor(norm, a.grad_clip))      # clipping, folded into the update
                 step += 1
                 dt = time.perf_counter() - t_step
+                last_update = {k: w - trained[k] for k, w in before.items()} if before else None
                 tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
                 bar.update(1)
                 if step % 10 == 0 or step == a.max_iters:

@@ -30,11 +30,27 @@ def spectra_snapshot(params, config):
     return out
 
 
-def log_spectra(params, config, step, path):
-    """Append {"step", "elapsed_ms", "matrices": spectra_snapshot(...)} as one JSON line to path."""
+def update_spectra(updates):
+    """name -> {"sv": every singular value, "stable_rank"} of each applied update ΔW = W_before − W_after.
+
+    AdamW's ΔW is dominated by a few directions (its σ fall off fast); Muon's is U Vᵀ scaled, so its σ
+    are all equal: flat by construction."""
+    out = {}
+    for name, dW in updates.items():
+        s = np.linalg.svd(np.asarray(dW, dtype=np.float64), compute_uv=False)
+        out[name] = {"sv": [float(f"{x:.6g}") for x in s],
+                     "stable_rank": float(np.sum(s**2) / s[0] ** 2) if s[0] > 0 else 0.0}
+    return out
+
+
+def log_spectra(params, config, step, path, updates=None, optimizer=None):
+    """Append {"step", "elapsed_ms", "matrices": spectra_snapshot(...)} as one JSON line to path, and with
+    `updates` (the last step's ΔW of each block matrix) their spectra under "updates", with the optimizer's name."""
     t0 = time.perf_counter()
     from ..lowrank import dense_params
     record = {"step": int(step), "matrices": spectra_snapshot(dense_params(params), config)}   # factorized: the products
+    if updates:
+        record.update(optimizer=optimizer, updates=update_spectra(updates))
     record["elapsed_ms"] = round(1000 * (time.perf_counter() - t0), 1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:

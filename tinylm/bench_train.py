@@ -1,0 +1,280 @@
+"""Time to quality: steps and seconds of training to a validation loss, AdamW vs Muon, PyTorch alongside.
+
+    python -m tinylm.bench --time-to-loss 1.886      # tinylm AdamW, tinylm Muon, PyTorch nanoGPT (~10 min)
+    python -m tinylm.bench --optimizer-share         # the optimizer's share of a step, per orthogonalization
+    python -m tinylm.bench --time-to-loss 3.0 --quick    # small model, a few seconds: checks that it runs
+
+Every run is a subprocess of its own (a worker), started at once and then driven in turns: each trains
+`--eval-every` steps, then evaluates, while the others wait idle, so all of them meet the machine in the
+same minutes. A worker trains on the CPU recipe (Tiny Shakespeare, 4 layers, 4 heads, 128 wide, context
+64, batch 12) with train.py's batches (the same seed, the same RNG), and evaluates on one fixed set of
+`--eval-batches` validation batches drawn with their own RNG (the same set for every run). The clock
+counts training only (batches, forward, backward, optimizer), not the evaluations; "optimizer" is the
+share of that spent in clipping and the optimizer step.
+
+PyTorch's run (tinylm/bench_torch.py: nanoGPT's model and AdamW recipe) needs torch installed
+(`pip install torch`); without it the table says so and the ratios are against tinylm's AdamW only.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+EVAL_SEED = 20261207
+CPU_RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
+QUICK_RECIPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8)
+RUNS = {   # name: what the worker builds; the schedules are train.py's flags
+    "tinylm AdamW": dict(kind="tinylm", optimizer="adamw"),
+    "tinylm Muon": dict(kind="tinylm", optimizer="muon"),
+    "PyTorch AdamW": dict(kind="torch", optimizer="adamw"),
+}
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class TinyRun:
+    """A tinylm model and its optimizer, stepped as train.py steps them."""
+
+    def __init__(self, spec, config):
+        from . import model as M
+        from .muon import muon_init
+        from .optim import adamw_init
+        self.M, self.spec, self.config = M, spec, config
+        self.params = M.init_params(config, seed=spec["seed"])
+        self.opt = muon_init(self.params) if spec["optimizer"] == "muon" else adamw_init(self.params)
+        self.dropout_rng = np.random.default_rng([spec["seed"], 2])
+        self.opt_s = 0.0
+
+    def step(self, x, y, lr, muon_lr):
+        from .muon import muon_step
+        from .optim import adamw_step, clip_factor, global_norm
+        loss, grads = self.M.loss_and_grads_parallel(self.params, self.config, x, y, train=True, rng=self.dropout_rng)
+        t = time.perf_counter()
+        scale = clip_factor(global_norm(grads), 1.0)
+        if self.spec["optimizer"] == "muon":
+            muon_step(self.params, grads, self.opt, lr, muon_lr, self.spec["muon_momentum"],
+                      self.spec["orthogonalize"], self.spec["ns_steps"], weight_decay=0.1, grad_scale=scale)
+        else:
+            adamw_step(self.params, grads, self.opt, lr, 0.9, 0.99, weight_decay=0.1, grad_scale=scale)
+        self.opt_s += time.perf_counter() - t
+        return loss
+
+    def loss(self, x, y):
+        from .parallel import blas_threads
+        with blas_threads(1):
+            return float(self.M.forward(self.params, self.config, x, y, for_backward=False)[1])
+
+
+def worker(spec):
+    """Answer 'train N' / 'eval' / 'quit' on stdin with one JSON line each on stdout."""
+    from .data import get_batch, load_ids, train_val_split
+    from .model import GPTConfig
+    from .optim import learning_rate_at
+    tokenizer, ids = load_ids(spec["data"], "strict")
+    train_ids, val_ids = train_val_split(ids)
+    r = spec["recipe"]
+    config = GPTConfig(block_size=r["block_size"], vocab_size=tokenizer.vocab_size, n_layer=r["n_layer"],
+                       n_head=r["n_head"], n_embd=r["n_embd"], dropout=0.0, bias=False)
+    if spec["kind"] == "torch":
+        from .bench_torch import TorchRun
+        run = TorchRun(config, spec["seed"])
+        step = lambda x, y, lr, muon_lr: run.step(x, y, lr)
+    else:
+        run = TinyRun(spec, config)
+        step = run.step
+    eval_rng = np.random.default_rng(EVAL_SEED)
+    evals = [get_batch(val_ids, config.block_size, r["batch_size"], eval_rng) for _ in range(spec["eval_batches"])]
+    batch_rng = np.random.default_rng([spec["seed"], 1])
+    n, train_s = 0, 0.0
+    schedule = lambda peak, s: learning_rate_at(s, peak, peak * 0.1, spec["warmup_iters"], spec["max_iters"])
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "train":
+            t = time.perf_counter()
+            for _ in range(min(int(command[1]), spec["max_iters"] - n)):
+                x, y = get_batch(train_ids, config.block_size, r["batch_size"], batch_rng)
+                step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
+                n += 1
+            train_s += time.perf_counter() - t
+            print(json.dumps({"step": n, "train_s": train_s, "opt_s": run.opt_s}), flush=True)
+        elif command[0] == "eval":
+            print(json.dumps({"val_loss": float(np.mean([run.loss(x, y) for x, y in evals]))}), flush=True)
+        else:
+            return 0
+    return 0
+
+
+# ----------------------------------------------------------------------------- driving the workers
+
+
+class Worker:
+    def __init__(self, spec):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinylm.bench_train", "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ask(None)
+
+    def ask(self, command):
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a benchmark worker ended (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def time_to_loss(target, specs, eval_every, log=print):
+    """Drive the workers in turns until each reaches `target` or ends its schedule; a row per run."""
+    workers = {name: Worker(spec) for name, spec in specs.items()}
+    rows = {name: {"name": name, "max_iters": spec["max_iters"], "curve": []} for name, spec in specs.items()}
+    active = list(workers)
+    try:
+        first = {name: workers[name].ask("eval")["val_loss"] for name in active}
+        for name in active:
+            rows[name]["curve"].append((0, first[name]))
+        while active:
+            for name in list(active):
+                w, row = workers[name], rows[name]
+                done = w.ask(f"train {eval_every}")
+                loss = w.ask("eval")["val_loss"]
+                row.update(step=done["step"], train_s=done["train_s"], opt_s=done["opt_s"], val_loss=loss)
+                row["curve"].append((done["step"], loss))
+                if loss <= target and "reached_step" not in row:
+                    row.update(reached_step=done["step"], reached_s=done["train_s"])
+                    active.remove(name)
+                elif done["step"] >= specs[name]["max_iters"]:
+                    active.remove(name)
+            log("  " + "   ".join(f"{n}: step {r['step']} val {r['val_loss']:.4f}" for n, r in rows.items()
+                                  if "step" in r))
+    finally:
+        for w in workers.values():
+            w.close()
+    return list(rows.values())
+
+
+def print_time_to_loss(rows, target):
+    print(f"\ntime to validation loss {target} (training seconds; evaluations not counted):")
+    print(f"{'run':<16}{'schedule':>10}{'steps':>8}{'seconds':>9}{'ms/step':>9}{'optimizer':>11}{'val loss':>10}"
+          f"{'vs PyTorch':>12}{'vs AdamW':>10}")
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        reached = "reached_s" in r
+        ms = 1e3 * r["train_s"] / max(r["step"], 1)
+        ratios = []
+        for other in ("PyTorch AdamW", "tinylm AdamW"):
+            o = by_name.get(other)
+            if o is None or o is r:
+                ratios.append("")
+            elif reached and "reached_s" in o:
+                ratios.append(f"{o['reached_s'] / r['reached_s']:.2f}x")
+            elif reached:
+                ratios.append(f">{o['train_s'] / r['reached_s']:.2f}x")     # the other never got there
+            else:
+                ratios.append("n/a")
+        print(f"{r['name']:<16}{r['max_iters']:>10}{(r['reached_step'] if reached else '-'):>8}"
+              f"{(r['reached_s'] if reached else r['train_s']):>9.1f}{ms:>9.1f}{r['opt_s'] / r['train_s']:>10.1%}"
+              f"{r['val_loss']:>10.4f}{ratios[0]:>12}{ratios[1]:>10}")
+    missing = [r["name"] for r in rows if "reached_s" not in r]
+    if missing:
+        print(f"not reached within the schedule: {', '.join(missing)} (seconds and val loss are at its end; "
+              f"a '>' ratio is a lower bound)")
+
+
+def optimizer_share(specs, rounds, steps_per_round, log=print):
+    """Drive one worker per spec in turns; the optimizer's share of their training time."""
+    workers = {name: Worker(spec) for name, spec in specs.items()}
+    try:
+        done = {}
+        for _ in range(rounds):
+            for name, w in workers.items():
+                done[name] = w.ask(f"train {steps_per_round}")
+    finally:
+        for w in workers.values():
+            w.close()
+    print(f"\noptimizer share of a training step ({rounds} rounds of {steps_per_round} steps, alternated):")
+    print(f"{'optimizer':<30}{'ms/step':>9}{'optimizer ms':>14}{'share':>8}")
+    for name, d in done.items():
+        print(f"{name:<30}{1e3 * d['train_s'] / d['step']:>9.1f}{1e3 * d['opt_s'] / d['step']:>14.1f}"
+              f"{d['opt_s'] / d['train_s']:>8.1%}")
+
+
+def spec_for(run, a, recipe, **over):
+    spec = dict(RUNS.get(run, {}), data=a.data, recipe=recipe, seed=1337, eval_batches=a.eval_batches,
+                warmup_iters=a.warmup_iters, learning_rate=1e-3, muon_lr=a.muon_lr, muon_momentum=0.95,
+                orthogonalize=a.orthogonalize, ns_steps=a.ns_steps)
+    spec.update(over)
+    return spec
+
+
+def main(argv=None):
+    from .data import DEFAULT_DATA
+    ap = argparse.ArgumentParser(prog="python -m tinylm.bench_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--time-to-loss", type=float, metavar="LOSS", help="train until the validation loss is at most LOSS")
+    ap.add_argument("--optimizer-share", action="store_true", help="the optimizer's share of a step, per method")
+    ap.add_argument("--quick", action="store_true", help="a small model and few steps: checks that it runs")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="text to train on (default: Tiny Shakespeare)")
+    ap.add_argument("--adamw-iters", type=int, default=2000, help="AdamW's schedule (tinylm and PyTorch): "
+                    "the CPU recipe's 2000 steps")
+    ap.add_argument("--muon-iters", type=int, default=800, help="Muon's schedule: cosine decay ends here")
+    ap.add_argument("--muon-lr", type=float, default=0.02)
+    ap.add_argument("--orthogonalize", default="eigh", help="Muon's polar factor: eigh, svd or newton_schulz")
+    ap.add_argument("--ns-steps", type=int, default=5)
+    ap.add_argument("--warmup-iters", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (the resolution)")
+    ap.add_argument("--eval-batches", type=int, default=100, help="validation batches in the fixed evaluation")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)       # internal: one run, driven over stdin
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(json.loads(a.worker))
+    if a.time_to_loss is None and not a.optimizer_share:
+        ap.error("say what to measure: --time-to-loss LOSS or --optimizer-share")
+    recipe = QUICK_RECIPE if a.quick else CPU_RECIPE
+    if a.quick:
+        a.adamw_iters, a.muon_iters, a.eval_every, a.eval_batches, a.warmup_iters = 40, 20, 10, 4, 5
+    from .bench import machine_line
+    print(machine_line())
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; recipe {recipe}")
+    with_torch = torch_available() and not a.no_torch
+    if a.optimizer_share:
+        specs = {"AdamW": spec_for("tinylm AdamW", a, recipe, max_iters=10 ** 9)}
+        for method, steps in (("eigh", 5), ("svd", 5), ("newton_schulz", 5), ("newton_schulz", 3)):
+            label = f"Muon, {method}" + (f" ({steps} steps)" if method == "newton_schulz" else "")
+            specs[label] = spec_for("tinylm Muon", a, recipe, max_iters=10 ** 9, orthogonalize=method, ns_steps=steps)
+        optimizer_share(specs, 2 if a.quick else 6, 3 if a.quick else 10)
+    if a.time_to_loss is not None:
+        specs = {name: spec_for(name, a, recipe, max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
+                 for name in RUNS if with_torch or "PyTorch" not in name}
+        print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}) over "
+              f"{a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
+              f"evaluation every {a.eval_every} steps on {a.eval_batches} fixed validation batches"
+              + ("" if with_torch else "; PyTorch not installed (pip install torch): left out"))
+        rows = time_to_loss(a.time_to_loss, specs, a.eval_every)
+        print_time_to_loss(rows, a.time_to_loss)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

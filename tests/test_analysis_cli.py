@@ -1,9 +1,11 @@
 """analyze.py end to end on a small trained model, and its one-line errors."""
 import json
+import os
+import re
 
 import pytest
 
-from conftest import SHAKESPEARE, run_script
+from conftest import ROOT, SHAKESPEARE, run_script
 
 from tinylm.analysis.report import SECTIONS
 
@@ -47,6 +49,16 @@ def test_report_has_every_section_json_and_figures(tracked_run, tmp_path):
     assert len(metrics["training"]["spectra"]) == 3
     pytest.importorskip("matplotlib")
     assert page.count("data:image/png;base64,") >= 10
+    # Every caption says what to notice and links the tour section that explains it, and that section exists.
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)
+    assert len(captions) == page.count("data:image/png;base64,")
+    with open(os.path.join(ROOT, "docs", "tour.md"), encoding="utf-8") as f:
+        headings = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in re.findall(r"^#+ (.+)$", f.read(), re.M)}
+    for caption in captions:
+        assert "What to notice: " in caption, caption
+        link = re.search(r"<a href='([^'#]+)#([\w-]+)'>[^<]*</a>\.$", caption)
+        assert link and link.group(2) in headings, caption
+        assert os.path.samefile(report / link.group(1), os.path.join(ROOT, "docs", "tour.md")), link.group(1)
 
 
 def test_default_run_prints_the_table_without_a_report(tracked_run):

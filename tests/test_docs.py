@@ -76,10 +76,60 @@ def test_links_and_figures_exist():
     assert sum(sizes) < 1_500_000
 
 
-def test_make_figures_writes_every_figure_the_tour_shows(workdir, tmp_path, capsys):
+def test_make_figures_writes_every_figure_the_tour_shows_into_its_own_folder(workdir, tmp_path, monkeypatch, capsys):
+    """Without --out the figures go to figures-mine/ in the current folder; docs/figures is never touched."""
     pytest.importorskip("matplotlib")
     import runpy
+    folder = os.path.join(ROOT, "docs", "figures")
+    before = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)}
     mod = runpy.run_path(os.path.join(ROOT, "docs", "make_figures.py"), run_name="make_figures")
-    mod["main"]([str(workdir / "out" / "ckpt.npz"), "--out", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    mod["main"]([str(workdir / "out" / "ckpt.npz")])
     shown = {os.path.basename(f) for f in re.findall(r"\(figures/([\w.]+\.png)\)", tour())}
-    assert shown <= set(os.listdir(tmp_path))
+    assert "0_architecture.png" in shown
+    assert shown <= set(os.listdir(tmp_path / "figures-mine"))
+    assert {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)} == before
+
+
+def test_part_0_opens_the_tour_and_points_at_the_lines_of_the_reference_model():
+    text = tour()
+    heads = re.findall(r"^## (\d) ", text, re.M)
+    assert heads[:8] == [str(n) for n in range(8)], heads
+    part0 = text.split("## 0 What the model computes", 1)[1].split("## 1 ", 1)[0]
+    assert "```python" in part0 and "figures/0_architecture.png" in part0
+    with open(os.path.join(ROOT, "tinylm", "reference.py"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    links = re.findall(r"\[lines? (\d+)(?:–(\d+))?\]\(\.\./tinylm/reference\.py#L(\d+)\)", part0)
+    assert len(links) >= 5
+    for first, last, anchor in links:
+        assert first == anchor and int(last or first) <= len(lines), (first, last, anchor)
+    # Each equation of the forward is linked at the line that holds it (if reference.py moves, so must the tour).
+    for code in ('["transformer.wpe.weight"][:T]', 'ln_1.weight', 'np.split(linear(x', '/ np.sqrt(D) + mask',
+                 'ln_2.weight', 'transformer.ln_f.weight', 'logp = logits - logits.max'):
+        n = next(i + 1 for i, line in enumerate(lines) if code in line)
+        assert n in {int(a) for _, _, a in links}, (code, n)
+
+
+GLOSSARY = os.path.join(ROOT, "docs", "glossary.md")
+TERMS = ("Residual stream", "Logit", "Logit lens", "QK circuit and OV circuit", "Copying score", "Induction head",
+         "ESD", "Marchenko-Pastur", "Power-law exponent", "Lanczos", "Stable rank", "Polar factor", "LoRA")
+
+
+def slug(heading):
+    """GitHub's anchor for a heading, as test_readme computes it."""
+    return re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-")
+
+
+def test_glossary_defines_every_term_points_at_the_code_and_the_tour_links_it():
+    with open(GLOSSARY, encoding="utf-8") as f:
+        text = f.read()
+    check_markdown_links(text, os.path.join(ROOT, "docs"))
+    entries = dict(re.findall(r"^### ([^\n]+)\n(.*?)(?=^### |\Z)", text, re.M | re.S))
+    for term in TERMS:
+        name = next((h for h in entries if h.startswith(term)), None)
+        assert name, term
+        body = entries[name]
+        assert 1 <= len(re.findall(r"[.!?](?:\s|$)", body)) <= 3, (name, body)      # one to three sentences
+        assert "](../tinylm/" in body, name
+    anchors = set(re.findall(r"\]\(glossary\.md#([^)]+)\)", tour()))
+    assert len(anchors) >= 10 and anchors <= {slug(h) for h in entries}, anchors - {slug(h) for h in entries}

@@ -1,5 +1,6 @@
 """The poster: seven panels, one per concept, from the model's own weights; one clear line without matplotlib."""
 import os
+import re
 import struct
 import sys
 
@@ -31,6 +32,9 @@ def test_titles_name_each_concept_and_its_number_without_matplotlib(ckpt, monkey
     assert "top-1" in titles[0] and "params" in titles[1] and "stable rank" in titles[2]
     assert "alpha" in titles[6] and "probe accuracy" in titles[5]
     assert d["stable_rank"] < d["stable_rank_init"]          # training concentrates W_Q on few directions
+    for i in (0, 2, 3, 5, 6):                                 # each number that claims structure, beside its value at init
+        assert re.search(r"[(;] ?init ", titles[i]), titles[i]
+    assert len(d["probe_init"]) == len(d["probe"]) and d["esd_init"].shape == d["esd"].shape
 
 
 def test_poster_png_has_seven_panels(ckpt, tmp_path):

@@ -48,11 +48,14 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     d = {"config": config, "step": meta.get("step"), "best_val_loss": meta.get("best_val_loss"), "chars": chars}
 
     # 1 vectors: the characters' embedding map and the case analogy 'x' - 'X' + 'Y' ≈ 'y'
+    # Beside every number that claims structure, the same number for the same model at initialization
+    # (init_like: the run's seed, before step 1): what training made, not what any random model shows.
+    init, _ = init_like(config, meta)
     d["pca_map"] = embedding_pca(wte, 2)["projections"]
     d["analogies"] = case_analogies(wte, chars)
+    d["analogies_init"] = case_analogies(np.asarray(init["transformer.wte.weight"], dtype=np.float64), chars)
 
     # 2 matrices and 3 linear maps: one weight matrix, its size in the model, its stretch factors
-    init, _ = init_like(config, meta)
     W = np.asarray(weight_matrices(params, config)[MATRIX], dtype=np.float64)
     W0 = np.asarray(weight_matrices(init, config)[MATRIX], dtype=np.float64)
     batch = int((meta.get("train_args") or {}).get("batch_size", 12))
@@ -69,18 +72,20 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     att = attention_for_prompt(params, config, ids)                 # (L, H, T, T)
     top = att.max(axis=-1).mean(axis=-1)                             # mean over queries of the largest weight
     layer, head = np.unravel_index(np.argmax(top), top.shape)
+    top_init = attention_for_prompt(init, config, ids).max(axis=-1).mean(axis=-1)
     d.update(attention=att[layer, head], attention_head=(int(layer), int(head)), attention_top=float(top[layer, head]),
-             prompt_labels=[token_label(chars[i]) for i in ids])
+             attention_top_init=float(top_init.max()), prompt_labels=[token_label(chars[i]) for i in ids])
 
     # 5 orthogonality: principal angles between the subspaces the heads read from
     d["subspaces"] = head_subspace_overlaps(params, config)
 
     # 6 linear systems: a least-squares probe for the previous character, after every layer
     x, y = _validation_windows(tok, meta, config, data, n_seq)
-    residuals = trace_forward(params, config, x)["residual"]
     targets = probe_targets(x, y, chars)
     previous = next(k for k in targets if k.startswith("previous"))   # "previous character" (or token, for BPE)
-    d["probe"] = run_probes(residuals, {previous: targets[previous]})[previous]["per_layer"]
+    for key, p in (("probe", params), ("probe_init", init)):
+        residuals = trace_forward(p, config, x)["residual"]
+        d[key] = run_probes(residuals, {previous: targets[previous]})[previous]["per_layer"]
     d["probe_chance"] = 1.0 / config.vocab_size
 
     # 7 eigendecomposition and SVD: the ESD of every whole matrix, its power-law tail
@@ -88,28 +93,34 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     for name, M in weight_matrices(params, config).items():
         fits[name] = fit_power_law(esd(M))
     alphas = [f["alpha"] for f in fits.values() if np.isfinite(f["alpha"])]
+    init_mats = weight_matrices(init, config)
+    alphas_init = [a for a in (fit_power_law(esd(M))["alpha"] for M in init_mats.values()) if np.isfinite(a)]
     shown = f"h{config.n_layer - 1}.mlp.c_fc"                         # the largest block matrix: most eigenvalues
     d.update(alpha_median=float(np.median(alphas)) if alphas else math.nan, n_fits=len(alphas),
-             esd_name=shown, esd=esd(weight_matrices(params, config)[shown]), esd_fit=fits[shown])
+             alpha_median_init=float(np.median(alphas_init)) if alphas_init else math.nan,
+             esd_name=shown, esd=esd(weight_matrices(params, config)[shown]), esd_fit=fits[shown],
+             esd_init=esd(init_mats[shown]))
     return d
 
 
 def panel_titles(d):
     """The seven panel titles: the concept, then the number that matters on this model."""
     an = d["analogies"]
-    analogy = f"'x'−'X'+'Y' ≈ 'y' top-1 {100 * an['top1_accuracy']:.0f}%" if an.get("n") else "no letter pairs"
+    analogy = (f"'x'−'X'+'Y' ≈ 'y' top-1 {100 * an['top1_accuracy']:.0f}% (init {100 * d['analogies_init']['top1_accuracy']:.0f}%)"
+               if an.get("n") else "no letter pairs")
     L, H = d["attention_head"]
     sub = d["subspaces"]
     iu = np.triu_indices(len(sub["labels"]), 1)
     probe = [r["score"] for r in d["probe"]]
+    probe_init = [r["score"] for r in d["probe_init"]]
     return [
         f"{CONCEPTS[0]}: {analogy}",
         f"{CONCEPTS[1]}: {d['n_params'] / 1e6:.2f}M params, {d['flops']['per_step'] / 1e9:.1f} GFLOP/step",
         f"{CONCEPTS[2]}: stable rank {d['stable_rank']:.1f} (init {d['stable_rank_init']:.0f})",
-        f"{CONCEPTS[3]}: head L{L}H{H}, mean top weight {d['attention_top']:.2f}",
+        f"{CONCEPTS[3]}: L{L}H{H} top weight {d['attention_top']:.2f} (init {d['attention_top_init']:.2f})",
         f"{CONCEPTS[4]}: heads' overlap {np.mean(sub['read'][iu]):.2f} (random {sub['random_baseline']:.2f})",
-        f"{CONCEPTS[5]}: probe accuracy {100 * probe[0]:.0f}% → {100 * max(probe):.0f}%",
-        f"{CONCEPTS[6]}: alpha {d['alpha_median']:.2f} (median of {d['n_fits']})",
+        f"{CONCEPTS[5]}: probe accuracy {100 * probe[0]:.0f}% → {100 * max(probe):.0f}% (init {100 * max(probe_init):.0f}%)",
+        f"{CONCEPTS[6]}: alpha {d['alpha_median']:.2f} (median of {d['n_fits']}; init {d['alpha_median_init']:.1f})",
     ]
 
 
@@ -174,6 +185,7 @@ def _panel_probe(ax, d):
     acc = [r["score"] for r in d["probe"]]
     major = [r["majority"] for r in d["probe"]]
     ax.plot(range(len(acc)), acc, "o-", color="C2", label="held-out accuracy")
+    ax.plot(range(len(acc)), [r["score"] for r in d["probe_init"]], "--", color="0.5", lw=1, label="same probe at init")
     ax.plot(range(len(acc)), major, ":", color="0.5", label="most frequent class")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(range(len(acc)))
@@ -188,6 +200,9 @@ def _panel_spectrum(ax, d):
     bins = np.logspace(np.log10(ev.min()), np.log10(ev.max()), 24)
     counts, edges = np.histogram(ev, bins=bins, density=True)
     ax.stairs(counts, edges, fill=True, color="C0", alpha=0.5, label=f"ESD of {d['esd_name']}")
+    ev0 = d["esd_init"][d["esd_init"] > 0]
+    counts0, edges0 = np.histogram(ev0, bins=np.logspace(np.log10(ev0.min()), np.log10(ev0.max()), 12), density=True)
+    ax.stairs(counts0, edges0, color="0.4", lw=1, label="the same at init")
     if np.isfinite(fit["alpha"]):
         lam = np.logspace(np.log10(fit["xmin"]), np.log10(ev.max()), 30)
         frac = fit["n_tail"] / len(ev)       # the tail's share of the density

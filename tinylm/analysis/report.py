@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+import os
 
 import numpy as np
 
@@ -255,6 +256,25 @@ def _whole(spectra):
     return [n for n in spectra if ".head" not in n]
 
 
+# The tour explains every figure; a caption ends with what to look for and the section that says why.
+TOUR_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "tour.md")
+TOUR_LINK = "docs/tour.md#"
+
+
+def _caption(what, notice, section):
+    """what is plotted, then one sentence of what to notice, then the tour section (its anchor) that explains it."""
+    return f"{what}. What to notice: {notice} See {TOUR_LINK}{section}"
+
+
+def _caption_html(caption, tour_href):
+    """The caption, escaped, with its closing docs/tour.md#section turned into a link (tour_href: the tour from the page)."""
+    e = html.escape
+    head, sep, section = caption.rpartition(" See " + TOUR_LINK)
+    if not sep:
+        return e(caption)
+    return f"{e(head)} See <a href='{e(tour_href)}#{e(section)}'>the tour, {e(section.replace('-', ' '))}</a>."
+
+
 def spectra_figures(sec):
     trained, init = sec["trained"], sec.get("init")
     names = _whole(trained)
@@ -275,8 +295,12 @@ def spectra_figures(sec):
         ax.set_title(kind, fontsize=8)
         if len(members) > 1:
             ax.legend(fontsize=5)
-    figs.append(("log₁₀ of the singular values σᵢ (descending) of every whole matrix, one line per layer" +
-                 (", trained (solid) and at initialization (dashed)" if init else ""), _png(fig)))
+    figs.append((_caption("log₁₀ of the singular values σᵢ (descending) of every whole matrix, one line per layer" +
+                          (", trained (solid) and at initialization (dashed)" if init else ""),
+                          "where a trained line leaves its dashed twin, training put structure into that matrix, and a "
+                          "top value far above the rest is one dominant direction." if init else
+                          "a line that falls steeply at the left has a few dominant directions; run with --compare-init "
+                          "to see which of them training made.", "3-linear-transformations"), _png(fig)))
 
     fig, axes = _grid(len(names), 6, 2.4, 1.9)
     for ax, n in zip(axes, names):
@@ -306,8 +330,11 @@ def spectra_figures(sec):
             ax.axvline(np.log10(m["bulk_max"]), color="g", ls="--", lw=0.8)
         ax.set_yticks([])   # the density's scale says nothing here, and tick labels cost drawing time
         ax.set_title(f"{n} α={_num(m.get('alpha'), '{:.2f}')}" + (f" (init {_num(init[n].get('alpha'), '{:.2f}')})" if init else ""), fontsize=7)
-    figs.append(("ESD: histogram of log₁₀ of the eigenvalues of WᵀW with the power-law tail fit (red; dotted: xmin) "
-                 "and the Marchenko-Pastur bulk edge (green dashed)" + ("; grey outline: the same matrix at initialization" if init else ""), _png(fig)))
+    figs.append((_caption("ESD: histogram of log₁₀ of the eigenvalues of WᵀW with the power-law tail fit (red; dotted: xmin) "
+                          "and the Marchenko-Pastur bulk edge (green dashed)" +
+                          ("; grey outline: the same matrix at initialization" if init else ""),
+                          "eigenvalues to the right of the green edge are what a random matrix of this shape cannot "
+                          "explain; a random matrix stays inside the bulk.", "7-eigendecomposition-and-svd"), _png(fig)))
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 3))
@@ -328,7 +355,9 @@ def spectra_figures(sec):
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     ax.set_ylabel("alpha")
     ax.legend(fontsize=7)
-    figs.append(("Power-law exponent α per matrix with its 95% bootstrap interval (green band: WeightWatcher's 2-6)", _png(fig)))
+    figs.append((_caption("Power-law exponent α per matrix with its 95% bootstrap interval (green band: WeightWatcher's 2-6)",
+                          "a smaller α is a heavier tail; read each bar against its interval and its value at "
+                          "initialization rather than as a verdict.", "7-eigendecomposition-and-svd"), _png(fig)))
     return figs
 
 
@@ -355,8 +384,10 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, fraction=0.046)
-    figs.append(("Per head: copying score of the token OV circuit, previous-token score on text, induction score on "
-                 "repeated random tokens" + (" (second row: the same model at initialization)" if len(rows) > 1 else ""), _png(fig)))
+    figs.append((_caption("Per head: copying score of the token OV circuit, previous-token score on text, induction score on "
+                          "repeated random tokens" + (" (second row: the same model at initialization)" if len(rows) > 1 else ""),
+                          "a score far from 0 or a pattern score above the threshold is a role the head learned; at "
+                          "initialization every score sits near 0.", "which-head-copies"), _png(fig)))
 
     heads = sec["heads"]
     fig, axes = _grid(len(heads), max(1 + max(h["head"] for h in heads), 2), 2.4, 2.2)
@@ -367,8 +398,10 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_title(f"L{h['layer']}H{h['head']} copy={h['copying_score']:.2f}", fontsize=8)
         ax.tick_params(labelsize=6)
-    figs.append(("Eigenvalues (complex plane) of each head's token-to-token OV circuit W_U G_f W_O W_V G_1 W_E; "
-                 "mostly positive real eigenvalues mean the head copies the token it attends to", _png(fig)))
+    figs.append((_caption("Eigenvalues (complex plane) of each head's token-to-token OV circuit W_U G_f W_O W_V G_1 W_E",
+                          "points along the positive real axis mean the head copies the token it attends to, along the "
+                          "negative axis that it suppresses it, a round cloud that it has no simple token-to-token role.",
+                          "which-head-copies"), _png(fig)))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3))
     for h in heads:
@@ -377,7 +410,10 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     axes[0].set_title("W_QK = W_Qᵀ W_K singular values", fontsize=9)
     axes[1].set_title("W_OV = W_O W_V singular values", fontsize=9)
     axes[1].legend(fontsize=5, ncol=2)
-    figs.append(("Singular values of each head's QK and OV circuits (rank ≤ head size)", _png(fig)))
+    figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)",
+                          "a first QK singular value far above the second means one direction sets most of the head's "
+                          "scores (in layer 0 of the default model, the position).",
+                          "why-are-the-top-singular-values-of-the-qk-circuit-so-much-larger-than-the-rest"), _png(fig)))
 
     att = np.asarray(sec["prompt_attention"])
     L, H = att.shape[:2]
@@ -398,7 +434,10 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
                 ax.set_yticklabels(labels, fontsize=4)
             else:
                 ax.tick_params(labelsize=5)
-    figs.append(("Attention patterns (row: query position, column: key position) for the prompt", _png(fig)))
+    figs.append((_caption("Attention patterns (row: query position, column: key position) for the prompt",
+                          "a line just below the diagonal is a previous-token head, dark cells that step along the text "
+                          "are a head that looks back at one kind of token (a space, say), an even grey is a head that averages.",
+                          "4-inner-products-and-norms"), _png(fig)))
     return figs
 
 
@@ -429,8 +468,11 @@ def embeddings_figures(sec):
                        extent=(pos[0] - half, pos[-1] + half, pos[-1] + half, pos[0] - half))
         ax.set_title(f"cosine similarity of position embeddings ({label})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    figs.append(("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue) "
-                 "and the cosine similarities of the position embeddings", _png(fig)))
+    figs.append((_caption("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue) "
+                          "and the cosine similarities of the position embeddings",
+                          "groups of colour in the map and a bright band along the diagonal of the position similarities "
+                          "are learned, since random embeddings give a shapeless cloud and cosines near 0.",
+                          "1-vectors-and-vector-spaces"), _png(fig)))
     hs = sec["head_subspaces"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key in zip(axes, ("read", "write")):
@@ -441,8 +483,11 @@ def embeddings_figures(sec):
         ax.set_yticklabels(hs["labels"], fontsize=6)
         ax.set_title(f"{key} subspaces: mean cos² of principal angles", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    figs.append((f"Overlap between heads' read (W_V rows) and write (W_O columns) subspaces; two random subspaces "
-                 f"give {hs['random_baseline']:.2f}", _png(fig)))
+    figs.append((_caption(f"Overlap between heads' read (W_V rows) and write (W_O columns) subspaces; two random subspaces "
+                          f"give {hs['random_baseline']:.2f}",
+                          f"compare the colour off the diagonal with {hs['random_baseline']:.2f} = D/C: near it, the heads "
+                          "use almost randomly placed subspaces, and only a pair well above it shares directions.",
+                          "5-orthogonality-and-basis"), _png(fig)))
     return figs
 
 
@@ -463,7 +508,9 @@ def probes_figures(sec):
     axes[1].set_ylabel("loss")
     ax2.set_ylabel("next-token accuracy")
     axes[1].set_title("logit lens: ln_f and the tied head on each layer", fontsize=9)
-    return [("Least-squares probes and logit lens per layer", _png(fig))]
+    return [(_caption("Least-squares probes and logit lens per layer",
+                      "the rise from column 0 (the embeddings) is what the blocks wrote into the residual stream; a "
+                      "probe that stays at its column-0 value reads nothing new.", "6-linear-systems"), _png(fig))]
 
 
 def lowrank_figures(sec):
@@ -482,8 +529,11 @@ def lowrank_figures(sec):
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    return [("Validation loss after truncating every block linear weight to rank k, by plain SVD and by whitened SVD "
-             "(labels: k / full rank)", _png(fig))]
+    return [(_caption("Validation loss after truncating every block linear weight to rank k, by plain SVD and by whitened SVD "
+                      "(labels: k / full rank)",
+                      "the curve measures compression only below the uniform guess ln V (4.17 for 65 characters); above "
+                      "it a broken model's loss need not fall with the rank.",
+                      "what-happens-to-the-loss-if-i-keep-only-25-of-the-rank"), _png(fig))]
 
 
 def ablation_figures(sec):
@@ -521,8 +571,11 @@ def curvature_figures(sec):
         ax.axhline(sec["gd_threshold_at_step"], color="orange", ls=":", label="2 / lr at this step")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    return [("Top eigenvalues of the loss Hessian (Lanczos on finite-difference Hessian-vector products) "
-             "against the gradient-descent stability threshold 2/η", _png(fig))]
+    return [(_caption("Top eigenvalues of the loss Hessian (Lanczos on finite-difference Hessian-vector products) "
+                      "against the gradient-descent stability threshold 2/η",
+                      "eigenvalues below the 2/η line mean plain gradient descent at this step size would be stable "
+                      "here; for Adam compare its preconditioned eigenvalue with its own threshold.",
+                      "how-sharp-is-the-minimum"), _png(fig))]
 
 
 def training_figures(sec):
@@ -536,7 +589,9 @@ def training_figures(sec):
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend(fontsize=7)
-        figs.append(("Training and validation loss (metrics.jsonl)", _png(fig)))
+        figs.append((_caption("Training and validation loss (metrics.jsonl)",
+                              "the loss starts near ln V, the uniform guess, and a gap opening between the two curves is "
+                              "over-fitting.", "0-what-the-model-computes"), _png(fig)))
     if sec["spectra"]:
         rows = sec["spectra"]
         steps = [r["step"] for r in rows]
@@ -557,7 +612,9 @@ def training_figures(sec):
         for k in kinds:
             axes[2].plot([], [], color=color[k], label=k)
         axes[2].legend(fontsize=6)
-        figs.append(("Spectral metrics of every whole matrix during training (spectra.jsonl; colour = kind of matrix)", _png(fig)))
+        figs.append((_caption("Spectral metrics of every whole matrix during training (spectra.jsonl; colour = kind of matrix)",
+                              "a σ₁ that keeps growing while the stable rank falls is one direction taking over, as in "
+                              "layer 0's W_Q of the default model.", "3-linear-transformations"), _png(fig)))
     with_updates = [r for r in sec["spectra"] if r.get("updates")]
     if with_updates:
         figs.append(update_figure(with_updates, plt))
@@ -586,9 +643,9 @@ def update_figure(rows, plt):
     for ax in axes:
         ax.title.set_fontsize(9)
     optimizer = last.get("optimizer") or "the optimizer"
-    return (f"Singular values of the updates {optimizer} applied to each block matrix (spectra.jsonl): Muon's are "
-            f"all equal by construction (its update is the polar factor U Vᵀ), AdamW's fall off after a few "
-            f"directions", _png(fig))
+    return (_caption(f"Singular values of the updates {optimizer} applied to each block matrix (spectra.jsonl)",
+                     "Muon's are all equal by construction (its update is the polar factor U Vᵀ, stable rank the full "
+                     "rank), while AdamW's fall off after a few directions.", "5-orthogonality-and-basis"), _png(fig))
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -732,6 +789,10 @@ def write_html(results, path, figures=True):
     """A self-contained page: one section per analysis, naming its concepts and the code that computes it."""
     e = html.escape
     cfg = results["config"]
+    try:         # the tour beside the code, from where the page is written (an absolute path on another drive)
+        tour_href = os.path.relpath(TOUR_PATH, os.path.dirname(os.path.abspath(path))).replace(os.sep, "/")
+    except ValueError:
+        tour_href = TOUR_PATH
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tinylm analysis</title><style>{CSS}</style></head><body>",
              f"<h1>tinylm analysis of {e(results['checkpoint'])}</h1>",
              f"<p>Step {e(str(results.get('step')))}; model: {e(', '.join(f'{k}={v}' for k, v in cfg.items()))}; "
@@ -751,8 +812,8 @@ def write_html(results, path, figures=True):
         parts.append(_section_tables(name, sec, results))
         if figures:
             for caption, b64 in section_figures(name, sec, results):
-                parts.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{b64}'>"
-                             f"<figcaption>{e(caption)}</figcaption></figure>")
+                parts.append(f"<figure><img alt='{e(caption.split('. What to notice:')[0])}' src='data:image/png;base64,{b64}'>"
+                             f"<figcaption>{_caption_html(caption, tour_href)}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts))

@@ -263,6 +263,9 @@ def main(argv=None):
     ap.add_argument("--muon-lr", type=float, default=0.02)
     ap.add_argument("--orthogonalize", default="eigh", help="Muon's polar factor: eigh, svd or newton_schulz")
     ap.add_argument("--ns-steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step, for every run (default: the "
+                    "recipe's 12)")
+    ap.add_argument("--muon-batch-size", type=int, default=None, help="sequences per step for Muon's run only")
     ap.add_argument("--warmup-iters", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (the resolution)")
     ap.add_argument("--eval-batches", type=int, default=100, help="validation batches in the fixed evaluation")
@@ -273,7 +276,10 @@ def main(argv=None):
         return worker(json.loads(a.worker))
     if a.time_to_loss is None and not a.optimizer_share:
         ap.error("say what to measure: --time-to-loss LOSS or --optimizer-share")
-    recipe = QUICK_RECIPE if a.quick else CPU_RECIPE
+    recipe = dict(QUICK_RECIPE if a.quick else CPU_RECIPE)
+    if a.batch_size:
+        recipe["batch_size"] = a.batch_size
+    muon_recipe = dict(recipe, batch_size=a.muon_batch_size or recipe["batch_size"])
     if a.quick:
         a.adamw_iters, a.muon_iters, a.eval_every, a.eval_batches, a.warmup_iters = 40, 20, 10, 4, 5
     from .bench import machine_line
@@ -284,13 +290,16 @@ def main(argv=None):
         specs = {"AdamW": spec_for("tinylm AdamW", a, recipe, max_iters=10 ** 9)}
         for method, steps in (("eigh", 5), ("svd", 5), ("newton_schulz", 5), ("newton_schulz", 3)):
             label = f"Muon, {method}" + (f" ({steps} steps)" if method == "newton_schulz" else "")
-            specs[label] = spec_for("tinylm Muon", a, recipe, max_iters=10 ** 9, orthogonalize=method, ns_steps=steps)
+            specs[label] = spec_for("tinylm Muon", a, muon_recipe, max_iters=10 ** 9, orthogonalize=method,
+                                    ns_steps=steps)
         optimizer_share(specs, 2 if a.quick else 6, 3 if a.quick else 10)
     if a.time_to_loss is not None:
-        specs = {name: spec_for(name, a, recipe, max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
+        specs = {name: spec_for(name, a, muon_recipe if "Muon" in name else recipe,
+                                max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
                  for name in RUNS if with_torch or "PyTorch" not in name}
-        print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}) over "
-              f"{a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
+        print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}"
+              f"{f', {a.ns_steps} steps' if a.orthogonalize == 'newton_schulz' else ''}, batch {muon_recipe['batch_size']}) "
+              f"over {a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
               f"evaluation every {a.eval_every} steps on {a.eval_batches} fixed validation batches"
               + ("" if with_torch else "; PyTorch not installed (pip install torch): left out"))
         rows = time_to_loss(a.time_to_loss, specs, a.eval_every)

@@ -555,10 +555,10 @@ def ablation_figures(sec):
         ax.set_title(f"{title}: dense loss {p['dense_loss']:.3f}", fontsize=8)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="Δ validation loss")
     what = "zero" if sec["mode"] == "zero" else "its mean over the evaluation tokens"
-    return [(f"Validation loss change when one head's output is replaced by {what} (rows: layers, columns: heads)"
-             + ("; right: the same model at initialization" if sec.get("init") else "")
-             + ". What to notice: the heads the loss rises most without are the ones the model relies on; set them beside "
-             "the circuits section's pattern scores (docs/tour.md, 'What if I switch a head off?').", _png(fig))]
+    return [(_caption(f"Validation loss change when one head's output is replaced by {what} (rows: layers, columns: "
+                      f"heads)" + ("; right: the same model at initialization" if sec.get("init") else ""),
+                      "the heads the loss rises most without are the ones the model relies on; set them beside the "
+                      "circuits section's pattern scores.", "what-if-i-switch-a-head-off"), _png(fig))]
 
 
 def curvature_figures(sec):

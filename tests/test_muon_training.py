@@ -272,3 +272,10 @@ def test_the_report_draws_the_update_spectra(shakespeare_head, tmp_path):
                          "--no-progress"]) == 0
     html = open(tmp_path / "rep" / "index.html", encoding="utf-8").read()
     assert "Singular values of the updates muon applied" in html
+    # --compare another run: its updates drawn beside (AdamW's against Muon's, the same model and data)
+    train(small_args(shakespeare_head, tmp_path / "adamw", optimizer="adamw", track_spectra=True, max_iters=10),
+          log=lambda *a: None)
+    assert analyze_main([str(tmp_path / "ckpt.npz"), "--compare", str(tmp_path / "adamw" / "ckpt.npz"), "--only",
+                         "training", "--report", str(tmp_path / "both"), "--no-progress"]) == 0
+    html = open(tmp_path / "both" / "index.html", encoding="utf-8").read()
+    assert "Singular values of the updates muon and adamw applied" in html and "a row per run" in html

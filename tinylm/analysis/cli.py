@@ -195,16 +195,19 @@ def run_analysis(ckpt, path, sections, args, log=print):
                     sec["init"] = table(init)
                 return sec
         elif name == "training":
-            run = lambda: training_logs(path)
+            run = lambda: training_logs(path, beside=getattr(args, "compare", None))
         results[name] = timed(name, run)
     return results
 
 
-def training_logs(path):
-    """metrics.jsonl and spectra.jsonl from the checkpoint's folder (either may be missing)."""
+def training_logs(path, beside=None):
+    """metrics.jsonl and spectra.jsonl from the checkpoint's folder (either may be missing); with beside (the
+    --compare checkpoint), that run's logs too, under 'beside', so the report draws the two runs together."""
     from .tracking import read_jsonl
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    out = {"metrics": [], "spectra": [], "note": ""}
+    out = {"metrics": [], "spectra": [], "note": "", "run": folder}
+    if beside:
+        out["beside"] = training_logs(beside)
     for key, fname in (("metrics", "metrics.jsonl"), ("spectra", "spectra.jsonl")):
         p = os.path.join(folder, fname)
         if os.path.isfile(p):

@@ -615,35 +615,42 @@ def training_figures(sec):
         figs.append((_caption("Spectral metrics of every whole matrix during training (spectra.jsonl; colour = kind of matrix)",
                               "a σ₁ that keeps growing while the stable rank falls is one direction taking over, as in "
                               "layer 0's W_Q of the default model.", "3-linear-transformations"), _png(fig)))
-    with_updates = [r for r in sec["spectra"] if r.get("updates")]
-    if with_updates:
-        figs.append(update_figure(with_updates, plt))
+    runs = [(sec.get("run", "this run"), [r for r in sec["spectra"] if r.get("updates")])]
+    if sec.get("beside"):            # analyze.py --compare OTHER: the other run's updates beside these
+        runs.append((sec["beside"].get("run", "--compare"), [r for r in sec["beside"]["spectra"] if r.get("updates")]))
+    runs = [(label, rows) for label, rows in runs if rows]
+    if runs:
+        figs.append(update_figure(runs, plt))
     return figs
 
 
-def update_figure(rows, plt):
-    """The singular values of the applied updates ΔW: the last logged step's, each over its σ₁, and their
-    stable rank over training (Muon's are flat, stable rank = full rank; AdamW's fall off)."""
-    last = rows[-1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    kinds = sorted({n.split(".", 3)[-1] for n in last["updates"]})
-    color = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
-    for name, u in last["updates"].items():
-        sv = np.array(u["sv"])
-        c = color[name.split(".", 3)[-1]]
-        axes[0].plot(np.arange(1, len(sv) + 1), sv / sv[0] if sv[0] > 0 else sv, color=c, lw=0.8)
-        axes[1].plot([r["step"] for r in rows], [r["updates"].get(name, {}).get("stable_rank") for r in rows],
-                     color=c, lw=0.8)
-    for k in kinds:
-        axes[0].plot([], [], color=color[k], label=k)
-    axes[0].legend(fontsize=6)
-    axes[0].set(xlabel="index i", ylabel="σᵢ / σ₁ of ΔW", ylim=(0, 1.05),
-                title=f"singular values of the update at step {last['step'] - 1}")
-    axes[1].set(xlabel="step", ylabel="‖ΔW‖²_F / σ₁²", title="stable rank of the update")
-    for ax in axes:
-        ax.title.set_fontsize(9)
-    optimizer = last.get("optimizer") or "the optimizer"
-    return (_caption(f"Singular values of the updates {optimizer} applied to each block matrix (spectra.jsonl)",
+def update_figure(runs, plt):
+    """The singular values of the applied updates ΔW, one row per run [(label, spectra rows)]: the last logged
+    step's, each over its σ₁, and their stable rank over training (Muon's are flat, AdamW's fall off)."""
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.4 * len(runs)), squeeze=False)
+    names = []
+    for (label, rows), (left, right) in zip(runs, axes):
+        last = rows[-1]
+        kinds = sorted({n.split(".", 3)[-1] for n in last["updates"]})
+        color = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
+        for name, u in last["updates"].items():
+            sv = np.array(u["sv"])
+            c = color[name.split(".", 3)[-1]]
+            left.plot(np.arange(1, len(sv) + 1), sv / sv[0] if sv[0] > 0 else sv, color=c, lw=0.8)
+            right.plot([r["step"] for r in rows], [r["updates"].get(name, {}).get("stable_rank") for r in rows],
+                       color=c, lw=0.8)
+        for k in kinds:
+            left.plot([], [], color=color[k], label=k)
+        left.legend(fontsize=6)
+        optimizer = last.get("optimizer") or "the optimizer"
+        names.append(optimizer)
+        left.set(xlabel="index i", ylabel="σᵢ / σ₁ of ΔW", ylim=(0, 1.05),
+                 title=f"{label} ({optimizer}): singular values of the update at step {last['step'] - 1}")
+        right.set(xlabel="step", ylabel="‖ΔW‖²_F / σ₁²", title=f"{label} ({optimizer}): stable rank of the update")
+        for ax in (left, right):
+            ax.title.set_fontsize(9)
+    return (_caption(f"Singular values of the updates {' and '.join(names)} applied to each block matrix (spectra.jsonl"
+                     + (", a row per run: this one, then --compare's" if len(runs) > 1 else "") + ")",
                      "Muon's are all equal by construction (its update is the polar factor U Vᵀ, stable rank the full "
                      "rank), while AdamW's fall off after a few directions.", "5-orthogonality-and-basis"), _png(fig))
 

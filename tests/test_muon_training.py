@@ -279,3 +279,31 @@ def test_the_report_draws_the_update_spectra(shakespeare_head, tmp_path):
                          "training", "--report", str(tmp_path / "both"), "--no-progress"]) == 0
     html = open(tmp_path / "both" / "index.html", encoding="utf-8").read()
     assert "Singular values of the updates muon and adamw applied" in html and "a row per run" in html
+
+
+def test_settings_the_run_does_not_use_are_named(shakespeare_head, tmp_path):
+    notes = []
+    train(small_args(shakespeare_head, tmp_path / "a", optimizer="adamw", max_iters=2), explicit={"muon_lr", "ns_steps"},
+          log=notes.append)
+    assert any("--muon_lr, --ns_steps only apply with --optimizer muon" in n for n in notes), notes
+    notes.clear()
+    train(small_args(shakespeare_head, tmp_path / "b", max_iters=2), explicit={"ns_steps"}, log=notes.append)
+    assert any("--ns_steps only applies with --orthogonalize newton_schulz" in n for n in notes), notes
+
+
+def test_metrics_log_muons_learning_rate_too(shakespeare_head, tmp_path):
+    import json
+    train(small_args(shakespeare_head, tmp_path, max_iters=10), log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all("muon_lr" in r for r in rows) and rows[1]["muon_lr"] > 5 * rows[1]["lr"]
+
+
+def test_overwrite_is_a_bare_switch_on_the_command_line(shakespeare_head, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *flags(shakespeare_head, out, 3)).returncode == 0
+    again = run_script("train.py", *flags(shakespeare_head, out, 3))
+    assert again.returncode == 1 and "replace it with --overwrite" in again.stderr
+    bare = run_script("train.py", *flags(shakespeare_head, out, 3), "--overwrite")
+    assert bare.returncode == 0, bare.stderr
+    off = run_script("train.py", *flags(shakespeare_head, out, 3), "--overwrite", "false")
+    assert off.returncode == 1 and "holds an earlier run" in off.stderr

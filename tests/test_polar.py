@@ -87,9 +87,16 @@ def test_eigh_on_a_rank_deficient_matrix_is_finite_and_exact_on_its_range():
 
 
 def test_zero_matrix_gives_zero_update_not_nan():
-    for method in METHODS:
-        Q = orthogonalize(np.zeros((6, 4)), method)
-        assert np.isfinite(Q).all() and np.abs(Q).max() < 1e-6 or method == "svd"
+    for dtype in (np.float64, np.float32):          # float32: training's dtype, where 1/√tiny must still fit
+        for method in ("eigh", "newton_schulz"):
+            with np.errstate(all="raise"):
+                Q = orthogonalize(np.zeros((6, 4), dtype), method)
+            assert Q.dtype == dtype and np.isfinite(Q).all() and np.abs(Q).max() < 1e-6, (dtype, method)
+            # a tiny one (below float32's smallest normal number): finite, no σ above 1
+            with np.errstate(over="raise", invalid="raise"):
+                Q = orthogonalize(np.full((4, 8), 1e-40, dtype), method)
+            assert np.isfinite(Q).all() and np.linalg.svd(Q.astype(np.float64), compute_uv=False).max() < 1.3
+        assert np.isfinite(orthogonalize(np.zeros((6, 4), dtype), "svd")).all()     # some orthogonal matrix
 
 
 def test_unknown_method_is_refused():

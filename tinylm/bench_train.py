@@ -191,8 +191,9 @@ def time_to_loss(target, specs, eval_every, log=print, paired_rounds=6, paired_s
 
 
 def print_time_to_loss(rows, target):
-    """Two tables: as measured (each run's own seconds), and at the paired speed (steps × a step's cost timed
-    with every run in turn in the same minutes): the second is the one to compare on a drifting machine."""
+    """One row per run: its own seconds to the target, and the seconds at the paired speed (steps × a step's cost
+    timed with every run in turn in the same minutes), which the ratios use: on a drifting machine the runs'
+    own seconds come from different minutes."""
     by_name = {r["name"]: r for r in rows}
 
     def ratio(r, o, key):
@@ -209,13 +210,13 @@ def print_time_to_loss(rows, target):
         * r["paired_ms"] / 1e3
     print(f"\ntime to validation loss {target} (training seconds; evaluations not counted):")
     print(f"{'run':<16}{'schedule':>9}{'steps':>7}{'val loss':>10}{'seconds':>9}{'ms/step':>9}{'paired':>8}"
-          f"{'opt.':>7}{'seconds at paired':>19}{'vs PyTorch':>12}{'vs AdamW':>10}")
+          f"{'opt.':>7}{'seconds at paired':>19}{'PyTorch ÷ this':>16}{'AdamW ÷ this':>14}")
     for r in rows:
         reached = "reached_step" in r
         print(f"{r['name']:<16}{r['max_iters']:>9}{(r['reached_step'] if reached else '-'):>7}{r['val_loss']:>10.4f}"
               f"{measured(r):>9.1f}{1e3 * r['train_s'] / max(r['step'], 1):>9.1f}{r['paired_ms']:>8.1f}"
               f"{r['paired_opt_ms'] / r['paired_ms']:>7.0%}{paired(r):>19.1f}"
-              f"{ratio(r, by_name.get('PyTorch AdamW'), paired):>12}{ratio(r, by_name.get('tinylm AdamW'), paired):>10}")
+              f"{ratio(r, by_name.get('PyTorch AdamW'), paired):>16}{ratio(r, by_name.get('tinylm AdamW'), paired):>14}")
     missing = [r["name"] for r in rows if "reached_step" not in r]
     if missing:
         print(f"not reached within the schedule: {', '.join(missing)} (its val loss is at the end; a '>' ratio "
@@ -255,18 +256,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinylm.bench_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--time-to-loss", type=float, metavar="LOSS", help="train until the validation loss is at most LOSS")
     ap.add_argument("--optimizer-share", action="store_true", help="the optimizer's share of a step, per method")
-    ap.add_argument("--quick", action="store_true", help="a small model and few steps: checks that it runs")
+    ap.add_argument("--quick", action="store_true", help="a small model and few steps, checks that it runs (sets its own "
+                    "schedules, evaluation and warmup, overriding those flags)")
     ap.add_argument("--data", default=DEFAULT_DATA, help="text to train on (default: Tiny Shakespeare)")
     ap.add_argument("--adamw-iters", type=int, default=2000, help="AdamW's schedule (tinylm and PyTorch): "
                     "the CPU recipe's 2000 steps")
-    ap.add_argument("--muon-iters", type=int, default=800, help="Muon's schedule: cosine decay ends here")
-    ap.add_argument("--muon-lr", type=float, default=0.02)
-    ap.add_argument("--orthogonalize", default="eigh", help="Muon's polar factor: eigh, svd or newton_schulz")
-    ap.add_argument("--ns-steps", type=int, default=5)
+    ap.add_argument("--muon-iters", type=int, default=700, help="Muon's schedule: cosine decay ends here")
+    ap.add_argument("--also-muon", action="append", default=[], metavar="BATCH:ITERS",
+                    help="another Muon run at this batch size and schedule, e.g. 16:500 (repeatable)")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (default 0.02)")
+    ap.add_argument("--orthogonalize", default="eigh", help="Muon's polar factor: eigh (default), svd or newton_schulz")
+    ap.add_argument("--ns-steps", type=int, default=5, help="Newton-Schulz iterations (default 5)")
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per step, for every run (default: the "
                     "recipe's 12)")
     ap.add_argument("--muon-batch-size", type=int, default=None, help="sequences per step for Muon's run only")
-    ap.add_argument("--warmup-iters", type=int, default=100)
+    ap.add_argument("--warmup-iters", type=int, default=100, help="steps of linear warmup, every run (default 100)")
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (the resolution)")
     ap.add_argument("--eval-batches", type=int, default=100, help="validation batches in the fixed evaluation")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
@@ -297,11 +301,18 @@ def main(argv=None):
         specs = {name: spec_for(name, a, muon_recipe if "Muon" in name else recipe,
                                 max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
                  for name in RUNS if with_torch or "PyTorch" not in name}
+        for extra in a.also_muon:
+            try:
+                batch, iters = (int(v) for v in extra.split(":"))
+            except ValueError:
+                ap.error(f"--also-muon takes BATCH:ITERS, e.g. 16:500, not {extra!r}")
+            specs[f"tinylm Muon b{batch}"] = spec_for("tinylm Muon", a, dict(recipe, batch_size=batch), max_iters=iters)
         print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}"
               f"{f', {a.ns_steps} steps' if a.orthogonalize == 'newton_schulz' else ''}, batch {muon_recipe['batch_size']}) "
               f"over {a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
               f"evaluation every {a.eval_every} steps on {a.eval_batches} fixed validation batches"
-              + ("" if with_torch else "; PyTorch not installed (pip install torch): left out"))
+              + ("" if with_torch else "; PyTorch left out (--no-torch)" if a.no_torch else
+                 "; PyTorch not installed (pip install torch): left out"))
         rows = time_to_loss(a.time_to_loss, specs, a.eval_every)
         print_time_to_loss(rows, a.time_to_loss)
     return 0

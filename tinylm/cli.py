@@ -79,8 +79,12 @@ def train_parser():
         default = getattr(defaults, field.name)
         kind = parse_bool if field.type in (bool, "bool") else type(default)
         help_text = HELP[field.name] if field.name == "data" else f"{HELP[field.name]} (default: {default})"
-        ap.add_argument(f"--{field.name}", type=kind, metavar=field.name.upper() if kind is str else None,
-                        help=help_text)
+        if kind is parse_bool:      # --flag alone means true; --flag true/false also works
+            ap.add_argument(f"--{field.name}", type=kind, nargs="?", const=True, metavar="true|false",
+                            help=help_text)
+        else:
+            ap.add_argument(f"--{field.name}", type=kind, metavar=field.name.upper() if kind is str else None,
+                            help=help_text)
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return ap
 

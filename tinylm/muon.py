@@ -52,7 +52,8 @@ def muon_step(params, grads, state, lr, muon_lr, momentum=0.95, method="eigh", n
     """One step, in place: Muon on state['momentum']'s matrices at muon_lr, AdamW on the rest at lr.
 
     grad_scale (gradient clipping's factor) scales g as in adamw_step. Muon's matrices get no weight
-    decay: their update has a fixed size, and decay on top would shrink them step after step."""
+    decay, as in Muon as first published (later variants add a decoupled one); --weight_decay applies
+    to AdamW's matrices, the embeddings."""
     adam = {k: params[k] for k in state["m"]}
     adamw_step(adam, grads, state, lr, beta1, beta2, weight_decay=weight_decay, grad_scale=grad_scale,
                workers=workers)       # advances state['t'] too

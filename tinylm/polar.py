@@ -15,7 +15,8 @@ update Muon applies (muon.py). Each way is a test oracle for the others (tests/t
 Where G lacks a direction (σ = 0) the polar factor is not unique: the SVD sets that σ to 1 along an
 arbitrary pair of singular vectors, the Gram way and Newton–Schulz leave it near 0. Every block
 gradient of the model has one such direction (a layer norm's backward removes the mean, so 1ᵀ dW = 0
-for the matrices writing into the residual stream, and x̂ ⊥ 1/g for those reading a layer-normed x̂):
+for the matrices writing into the residual stream; those reading a layer norm's output g ⊙ x̂ see
+inputs orthogonal to 1/g, as x̂ sums to zero; both without biases, the default):
 the methods agree on the directions G has, which is what the tests hold them to.
 
 Every function takes one matrix (m, n) or a stack of them (..., m, n) and works on the short side, so
@@ -65,12 +66,13 @@ def polar_eigh(G, floor=None):
     if floor is None:
         floor = 1e-12 if G.dtype == np.float64 else 1e-7
     lam, U = np.linalg.eigh((G @ np.swapaxes(G, -1, -2)).astype(np.float64))
-    lam = np.maximum(lam, floor * lam[..., -1:] + np.finfo(np.float64).tiny)
+    # + the dtype's tiny: a zero G (λ_max = 0) gives a zero Q, and 1/√tiny still fits in G's dtype
+    lam = np.maximum(lam, floor * lam[..., -1:] + np.finfo(G.dtype).tiny)
     inv_sqrt = (U / np.sqrt(lam)[..., None, :]) @ np.swapaxes(U, -1, -2)      # U Λ^{-1/2} Uᵀ
     return inv_sqrt.astype(G.dtype, copy=False) @ G
 
 
-def orthogonalize(G, method="newton_schulz", ns_steps=5):
+def orthogonalize(G, method="eigh", ns_steps=5):
     """The polar factor of G (or of each matrix in a stack) by `method`, one of METHODS."""
     if method == "newton_schulz":
         return polar_newton_schulz(G, ns_steps)

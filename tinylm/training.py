@@ -93,7 +93,8 @@ HELP = {
     "min_lr": "learning rate at the end of the cosine decay",
     "warmup_iters": "steps of linear warmup",
     "lr_decay_iters": "step at which the cosine decay reaches min_lr; on the command line it follows --max_iters unless given",
-    "weight_decay": "AdamW decoupled weight decay, applied to matrices only",
+    "weight_decay": "AdamW decoupled weight decay, applied to matrices only (with --optimizer muon: to the "
+                    "embeddings; the block matrices get none)",
     "beta1": "AdamW first-moment decay",
     "beta2": "AdamW second-moment decay",
     "grad_clip": "clip the global gradient L2 norm to this value (0 disables)",
@@ -202,6 +203,17 @@ def check_saved_args(saved, ckpt_path):
             raise CheckpointError(f"checkpoint {ckpt_path}: saved setting {k!r} is {v!r}, not of type {want.__name__}")
         good[k] = want(v)
     return good
+
+
+def unused_flag_notes(a, explicit):
+    """Notes for flags given that this run does not use (Muon's settings under AdamW, Newton-Schulz's under eigh)."""
+    notes = []
+    muon_only = [f"--{k}" for k in ("muon_lr", "muon_momentum", "ns_steps", "orthogonalize") if k in explicit]
+    if a.optimizer != "muon" and muon_only:
+        notes.append(f"note: {', '.join(muon_only)} only apply with --optimizer muon; this run uses {a.optimizer}")
+    elif a.optimizer == "muon" and "ns_steps" in explicit and a.orthogonalize != "newton_schulz":
+        notes.append(f"note: --ns_steps only applies with --orthogonalize newton_schulz; this run uses {a.orthogonalize}")
+    return notes
 
 
 def init_optimizer(a, params):
@@ -475,6 +487,9 @@ def _train(a, explicit, log, dist, root):
         if a.merge and lora is not None:
             finetune.write_merged(best_path, os.path.join(a.out_dir, "merged.npz"), log)
         return {"step": start, "best_val_loss": best, "elapsed_s": 0.0, "checkpoint": ckpt_path}
+    if root:
+        for note in unused_flag_notes(a, explicit):
+            log(note)
     begin = ("resuming at step " + str(start) if start else
              "from scratch" if a.init_from == "scratch" else "fine-tuning " + a.init_from)
     log(f"tinylm: {sum(p.size for p in params.values()):,} parameters, vocab {config.vocab_size}, "
@@ -516,7 +531,7 @@ def _train(a, explicit, log, dist, root):
                         best = losses["val"]
                         save(step, best_path, with_optimizer=False)
                     record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                              "lr": lr_at(step),
+                              "lr": lr_at(step), **({"muon_lr": muon_lr_at(step)} if a.optimizer == "muon" else {}),
                               "elapsed_s": round(elapsed(), 3), "tokens_per_s": round(tok_s, 1)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -564,7 +579,9 @@ def _train(a, explicit, log, dist, root):
                 tok_s = tokens_per_step / dt if tok_s == 0 else 0.9 * tok_s + 0.1 * tokens_per_step / dt
                 bar.update(1)
                 if step % 10 == 0 or step == a.max_iters:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                    **({"muon_lr": f"{muon_lr_at(step - 1):.2e}"} if a.optimizer == "muon" else {}),
+                                    tok_s=f"{tok_s:.0f}", refresh=False)
         finally:
             bar.close()
 

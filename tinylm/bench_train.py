@@ -92,22 +92,24 @@ def worker(spec):
     batch_rng = np.random.default_rng([spec["seed"], 1])
     n, train_s = 0, 0.0
     schedule = lambda peak, s: learning_rate_at(s, peak, peak * 0.1, spec["warmup_iters"], spec["max_iters"])
+    def one_step(n):
+        x, y = get_batch(train_ids, config.block_size, r["batch_size"], batch_rng)
+        step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
+
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = line.split()
         if command[0] == "train":
             t = time.perf_counter()
             for _ in range(min(int(command[1]), spec["max_iters"] - n)):
-                x, y = get_batch(train_ids, config.block_size, r["batch_size"], batch_rng)
-                step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
+                one_step(n)
                 n += 1
             train_s += time.perf_counter() - t
             print(json.dumps({"step": n, "train_s": train_s, "opt_s": run.opt_s}), flush=True)
         elif command[0] == "time":      # N more steps, only timed (after the run: the state no longer matters)
             opt_before, t = run.opt_s, time.perf_counter()
             for _ in range(int(command[1])):
-                x, y = get_batch(train_ids, config.block_size, r["batch_size"], batch_rng)
-                step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
+                one_step(n)
             print(json.dumps({"s": time.perf_counter() - t, "opt_s": run.opt_s - opt_before}), flush=True)
         elif command[0] == "eval":
             print(json.dumps({"val_loss": float(np.mean([run.loss(x, y) for x, y in evals]))}), flush=True)

@@ -19,7 +19,7 @@ from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DEFAULT_DATA, ENCODING_ERRORS, check_long_enough, get_batch, load_ids, read_text, train_val_split
 from .errors import TinyLMError
-from .muon import check_muon_args, muon_init, muon_step
+from .muon import check_muon_args, is_muon_matrix, muon_init, muon_step
 from .optim import adamw_init, adamw_step, clip_factor, global_norm, learning_rate_at
 from .parallel import blas_threads
 from .sampling import sample_next
@@ -553,7 +553,7 @@ def _train(a, explicit, log, dist, root):
                 lr = lr_at(step)
                 # --track_spectra: keep the step before an evaluation's ΔW of the block matrices, to log its spectrum
                 next_is_eval = (step + 1) % a.eval_interval == 0 or step + 1 == a.max_iters
-                before = ({k: p.copy() for k, p in trained.items() if k.startswith("transformer.h.") and p.ndim == 2}
+                before = ({k: p.copy() for k, p in trained.items() if is_muon_matrix(k, p.shape)}
                           if a.track_spectra and root and next_is_eval else None)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)

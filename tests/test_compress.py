@@ -166,7 +166,7 @@ def test_calibration_windows():
 def compressed(trained_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compressed") / "ckpt.npz"
     proc = run_module("tinylm.compress", os.path.join(trained_dir["dir"], "ckpt.npz"), out, "--params", "0.5",
-                      "--refit", "--no_progress", "--calib_tokens", 4096)
+                      "--no_progress", "--calib_tokens", 4096)      # whitened + refit: the defaults
     assert proc.returncode == 0, proc.stderr
     return {"path": str(out), "stdout": proc.stdout, "source": os.path.join(trained_dir["dir"], "ckpt.npz")}
 
@@ -182,6 +182,17 @@ def test_compress_command_writes_a_factorized_checkpoint(compressed):
     dense_logits = forward(src["params"], src["config"], x, for_backward=False)[0]
     logits = forward(ck["params"], ck["config"], x, for_backward=False)[0]
     assert np.abs(logits - dense_logits).mean() < 0.3 * np.abs(dense_logits).mean()
+
+
+@pytest.mark.parametrize("flags, refit", [(("--refit", "false"), False), (("--method", "svd"), False),
+                                          (("--method", "svd", "--refit"), True)])
+def test_refit_is_the_default_only_for_the_whitened_method(trained_dir, tmp_path, flags, refit):
+    out = tmp_path / "o.npz"
+    proc = run_module("tinylm.compress", os.path.join(trained_dir["dir"], "ckpt.npz"), out, "--params", "0.5",
+                      *flags, "--no_progress", "--calib_tokens", 2048, "--eval_tokens", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(str(out))["meta"]["compressed"]["refit"] is refit
+    assert ("refit" in proc.stdout.split(":")[0]) is refit
 
 
 def test_sample_analyze_export_read_the_compressed_model(compressed, tmp_path):

@@ -11,7 +11,7 @@ as the factorized layer of lowrank.py: y = (x Bᵀ) Aᵀ + b.
     so the best W' of rank r is the truncated SVD of W S mapped back by S⁻¹: with W S = U Σ Vᵀ,
         A = U_r Σ_r,   B = V_rᵀ S⁻¹,   computed as the triangular solve Sᵀ Bᵀ = V_r (never S⁻¹ itself).
     A small ridge λ I is added to XᵀX so that S exists and is well conditioned when XᵀX is singular.
---refit: then refit each factor by least squares, layer after layer through the network: the inputs X' come
+--refit (the default with --method whitened): then refit each factor by least squares, layer after layer through the network: the inputs X' come
     from the model compressed so far and the targets X Wᵀ from the dense model, so each layer also corrects
     the error of the layers before it. With G' = X'ᵀX' and C = X'ᵀX (in × in), the closed forms are
         A: min_A ‖X Wᵀ − X' Bᵀ Aᵀ‖  ⇒  (B G' Bᵀ) Aᵀ = B C Wᵀ
@@ -387,7 +387,7 @@ def _compress_model(params, config, ranks, method, calib, refit_factors, progres
 
 
 def compress_parser():
-    from .cli import OneLineParser
+    from .cli import OneLineParser, parse_bool
     ap = OneLineParser(prog="python -m tinylm.compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Compress a tinylm checkpoint: each block linear layer W becomes two thin factors "
                        "A (out, r) and B (r, in), W ≈ A B, run as y = (x Bᵀ) Aᵀ. The output is a checkpoint that "
@@ -407,9 +407,10 @@ def compress_parser():
     ap.add_argument("--calib", metavar="FILE", default=None,
                     help="calibration text (default: the train split of the checkpoint's training text)")
     ap.add_argument("--calib_tokens", type=int, default=DEFAULT_CALIB_TOKENS, help="calibration tokens to use")
-    ap.add_argument("--refit", action="store_true",
+    ap.add_argument("--refit", type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS, metavar="true|false",
                     help="then refit each factor by least squares, layer by layer (inputs from the compressed model, "
-                    "targets from the dense one)")
+                    "targets from the dense one); default: true with --method whitened, false with svd, which "
+                    "uses no data")
     ap.add_argument("--eval_tokens", type=int, default=16384,
                     help="validation tokens on which to report the loss before and after (0: skip)")
     ap.add_argument("--force", action="store_true", help="replace OUT.npz if it exists")
@@ -440,6 +441,7 @@ def _compress(argv):
     from .hf import load_any
     from .optim import adamw_init
     a = compress_parser().parse_args(argv)
+    a.refit = getattr(a, "refit", a.method == "whitened")     # the refit needs the data the whitening reads
     rank = parse_rank(a.rank if a.rank is not None else "0.375") if a.params is None else None
     fraction = parse_params_fraction(a.params) if a.params is not None else None
     if a.calib_tokens < 1:

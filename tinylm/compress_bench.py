@@ -130,17 +130,18 @@ def main(argv=None):
         base, rows = quality(ckpt, calib, eval_tokens=eval_tokens)
         print(f"\nquality: validation loss on {eval_tokens:,} tokens; dense {base:.4f}; calibration {calib.size:,} "
               f"tokens of {os.path.basename(path)} (read and encoded in {calib_read:.2f} s, not counted below)")
-        print(f"{'params':>7}  {'method':<18}{'loss':>8}{'rise':>9}{'time s':>8}")
+        print(f"{'params':>7}  {'method':<28}{'loss':>8}{'rise':>9}{'time s':>8}")
         for r in rows:
-            name = r["method"] + (" + refit" if r["refit"] else "")
-            print(f"{100 * r['kept']:6.1f}%  {name:<18}{r['loss']:8.4f}{100 * r['rise']:+8.2f}%{r['seconds']:8.2f}")
+            name = r["method"] + ((" + refit (default)" if r["refit"] else ", --refit false")
+                                  if r["method"] == "whitened" else "")
+            print(f"{100 * r['kept']:6.1f}%  {name:<28}{r['loss']:8.4f}{100 * r['rise']:+8.2f}%{r['seconds']:8.2f}")
         pick = {(r["fraction"], r["method"], r["refit"]): r for r in rows}
         half_svd, half_w = pick[(0.5, "svd", False)]["rise"], pick[(0.5, "whitened", False)]["rise"]
         print(f"target: at 50%, whitened rise <= 1/2 plain SVD's: {100 * half_w:.2f}% vs {100 * half_svd:.2f}% "
               f"(ratio {half_w / half_svd:.2f}): {'met' if half_w <= 0.5 * half_svd else 'NOT met'}")
         for refit in (False, True):
             q = pick[(0.25, "whitened", refit)]["rise"]
-            print(f"target: at 25%, whitened{' + refit' if refit else ''} within 5% of dense: {100 * q:+.2f}%: "
+            print(f"target: at 25%, whitened{' + refit (the default)' if refit else ' without refit'} within 5% of dense: {100 * q:+.2f}%: "
                   f"{'met' if q <= 0.05 else 'NOT met'}")
         secs = [r["seconds"] for r in rows if r["method"] == "whitened"]
         print(f"target: compression under 10 s (calibration included): whitened {min(secs):.2f}-{max(secs):.2f} s "

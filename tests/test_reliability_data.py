@@ -191,7 +191,8 @@ def test_resume_refuses_a_block_size_the_checkpoint_does_not_support(tmp_path, c
 
 def test_debug_environment_variable_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TINYLM_DEBUG", "1")
-    assert train_main(["--data", str(tmp_path / "missing.txt")]) == 1
+    # --out_dir in tmp_path: a default model in ./out (python train.py) must not change what is refused
+    assert train_main(["--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: data file not found")
 

@@ -11,9 +11,9 @@ as the factorized layer of lowrank.py: y = (x Bᵀ) Aᵀ + b.
     so the best W' of rank r is the truncated SVD of W S mapped back by S⁻¹: with W S = U Σ Vᵀ,
         A = U_r Σ_r,   B = V_rᵀ S⁻¹,   computed as the triangular solve Sᵀ Bᵀ = V_r (never S⁻¹ itself).
     A small ridge λ I is added to XᵀX so that S exists and is well conditioned when XᵀX is singular.
---refit (the default with --method whitened): then refit each factor by least squares, layer after layer through the network: the inputs X' come
-    from the model compressed so far and the targets X Wᵀ from the dense model, so each layer also corrects
-    the error of the layers before it. With G' = X'ᵀX' and C = X'ᵀX (in × in), the closed forms are
+--refit (the default with --method whitened): then refit each factor by least squares, layer after layer
+    through the network: the inputs X' come from the model compressed so far and the targets X Wᵀ from the
+    dense model, so each layer also corrects the error of the layers before it. With G' = X'ᵀX' and C = X'ᵀX (in × in), the closed forms are
         A: min_A ‖X Wᵀ − X' Bᵀ Aᵀ‖  ⇒  (B G' Bᵀ) Aᵀ = B C Wᵀ
         B: min_B ‖X Wᵀ − X' Bᵀ Aᵀ‖  ⇒  G' Bᵀ (AᵀA) = C Wᵀ A
     each solved through Cholesky factors and triangular solves.

@@ -132,8 +132,8 @@ def main(argv=None):
               f"tokens of {os.path.basename(path)} (read and encoded in {calib_read:.2f} s, not counted below)")
         print(f"{'params':>7}  {'method':<28}{'loss':>8}{'rise':>9}{'time s':>8}")
         for r in rows:
-            name = r["method"] + ((" + refit (default)" if r["refit"] else ", --refit false")
-                                  if r["method"] == "whitened" else "")
+            name = {("whitened", True): "whitened + refit (default)",
+                    ("whitened", False): "whitened, --refit false"}.get((r["method"], r["refit"]), r["method"])
             print(f"{100 * r['kept']:6.1f}%  {name:<28}{r['loss']:8.4f}{100 * r['rise']:+8.2f}%{r['seconds']:8.2f}")
         pick = {(r["fraction"], r["method"], r["refit"]): r for r in rows}
         half_svd, half_w = pick[(0.5, "svd", False)]["rise"], pick[(0.5, "whitened", False)]["rise"]
@@ -141,7 +141,8 @@ def main(argv=None):
               f"(ratio {half_w / half_svd:.2f}): {'met' if half_w <= 0.5 * half_svd else 'NOT met'}")
         for refit in (False, True):
             q = pick[(0.25, "whitened", refit)]["rise"]
-            print(f"target: at 25%, whitened{' + refit (the default)' if refit else ' without refit'} within 5% of dense: {100 * q:+.2f}%: "
+            label = "whitened + refit (the default)" if refit else "whitened without refit"
+            print(f"target: at 25%, {label} within 5% of dense: {100 * q:+.2f}%: "
                   f"{'met' if q <= 0.05 else 'NOT met'}")
         secs = [r["seconds"] for r in rows if r["method"] == "whitened"]
         print(f"target: compression under 10 s (calibration included): whitened {min(secs):.2f}-{max(secs):.2f} s "

@@ -48,6 +48,53 @@ def test_every_cached_step_past_the_block_equals_a_forward_over_the_rules_contex
     assert max(lengths) == config.block_size and window in lengths      # the window did slide
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sequences_drawn_side_by_side_are_each_what_generate_draws_alone(use_cache):
+    """generate_rows (one cache with a row per sequence, decode_rows) gives every row the contexts, logits and
+    tokens generate gives that sequence by itself, through the cache's refills (40 tokens, block of 8)."""
+    config, params = small_model(block_size=8)
+    rows, n = 3, 40
+    draws = np.random.default_rng(2).integers(0, 11, size=(n, rows))   # each row's tokens, fixed in advance
+    steps = iter(draws)
+    trace = []
+    together = np.array(list(M.generate_rows(params, config, [4, 5], rows, n, lambda logits: next(steps),
+                                             use_cache, trace)))
+    assert together.shape == (n, rows) and (together == draws).all()
+    for r in range(rows):
+        mine, alone = iter(draws[:, r]), []
+        assert list(M.generate(params, config, [4, 5], n, lambda z: int(next(mine)), use_cache, alone)) \
+            == list(draws[:, r])
+        for (contexts, logits), (context, want) in zip(trace, alone):
+            assert list(contexts[r]) == list(context)
+            np.testing.assert_allclose(logits[r], want, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_rows_is_forward_cached_row_by_row_for_dense_and_factorized_layers():
+    from tinylm.compress import compress_model, ranks_for
+    config, params = small_model(block_size=16)
+    factorized = compress_model(params, config, ranks_for(config, rank=("int", 3)), "svd", None)[0]
+    assert any(k.endswith(".weight_A") for k in factorized)
+    idx = np.random.default_rng(3).integers(0, 11, size=(4, 12))
+    for p in (params, factorized):
+        want = M.forward_cached(p, config, idx, M.new_kv_cache(config, 4, np.float64))
+        kv = M.new_kv_cache(config, 4, np.float64)
+        M.forward_cached(p, config, idx[:, :5], kv)
+        dw = M.decoding_weights(p, config)
+        for t in range(5, 12):
+            np.testing.assert_allclose(M.decode_rows(dw, kv, idx[:, t]), want[:, t], rtol=1e-10, atol=1e-10)
+        with pytest.raises(TinyLMError):
+            for _ in range(5):                   # 12 + 5 > block_size
+                M.decode_rows(dw, kv, idx[:, 0])
+
+
+def test_generate_rows_refuses_no_rows_and_an_empty_prompt():
+    config, params = small_model()
+    with pytest.raises(TinyLMError, match="rows"):
+        next(M.generate_rows(params, config, [1], 0, 5, np.argmax))
+    with pytest.raises(TinyLMError, match="prompt"):
+        next(M.generate_rows(params, config, [], 2, 5, np.argmax))
+
+
 def test_cache_beats_recomputation_in_work_not_just_in_tests():
     config, params = small_model(block_size=8)
     kv = M.new_kv_cache(config, 1, np.float64)

@@ -117,7 +117,8 @@ def sample_parser():
                     help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
                          "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
-    ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw")
+    ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
+                    "is shown as it is written, the others when it ends")
     ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
     ap.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 or less is refused)")
@@ -144,7 +145,7 @@ def sample_main(argv=None):
 def _sample(argv):
     from .hf import load_any
     from .parallel import blas_threads
-    from .model import generate
+    from .model import generate, generate_rows
     from .sampling import check_sampling_args, sample_next
 
     a = sample_parser().parse_args(argv)
@@ -188,17 +189,26 @@ def _sample(argv):
     rng = np.random.default_rng(a.seed)
     pick = lambda logits: sample_next(logits, a.temperature, a.top_k, a.top_p, rng)
     out = sys.stdout
+    separator = "\n---------------\n"
     with blas_threads(1):        # one token at a time: tiny products, one BLAS thread is fastest
-        for _ in range(a.num_samples):
-            out.write(start)
-            new = []
-            shown = ""
-            for token in generate(params, config, prompt, a.max_new_tokens, pick, use_cache=not a.no_cache):
-                new.append(token)
-                text = tok.decode(new)
-                out.write(text[len(shown):])     # decode the whole tail: a multi-byte token may complete later
-                out.flush()
-                shown = text
-            out.write("\n---------------\n")
+        if a.num_samples == 1:
+            steps = ([token] for token in generate(params, config, prompt, a.max_new_tokens, pick,
+                                                   use_cache=not a.no_cache))
+        else:                    # side by side: a step's NumPy calls shared by every sample
+            steps = generate_rows(params, config, prompt, a.num_samples, a.max_new_tokens,
+                                  lambda rows: [pick(logits) for logits in rows], use_cache=not a.no_cache)
+        new = [[] for _ in range(a.num_samples)]
+        out.write(start)
+        shown = ""
+        for picked in steps:
+            for tokens, token in zip(new, picked):
+                tokens.append(int(token))
+            text = tok.decode(new[0])            # the first sample is shown as it is written
+            out.write(text[len(shown):])         # decode the whole tail: a multi-byte token may complete later
             out.flush()
+            shown = text
+        out.write(separator)
+        for tokens in new[1:]:                   # the others are complete at the same moment
+            out.write(start + tok.decode(tokens) + separator)
+        out.flush()
     return 0

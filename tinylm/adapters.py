@@ -19,6 +19,7 @@ Adapter parameters are named after their target: `transformer.h.0.attn.c_attn.we
 import numpy as np
 
 from .errors import TinyLMError
+from .parallel import for_each_split
 
 INITS = ("lora", "pissa")
 BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -97,13 +98,15 @@ def count_adapter_params(lora, shapes):
 
 def lora_forward(W, A, B, s):
     """W' = W + s·B A.   W (out, in), A (R, in), B (out, R) -> W' (out, in)"""
-    return W + s * (B @ A), (A, B, s)
+    W_used = (s * B) @ A                 # s on the thin factor: no full-size temporary for it
+    W_used += W
+    return W_used, (A, B, s)
 
 
 def lora_backward(dW, cache):
     """dA = s·Bᵀ dW';  dB = s·dW' Aᵀ  (dW' (out, in) the gradient of the matrix the model used)."""
     A, B, s = cache
-    return {"A": s * (B.T @ dW), "B": s * (dW @ A.T)}
+    return {"A": (s * B).T @ dW, "B": dW @ (s * A).T}
 
 
 # ----------------------------------------------------------------------------- the model's view
@@ -136,25 +139,37 @@ def init_adapters(params, lora, seed=0):
     return frozen, adapters
 
 
-def merged_params(frozen, adapters, lora):
-    """The parameters the model runs on: frozen + s·B A at every target (the adapters' forward)."""
+def merged_params(frozen, adapters, lora, workers=None):
+    """The parameters the model runs on: frozen + s·B A at every target (the adapters' forward).
+
+    The targets are independent, so they are merged in `workers` groups on as many threads (default:
+    one per core), as adamw_step does; each thread writes only its own targets' entries."""
     s = scale_of(lora)
     params = dict(frozen)
-    for name in lora["targets"]:
-        a, b = adapter_names(name)
-        params[name] = lora_forward(frozen[name], adapters[a], adapters[b], s)[0]
+
+    def merge(names):
+        for name in names:
+            a, b = adapter_names(name)
+            params[name] = lora_forward(frozen[name], adapters[a], adapters[b], s)[0]
+
+    for_each_split(merge, {name: frozen[name] for name in lora["targets"]}, workers=workers)
     return params
 
 
-def adapter_grads(grads, adapters, lora):
-    """The adapters' gradients from the model's gradients of the merged matrices (the adapters' backward)."""
+def adapter_grads(grads, adapters, lora, workers=None):
+    """The adapters' gradients from the model's gradients of the merged matrices (the adapters' backward),
+    in `workers` groups of targets as merged_params."""
     s = scale_of(lora)
     out = {}
-    for name in lora["targets"]:
-        a, b = adapter_names(name)
-        g = lora_backward(grads[name], (adapters[a], adapters[b], s))
-        out[a], out[b] = g["A"], g["B"]
-    return out
+
+    def backward(names):
+        for name in names:
+            a, b = adapter_names(name)
+            g = lora_backward(grads[name], (adapters[a], adapters[b], s))
+            out[a], out[b] = g["A"], g["B"]
+
+    for_each_split(backward, {name: grads[name] for name in lora["targets"]}, workers=workers)
+    return {k: out[k] for a_b in map(adapter_names, lora["targets"]) for k in a_b}     # in model order
 
 
 def check_lora_meta(lora, shapes, where):

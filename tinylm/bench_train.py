@@ -212,12 +212,12 @@ def print_time_to_loss(rows, target):
         * r["paired_ms"] / 1e3
     print(f"\ntime to validation loss {target} (training seconds; evaluations not counted):")
     print(f"{'run':<16}{'schedule':>9}{'steps':>7}{'val loss':>10}{'seconds':>9}{'ms/step':>9}{'paired':>8}"
-          f"{'opt.':>7}{'seconds at paired':>19}{'PyTorch ÷ this':>16}{'AdamW ÷ this':>14}")
+          f"{'opt.':>8}{'seconds at paired':>19}{'PyTorch ÷ this':>16}{'AdamW ÷ this':>14}")
     for r in rows:
         reached = "reached_step" in r
         print(f"{r['name']:<16}{r['max_iters']:>9}{(r['reached_step'] if reached else '-'):>7}{r['val_loss']:>10.4f}"
               f"{measured(r):>9.1f}{1e3 * r['train_s'] / max(r['step'], 1):>9.1f}{r['paired_ms']:>8.1f}"
-              f"{r['paired_opt_ms'] / r['paired_ms']:>7.0%}{paired(r):>19.1f}"
+              f"{r['paired_opt_ms'] / r['paired_ms']:>8.1%}{paired(r):>19.1f}"
               f"{ratio(r, by_name.get('PyTorch AdamW'), paired):>16}{ratio(r, by_name.get('tinylm AdamW'), paired):>14}")
     missing = [r["name"] for r in rows if "reached_step" not in r]
     if missing:

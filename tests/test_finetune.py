@@ -95,29 +95,6 @@ def test_bpe_base_has_no_unknown_characters(shakespeare_head, tmp_path):
     run_ft(str(tmp_path / "bpe" / "ckpt.npz"), tmp_path / "ft", data=str(data), unknown_chars="error")
 
 
-def test_adapters_merged_and_differentiated_on_threads_give_what_one_thread_gives():
-    """At the CPU recipe's width the targets are dealt to two threads (each writing its own entries):
-    every merged matrix and every adapter gradient is the one a single thread computes, to the bit,
-    and the merge is W + s·B A."""
-    params = M.init_params(M.GPTConfig(n_layer=2, n_embd=128), seed=3)
-    lora = {"rank": 16, "alpha": 8.0, "targets": AD.block_matrix_names(params), "init": "lora"}
-    frozen, adapters = AD.init_adapters(params, lora)
-    rng = np.random.default_rng(4)
-    adapters = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapters.items()}   # B ≠ 0
-    grads = {k: rng.standard_normal(params[k].shape).astype(np.float32) for k in lora["targets"]}
-    one, two = (AD.merged_params(frozen, adapters, lora, workers=w) for w in (1, 2))
-    g_one, g_two = (AD.adapter_grads(grads, adapters, lora, workers=w) for w in (1, 2))
-    assert list(g_one) == list(g_two) == [k for t in lora["targets"] for k in AD.adapter_names(t)]
-    for k in params:
-        assert np.array_equal(one[k], two[k]), k
-    for k in g_one:
-        assert np.array_equal(g_one[k], g_two[k]), k
-    name = lora["targets"][-1]
-    a, b = AD.adapter_names(name)
-    np.testing.assert_allclose(two[name], frozen[name] + 0.5 * adapters[b] @ adapters[a], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(g_two[a], 0.5 * adapters[b].T @ grads[name], rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("init", ["lora", "pissa"])
 def test_adapters_start_from_the_base_function_and_train_only_a_and_b(base, tmp_path, init):
     src = load_checkpoint(base)

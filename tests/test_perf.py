@@ -240,9 +240,11 @@ def test_attention_in_row_blocks_gives_the_same_numbers_and_zeros_above_the_bloc
 def test_parallel_split_helpers():
     groups = parallel.split_by_size(list("abcde"), [5, 4, 3, 2, 1], 2)
     assert sorted(sum(groups, [])) == list("abcde") and len(groups) == 2
-    seen = []
-    parallel.for_each_split(seen.extend, {k: np.zeros(40_000) for k in "abc"}, workers=2)
-    assert sorted(seen) == list("abc")
+    for size, calls in ((40_000, 2), (4_000, 1)):        # 40 small arrays: one call, on this thread
+        seen, groups = [], []
+        arrays = {f"p{i}": np.zeros(size) for i in range(3 if size > 10_000 else 40)}
+        parallel.for_each_split(lambda names: (seen.extend(names), groups.append(names)), arrays, workers=2)
+        assert sorted(seen) == sorted(arrays) and len(groups) == calls, (size, groups)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -201,14 +201,18 @@ def split_by_size(names, sizes, parts):
     return [g for g in groups if g]
 
 
-def for_each_split(fn, arrays, min_size=1 << 16, workers=None):
+def for_each_split(fn, arrays, min_size=1 << 16, min_mean=1 << 14, workers=None):
     """fn(names) over the keys of the dict `arrays`, split into one group per core when the arrays hold at
-    least min_size numbers in all (element-wise updates release the GIL, so the groups run at once);
-    one call in this thread otherwise. fn must touch only its own names."""
+    least min_size numbers in all and min_mean each on average (element-wise updates release the GIL, so
+    the groups run at once); one call in this thread otherwise. fn must touch only its own names.
+
+    The mean matters because each NumPy call holds the GIL for its overhead: AdamW on the model's 27
+    parameters (30,000 numbers each on average) took 1.13 ms on two threads against 1.26 on one, but on
+    LoRA's 32 adapters at R = 16 (4,000 each) 0.94 ms against 0.40."""
     names = list(arrays)
     sizes = [arrays[n].size for n in names]
     workers = workers or usable_cores()
-    if workers < 2 or sum(sizes) < min_size:
+    if workers < 2 or sum(sizes) < min_size or sum(sizes) < min_mean * len(sizes):
         fn(names)
         return
     run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])

@@ -358,12 +358,13 @@ def test_quick_bench_prints_every_target_and_the_sampling_ratio_from_its_own_row
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     rows = {m[1]: tuple(map(float, m.groups()[1:])) for m in re.finditer(
-        r"^  (dense|whitened 50%)\s+([\d.]+) tokens/s\s+([\d.]+) tokens/s\s+([\d.]+) ms/step$", out, re.M)}
+        r"^  (dense|whitened 50%)\s+([\d.]+) tokens/s\s+([\d.]+) tokens/s\s+([\d.]+) tokens/s\s+([\d.]+) ms/step$",
+        out, re.M)}
     assert set(rows) == {"dense", "whitened 50%"}, out
-    target = re.search(r"^target: sampling >= 1.3x dense: ([\d.]+)x with 3 side by side .*?, ([\d.]+)x for one "
-                       r"sequence; training step >= 1.2x faster: ([\d.]+)x$", out, re.M)
+    target = re.search(r"^target: sampling >= 1.3x dense: ([\d.]+)x for one sequence, ([\d.]+)x with 3 side by side "
+                       r".*?, ([\d.]+)x with 10; training step >= 1.2x faster: ([\d.]+)x$", out, re.M)
     assert target, out
-    (d1, d3, dms), (c1, c3, cms) = rows["dense"], rows["whitened 50%"]
-    for shown, ratio in zip(map(float, target.groups()), (c3 / d3, c1 / d1, dms / cms)):
+    (d1, d3, d10, dms), (c1, c3, c10, cms) = rows["dense"], rows["whitened 50%"]
+    for shown, ratio in zip(map(float, target.groups()), (c1 / d1, c3 / d3, c10 / d10, dms / cms)):
         assert abs(shown - ratio) < 0.01 + 0.01 * ratio
     assert out.count("target: ") == 5 and "memory (tracemalloc" in out

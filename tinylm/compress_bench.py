@@ -2,8 +2,8 @@
 
     quality   validation loss of the dense model and of the plain-SVD, whitened and whitened + refit models at
               50% and 25% of the blocks' linear parameters (--params), and the time each compression took
-    speed     tokens/s sampling with the KV cache (one sequence, and three side by side as sample.py draws its
-              default three samples) and milliseconds per training step (the trainer's threaded
+    speed     tokens/s sampling with the KV cache (one sequence, and 3 and 10 side by side as sample.py draws
+              its --num_samples) and milliseconds per training step (the trainer's threaded
               step and AdamW), dense against whitened at 50%, alternated in this one process (A B A B …), medians
     memory    peak bytes NumPy allocated while compressing (tracemalloc) against one layer's calibration inputs
 
@@ -57,27 +57,26 @@ def alternate(fns, rounds):
     return times
 
 
-def speed(models, config, rounds=7, tokens=512, batch_size=12, seed=0, rows=3):
-    """{name: (sampling tokens/s of one sequence, of `rows` side by side, training ms/step)}, each the median
-    of `rounds` alternated runs. `rows` = 3 is sample.py's default --num_samples, which it draws side by side."""
+def speed(models, config, rounds=7, tokens=512, batch_size=12, seed=0, rows=(3, 10)):
+    """{name: ([sampling tokens/s of one sequence, then of each count in `rows` side by side], training ms/step)},
+    each the median of `rounds` alternated runs. sample.py draws its --num_samples side by side (3 by default;
+    nanoGPT's sample.py draws 10)."""
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, config.vocab_size, size=config.block_size // 2)
     greedy = lambda logits: int(np.argmax(logits))
 
-    def sampler(params):
-        def run():
+    def sampler(params, n):
+        def one():
             for _ in M.generate(params, config, prompt, tokens, greedy):
                 pass
-        return run
 
-    def side_by_side(params):
-        def run():
-            for _ in M.generate_rows(params, config, prompt, rows, tokens, lambda z: np.argmax(z, axis=1)):
+        def side_by_side():
+            for _ in M.generate_rows(params, config, prompt, n, tokens, lambda z: np.argmax(z, axis=1)):
                 pass
-        return run
+        return one if n == 1 else side_by_side
+    counts = (1, *rows)
     with blas_threads(1):                                    # as sample.py decodes
-        samplers = {(name, how): make(p) for name, p in models.items()
-                    for how, make in (("one", sampler), ("rows", side_by_side))}
+        samplers = {(name, n): sampler(p, n) for name, p in models.items() for n in counts}
         alternate(samplers, 1)                               # warm-up
         sampling = alternate(samplers, rounds)
     x = rng.integers(0, config.vocab_size, size=(batch_size, config.block_size))
@@ -94,9 +93,8 @@ def speed(models, config, rounds=7, tokens=512, batch_size=12, seed=0, rows=3):
     steppers = {name: stepper(p) for name, p in models.items()}
     alternate(steppers, 3)
     training = alternate(steppers, rounds * 5)
-    return {name: (tokens / float(np.median(sampling[name, "one"])),
-                   rows * tokens / float(np.median(sampling[name, "rows"])), 1e3 * float(np.median(training[name])))
-            for name in models}
+    return {name: ([n * tokens / float(np.median(sampling[name, n])) for n in counts],
+                   1e3 * float(np.median(training[name]))) for name in models}
 
 
 def memory(ckpt, calib):
@@ -163,14 +161,15 @@ def main(argv=None):
         tokens = 64 if a.quick else 512
         s = speed({"dense": ckpt["params"], "whitened 50%": compressed}, config, rounds, tokens)
         print(f"\nspeed, {rounds} alternated rounds, medians (sampling {tokens} tokens a sequence with the KV cache, one "
-              f"BLAS thread: one sequence, and 3 side by side as sample.py draws its default 3 samples; training: the "
+              f"BLAS thread: one sequence, and 3 and 10 side by side as sample.py draws --num_samples; training: the "
               f"trainer's threaded step + AdamW, batch 12×{config.block_size}, {rounds * 5} rounds)")
-        print(f"  {'':<14}{'one sequence':>15}{'3 side by side':>18}{'training':>14}")
-        for name, (one, rows, ms) in s.items():
-            print(f"  {name:<14}{one:>8.0f} tokens/s{rows:>11.0f} tokens/s{ms:>8.2f} ms/step")
-        (d_one, d_rows, d_ms), (c_one, c_rows, c_ms) = s["dense"], s["whitened 50%"]
-        print(f"target: sampling >= 1.3x dense: {c_rows / d_rows:.2f}x with 3 side by side (sample.py's default), "
-              f"{c_one / d_one:.2f}x for one sequence; training step >= 1.2x faster: {d_ms / c_ms:.2f}x")
+        print(f"  {'':<14}{'one sequence':>15}{'3 side by side':>18}{'10 side by side':>18}{'training':>14}")
+        for name, (tps, ms) in s.items():
+            print(f"  {name:<14}" + "".join(f"{v:>8.0f} tokens/s" + " " * 3 for v in tps) + f"{ms:>5.2f} ms/step")
+        (d_tps, d_ms), (c_tps, c_ms) = s["dense"], s["whitened 50%"]
+        one, three, ten = (c / d for c, d in zip(c_tps, d_tps))
+        print(f"target: sampling >= 1.3x dense: {one:.2f}x for one sequence, {three:.2f}x with 3 side by side "
+              f"(sample.py's default), {ten:.2f}x with 10; training step >= 1.2x faster: {d_ms / c_ms:.2f}x")
 
         mem = {k: v / 2**20 for k, v in memory(ckpt, calib).items()}
         print(f"\nmemory (tracemalloc peaks while compressing): whitened {mem['whitened']:.1f} MiB, whitened + refit "

@@ -95,6 +95,29 @@ def test_bpe_base_has_no_unknown_characters(shakespeare_head, tmp_path):
     run_ft(str(tmp_path / "bpe" / "ckpt.npz"), tmp_path / "ft", data=str(data), unknown_chars="error")
 
 
+def test_training_runs_the_adapters_unmerged_with_the_merged_models_loss_and_gradients():
+    """adapter_params (x Wᵀ + (x Aᵀ)(s·B)ᵀ, what a training step runs) and merged_params (W + s·B A) give the
+    same loss and the same dA, dB (float64), and the unmerged backward gives the frozen targets no gradient."""
+    config = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
+    params = M.init_params(config, seed=5, dtype=np.float64)
+    lora = {"rank": 3, "alpha": 6.0, "targets": AD.block_matrix_names(params)[1:], "init": "pissa"}
+    frozen, adapters = AD.init_adapters(params, lora)
+    rng = np.random.default_rng(6)
+    adapters = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in adapters.items()}
+    idx, targets = rng.integers(0, 11, size=(2, 2, 8))
+    merged = AD.merged_params(frozen, adapters, lora)
+    loss_m, grads_m = M.loss_and_grads(merged, config, idx, targets)
+    unmerged = AD.adapter_params(frozen, adapters, lora)
+    loss_u, grads_u = M.loss_and_grads(unmerged, config, idx, targets)
+    assert abs(loss_m - loss_u) < 1e-12
+    assert not set(lora["targets"]) & set(grads_u)                       # no dW for a frozen matrix
+    assert AD.block_matrix_names(params)[0] in grads_u                   # an untargeted one keeps its own
+    want, got = AD.adapter_grads(grads_m, adapters, lora), AD.adapter_grads_unmerged(grads_u, lora)
+    assert set(got) == set(adapters)
+    for k in adapters:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("init", ["lora", "pissa"])
 def test_adapters_start_from_the_base_function_and_train_only_a_and_b(base, tmp_path, init):
     src = load_checkpoint(base)

@@ -130,6 +130,15 @@ def layer_checks(seed=0):
     record("lora adapter", check_function(
         lambda W, A, B: lora_forward(W, A, B, 0.7), lambda d, c: lora_backward(d, c),
         {"W": randn(6, C), "A": randn(3, C), "B": randn(6, 3)}))
+    from .adapters import lora_linear_backward, lora_linear_forward
+    frozen_W = randn(6, C)
+
+    def lora_linear_back(d, c):
+        dx, g = lora_linear_backward(d, c)
+        return {"x": dx, "A": g["lora_A"], "B": g["lora_B"], "b": g["b"]}
+    record("lora linear, W fixed", check_function(
+        lambda x, A, B, b: lora_linear_forward(x, frozen_W, A, B, b), lora_linear_back,
+        {"x": randn(B, T, C), "A": randn(3, C), "B": randn(6, 3), "b": randn(6)}))
 
     targets = rng.integers(0, V, size=(B, T))
     record("cross_entropy", check_function(
@@ -172,7 +181,7 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
 
 def adapter_check(config, init="pissa", seed=0, max_entries=None):
     """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix). Returns [(name, error)]."""
-    from .adapters import adapter_grads, block_matrix_names, init_adapters, merged_params
+    from .adapters import adapter_grads_unmerged, adapter_params, block_matrix_names, init_adapters
     rng = np.random.default_rng(seed)
     params = M.init_params(config, seed=seed, dtype=np.float64)
     for k in params:
@@ -184,9 +193,8 @@ def adapter_check(config, init="pissa", seed=0, max_entries=None):
     T = config.block_size
     idx = rng.integers(0, config.vocab_size, size=(2, T))
     targets = rng.integers(0, config.vocab_size, size=(2, T))
-    run = lambda: M.forward(merged_params(frozen, adapters, lora), config, idx, targets)
-    merged = merged_params(frozen, adapters, lora)
-    grads = adapter_grads(M.backward(merged, config, run()[2]), adapters, lora)
+    run = lambda: M.forward(adapter_params(frozen, adapters, lora), config, idx, targets)    # as training runs it
+    grads = adapter_grads_unmerged(M.backward(adapter_params(frozen, adapters, lora), config, run()[2]), lora)
     return [(name, compare(grads[name], numerical_gradient(lambda: run()[1], a, max_entries=max_entries, rng=rng)))
             for name, a in adapters.items()]
 

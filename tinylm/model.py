@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from . import layers as L
+from .adapters import lora_linear_backward, lora_linear_forward
 from .errors import TinyLMError
 from .lowrank import lowrank_backward, lowrank_forward
 
@@ -140,16 +141,25 @@ def with_input(linear_cache, x):
 
 def linear_by_name(params, name, x):
     """The linear layer `name` (e.g. transformer.h.0.mlp.c_fc) on x: y = x Wᵀ + b with W = name.weight, or
-    y = (x Bᵀ) Aᵀ + b when params hold its factors name.weight_A, name.weight_B instead (lowrank.py)."""
-    A = params.get(name + ".weight_A")
-    if A is None:
-        return L.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
-    return lowrank_forward(x, A, params[name + ".weight_B"], params.get(name + ".bias"))
+    y = (x Bᵀ) Aᵀ + b when params hold its factors name.weight_A, name.weight_B instead (lowrank.py), or
+    y = x Wᵀ + (x Aᵀ) Bᵀ + b, W frozen, when they hold an adapter name.lora_A, name.lora_B (adapters.py)."""
+    A, bias = params.get(name + ".weight_A"), params.get(name + ".bias")
+    if A is not None:
+        return lowrank_forward(x, A, params[name + ".weight_B"], bias)
+    if name + ".lora_A" in params:
+        return lora_linear_forward(x, params[name + ".weight"], params[name + ".lora_A"], params[name + ".lora_B"],
+                                   bias)
+    return L.linear_forward(x, params[name + ".weight"], bias)
 
 
 def linear_backward_by_name(params, name, dy, cache):
-    """The backward of linear_by_name(params, name, ·): (dx, {"W", "b"}) dense, (dx, {"A", "B", "b"}) factorized."""
-    return (lowrank_backward if name + ".weight_A" in params else L.linear_backward)(dy, cache)
+    """The backward of linear_by_name(params, name, ·): (dx, {"W", "b"}) dense, (dx, {"A", "B", "b"}) factorized,
+    (dx, {"lora_A", "lora_B", "b"}) with an adapter (its W frozen: no dW)."""
+    if name + ".weight_A" in params:
+        return lowrank_backward(dy, cache)
+    if name + ".lora_A" in params:
+        return lora_linear_backward(dy, cache)
+    return L.linear_backward(dy, cache)
 
 
 def recomputed_input(linear_cache, ln_cache):
@@ -227,12 +237,15 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
 
 def backward(params, config, cache, dloss=1.0):
     """Gradients of dloss × the mean cross-entropy loss for every parameter: a dict with the keys (and shapes)
-    of params. (dloss is this loss's weight in a sum of losses; 1 gives its own gradient.)"""
+    of params, but for the frozen weight under an adapter, which has none. (dloss is this loss's weight in a
+    sum of losses; 1 gives its own gradient.)"""
     grads = {}
 
     def put(prefix, g):
         if "A" in g:                                   # a factorized layer (lowrank.py)
             grads[prefix + ".weight_A"], grads[prefix + ".weight_B"] = g["A"], g["B"]
+        elif "lora_A" in g:                            # an adapter on a frozen weight (adapters.py)
+            grads[prefix + ".lora_A"], grads[prefix + ".lora_B"] = g["lora_A"], g["lora_B"]
         else:
             grads[prefix + ".weight"] = g.get("W", g.get("w"))
         if "b" in g:
@@ -278,7 +291,7 @@ def backward(params, config, cache, dloss=1.0):
     g = L.embedding_backward(dx, cache["emb"])
     grads["transformer.wte.weight"] = g["wte"] + dwte_head
     grads["transformer.wpe.weight"] = g["wpe"]
-    return {k: grads[k] for k in params}
+    return {k: grads[k] for k in params if k in grads}
 
 
 def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.0):

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from . import distributed
 from . import finetune
 from . import model as M
-from .adapters import adapter_grads, merged_params
+from .adapters import adapter_grads_unmerged, adapter_params, merged_params
 from .atomic import atomic_write, remove_stale_temp_files
 from .bpe import train_bpe
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -470,6 +470,8 @@ def _train(a, explicit, log, dist, root):
     lora, adapters = state.get("lora"), state.get("adapters")
     trained = params if lora is None else adapters       # what the optimizer steps
     run_params = (lambda: params) if lora is None else (lambda: adapter_step(merged_params, params, adapters, lora))
+    # a training step runs the adapters unmerged: the frozen matrices then get no gradient (adapters.py)
+    step_params = (lambda: params) if lora is None else (lambda: adapter_params(params, adapters, lora))
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
     best_path = os.path.join(a.out_dir, "best.npz")
     metrics_path = os.path.join(a.out_dir, "metrics.jsonl")
@@ -557,10 +559,10 @@ def _train(a, explicit, log, dist, root):
                           if a.track_spectra and root and next_is_eval else None)
                 t_step = time.perf_counter()
                 x, y = get_batch(splits["train"], config.block_size, a.batch_size, batch_rng)
-                loss, grads = (dist.loss_and_grads(run_params(), config, x, y, dropout_rng, stop.signum, is_eval) if dist
-                               else M.loss_and_grads_parallel(run_params(), config, x, y, train=True, rng=dropout_rng))
+                loss, grads = (dist.loss_and_grads(step_params(), config, x, y, dropout_rng, stop.signum, is_eval) if dist
+                               else M.loss_and_grads_parallel(step_params(), config, x, y, train=True, rng=dropout_rng))
                 if lora is not None:
-                    grads = adapter_step(adapter_grads, grads, adapters, lora)   # dW of each merged matrix -> dA, dB
+                    grads = adapter_grads_unmerged(grads, lora)        # d(s·B) -> dB, and only the adapters
                 norm = global_norm(grads)
                 if not (np.isfinite(loss) and np.isfinite(norm)):
                     raise TinyLMError(f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "

@@ -116,6 +116,12 @@ def test_training_runs_the_adapters_unmerged_with_the_merged_models_loss_and_gra
     assert set(got) == set(adapters)
     for k in adapters:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+    traces = [], []                           # the one-token decoder folds an unmerged adapter in, too
+    for p, trace in zip((merged, unmerged), traces):
+        list(M.generate(p, config, [1, 2], 12, lambda z: int(np.argmax(z)), trace=trace))
+    for (ctx_m, logits_m), (ctx_u, logits_u) in zip(*traces):
+        assert ctx_m == ctx_u
+        np.testing.assert_allclose(logits_u, logits_m, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("init", ["lora", "pissa"])

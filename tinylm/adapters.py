@@ -8,7 +8,9 @@ Two ways to run it, the same function:
   and what sampling and evaluation run on.
 - unmerged (`lora_linear_forward`, `adapter_params`): the layer itself is y = x Wᵀ + (x Aᵀ)(s·B)ᵀ, and
   its backward gives dA and dB from thin products and no dW at all: W is frozen, so the step skips
-  the gradient of every frozen matrix (a fifth of the CPU recipe's step). What training runs on.
+  the gradient of every target matrix (a fifth of the CPU recipe's step with every block matrix a
+  target; the embeddings', layer norms' and untargeted matrices' gradients are still computed, and
+  dropped). What training runs on.
 
 Two starting points (`init_adapter`):
 - 'lora': A uniform in ±1/√in, B = 0, so W' = W at step 0 and the update starts in a random subspace.
@@ -197,7 +199,7 @@ def adapter_params(frozen, adapters, lora):
     params = dict(frozen)
     for name in lora["targets"]:
         a, b = adapter_names(name)
-        params[a], params[b] = adapters[a], adapters[b] if s == 1.0 else s * adapters[b]
+        params[a], params[b] = adapters[a], (adapters[b] if s == 1.0 else s * adapters[b])
     return params
 
 
@@ -207,7 +209,7 @@ def adapter_grads_unmerged(grads, lora):
     out = {}
     for name in lora["targets"]:
         a, b = adapter_names(name)
-        out[a], out[b] = grads[a], grads[b] if s == 1.0 else s * grads[b]
+        out[a], out[b] = grads[a], (grads[b] if s == 1.0 else s * grads[b])
     return out
 
 

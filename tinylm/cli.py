@@ -118,7 +118,8 @@ def sample_parser():
                          "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
-                    "is shown as it is written, the others when it ends")
+                    "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "
+                    "the one --num_samples 1 draws)")
     ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
     ap.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 or less is refused)")

@@ -180,7 +180,9 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
 
 
 def adapter_check(config, init="pissa", seed=0, max_entries=None):
-    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix). Returns [(name, error)]."""
+    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix), through the unmerged
+    layers training runs (the merged form is checked as a layer, and held equal to this one in
+    tests/test_finetune.py). Returns [(name, error)]."""
     from .adapters import adapter_grads_unmerged, adapter_params, block_matrix_names, init_adapters
     rng = np.random.default_rng(seed)
     params = M.init_params(config, seed=seed, dtype=np.float64)

@@ -291,7 +291,8 @@ def backward(params, config, cache, dloss=1.0):
     g = L.embedding_backward(dx, cache["emb"])
     grads["transformer.wte.weight"] = g["wte"] + dwte_head
     grads["transformer.wpe.weight"] = g["wpe"]
-    return {k: grads[k] for k in params if k in grads}
+    frozen = {k[:-len(".lora_A")] + ".weight" for k in params if k.endswith(".lora_A")}
+    return {k: grads[k] for k in params if k not in frozen}
 
 
 def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.0):
@@ -450,7 +451,10 @@ def decoding_weights(params, config):
         σ B b)ᵀ + σ c of the dense form."""
         c = get(name + ".bias")
         if name + ".weight_A" not in P:
-            W = P[name + ".weight"] if scale is None else scale * P[name + ".weight"]
+            W = P[name + ".weight"]
+            if name + ".lora_A" in P:                   # an unmerged adapter (adapters.py): fold it in
+                W = W + P[name + ".lora_B"] @ P[name + ".lora_A"]
+            W = W if scale is None else scale * W
             return fold(ln, W, c) if ln else with_bias(W, c)
         A, B = P[name + ".weight_A"], P[name + ".weight_B"]
         first = fold(ln, B, None) if ln else with_bias(B, None)
@@ -713,8 +717,9 @@ def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_c
     drawn by pick_next(logits (rows, V)) -> (rows,) ints.
 
     The sequences stay the same length, so they share one KV cache with a row each, its refills and
-    decode_rows: a step's NumPy calls are paid once for all rows, and each row's products are the
-    ones generate() would make for it alone (the tests hold them to that). If trace is a list,
+    decode_rows: a step's NumPy calls are paid once for all rows, and each row gets the numbers
+    generate() gives it alone, up to float rounding (BLAS may sum a many-row product in another order;
+    the tests hold them to 1e-10 in float64). If trace is a list,
     (contexts (rows, t), logits (rows, V)) is appended per step. One BLAS thread, as for generate().
     """
     prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)

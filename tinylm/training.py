@@ -470,7 +470,7 @@ def _train(a, explicit, log, dist, root):
     lora, adapters = state.get("lora"), state.get("adapters")
     trained = params if lora is None else adapters       # what the optimizer steps
     run_params = (lambda: params) if lora is None else (lambda: adapter_step(merged_params, params, adapters, lora))
-    # a training step runs the adapters unmerged: the frozen matrices then get no gradient (adapters.py)
+    # a training step runs the adapters unmerged: the target matrices then get no dW (adapters.py)
     step_params = (lambda: params) if lora is None else (lambda: adapter_params(params, adapters, lora))
     ckpt_path = os.path.join(a.out_dir, "ckpt.npz")
     best_path = os.path.join(a.out_dir, "best.npz")

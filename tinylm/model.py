@@ -521,46 +521,59 @@ def decode_next(dw, kv, token):
     if buf is None:
         buf = kv["decode"] = decoding_buffers(kv, kv["k"].dtype)
     sums_of, x, xa, sums = buf["sums_of"], buf["x"], buf["xa"], buf["sums"]
-    qkv, q, new_kv, y, y_heads, f, g, g_out, out = (buf["qkv"], buf["q"], buf["kv"], buf["y"], buf["y_heads"],
-                                                   buf["f"], buf["g"], buf["g_out"], buf["out"])
     C = x.size
     eps, inv_C = dw["eps"], 1.0 / C
     np.add(dw["wte"][token], dw["wpe"][pos], out=x)              # the residual stream, inside xa = [x, σ]
-    c1, c0 = L.GELU_SCALE * L.GELU_CUBIC, L.GELU_SCALE
 
-    def set_sigma():
-        """σ = √(var x + ε) of the residual x, from one product giving Σx and Σx²; stored next to x in xa."""
+    def inverse_sigma():
+        """1/σ, σ = √(var x + ε) of the residual x, from one product giving Σx and Σx²; σ stored next to x in xa."""
         s1, s2 = np.dot(sums_of, x, out=sums).tolist()
         mean = s1 * inv_C
         xa[C] = sigma = math.sqrt(max(s2 * inv_C - mean * mean, 0.0) + eps)
-        return sigma
+        return 1.0 / sigma
 
+    return decode_blocks(dw, kv, buf, inverse_sigma)
+
+
+def decode_blocks(dw, kv, buf, inverse_sigma):
+    """The blocks and the head for the position kv["len"], whose embedding is in buf["x"]: logits (V,) or (B, V).
+
+    The loop of decode_next and decode_rows, on their buffers (decoding_buffers or decoding_buffers_rows:
+    one vector, or a row per sequence; the indexing counts from the last axes, so it serves both).
+    inverse_sigma() stores σ of the residual next to it in buf["xa"] and returns 1/σ (a float, or a (B, 1)
+    column): the layer norm, whose gain, shift and centring decoding_weights folded into the next matrix.
+    """
+    x, xa, qkv, q, new_kv, y, y_heads, f, g, g_out, out = (buf[k] for k in (
+        "x", "xa", "qkv", "q", "kv", "y", "y_heads", "f", "g", "g_out", "out"))
+    pos = kv["len"]
+    n = pos + 1
+    c1, c0 = L.GELU_SCALE * L.GELU_CUBIC, L.GELU_SCALE
     for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
-        sigma = set_sigma()
+        inv = inverse_sigma()                                  # first: the product reads σ from xa
         matvec_into(xa, W_attn, qkv)
-        qkv *= 1.0 / sigma                                      # q (already × 1/√D), k, v
-        KV[:, :, pos] = new_kv                                  # append this position's key and value
-        s = np.matmul(q, Kt[:, :, :n])                          # (H, 1, n) scores against every cached key
-        s -= np.maximum.reduce(s, axis=2, keepdims=True)
+        qkv *= inv                                             # q (already × 1/√D), k, v
+        KV[..., pos, :] = new_kv                               # append this position's key and value
+        s = np.matmul(q, Kt[..., :n])                          # (…, H, 1, n) scores against every cached key
+        s -= np.maximum.reduce(s, axis=-1, keepdims=True)
         np.exp(s, out=s)
-        s /= np.add.reduce(s, axis=2, keepdims=True)            # softmax: no mask, all n keys are visible
-        np.matmul(s, V[:, :n], out=y_heads)                     # heads side by side in y: (H,1,D) -> (C,)
-        x += matvec_into(y, W_o, out)                            # y ends in 1: c_proj's bias included
-        sigma = set_sigma()
+        s /= np.add.reduce(s, axis=-1, keepdims=True)          # softmax: no mask, all n keys are visible
+        np.matmul(s, V[..., :n, :], out=y_heads)               # heads side by side in y: (…, H, 1, D) -> (…, C)
+        x += matvec_into(y, W_o, out)                           # y ends in 1: c_proj's bias included
+        inv = inverse_sigma()
         matvec_into(xa, W_fc, f)
-        f *= 1.0 / sigma
-        np.multiply(f, f, out=g_out)                            # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
+        f *= inv
+        np.multiply(f, f, out=g_out)                           # 2·gelu(f) = f (1 + tanh(√(2/π)(f + 0.044715 f³)))
         g_out *= c1
         g_out += c0
         g_out *= f
         np.tanh(g_out, out=g_out)
         g_out += 1.0
         g_out *= f
-        x += matvec_into(g, W_p, out)                            # W_p carries GELU's ½; g ends in 1: bias
+        x += matvec_into(g, W_p, out)                           # W_p carries GELU's ½; g ends in 1: bias
     kv["len"] = n
-    sigma = set_sigma()
+    inv = inverse_sigma()
     logits = np.dot(xa, dw["head"])
-    logits *= 1.0 / sigma
+    logits *= inv
     return logits
 
 
@@ -598,48 +611,19 @@ def decode_rows(dw, kv, tokens):
     buf = kv.get("decode_rows")
     if buf is None:
         buf = kv["decode_rows"] = decoding_buffers_rows(kv, kv["k"].dtype)
-    xa, x, sigma, squares, ones = buf["xa"], buf["x"], buf["sigma"], buf["squares"], buf["ones"]
-    qkv, q, new_kv, y, y_heads, f, g, g_out, out = (buf["qkv"], buf["q"], buf["kv"], buf["y"], buf["y_heads"],
-                                                   buf["f"], buf["g"], buf["g_out"], buf["out"])
+    x, sigma, squares, ones = buf["x"], buf["sigma"], buf["squares"], buf["ones"]
     eps, inv_C = dw["eps"], 1.0 / x.shape[1]
     np.add(dw["wte"][tokens], dw["wpe"][pos], out=x)
-    c1, c0 = L.GELU_SCALE * L.GELU_CUBIC, L.GELU_SCALE
 
-    def set_sigma():
-        """σ = √(var x + ε) of each row of x, from two products (Σx, Σx²), stored next to it in xa; returns
-        1/σ, (B, 1). The few numbers per row are Python floats, as in decode_next: cheaper than more calls."""
+    def inverse_sigma():
+        """1/σ, (B, 1), σ = √(var x + ε) of each row of x from two products (Σx, Σx²), stored next to it in xa.
+        The few numbers per row are Python floats, as in decode_next: cheaper than more calls."""
         np.multiply(x, x, out=squares)
         sigma[:, 0] = [math.sqrt(max(s2 * inv_C - (s1 * inv_C) ** 2, 0.0) + eps)
                        for s1, s2 in zip(np.dot(x, ones).tolist(), np.dot(squares, ones).tolist())]
         return np.reciprocal(sigma)
 
-    for (W_attn, W_o, W_fc, W_p), (KV, Kt, V) in zip(dw["layers"], buf["layers"]):
-        inv_sigma = set_sigma()
-        matvec_into(xa, W_attn, qkv)
-        qkv *= inv_sigma
-        KV[:, :, :, pos] = new_kv                               # (B, 2, H, D): each row's key and value
-        s = np.matmul(q, Kt[..., :n])                           # (B, H, 1, n)
-        s -= np.maximum.reduce(s, axis=3, keepdims=True)
-        np.exp(s, out=s)
-        s /= np.add.reduce(s, axis=3, keepdims=True)
-        np.matmul(s, V[:, :, :n], out=y_heads)
-        x += matvec_into(y, W_o, out)
-        inv_sigma = set_sigma()
-        matvec_into(xa, W_fc, f)
-        f *= inv_sigma
-        np.multiply(f, f, out=g_out)                            # 2·gelu(f), as in decode_next
-        g_out *= c1
-        g_out += c0
-        g_out *= f
-        np.tanh(g_out, out=g_out)
-        g_out += 1.0
-        g_out *= f
-        x += matvec_into(g, W_p, out)
-    kv["len"] = n
-    inv_sigma = set_sigma()
-    logits = np.dot(xa, dw["head"])
-    logits *= inv_sigma
-    return logits
+    return decode_blocks(dw, kv, buf, inverse_sigma)
 
 
 def trace_forward(params, config, idx):

@@ -212,7 +212,8 @@ def for_each_split(fn, arrays, min_size=1 << 16, min_mean=1 << 14, workers=None)
     names = list(arrays)
     sizes = [arrays[n].size for n in names]
     workers = workers or usable_cores()
-    if workers < 2 or sum(sizes) < min_size or sum(sizes) < min_mean * len(sizes):
+    total = sum(sizes)
+    if workers < 2 or total < min_size or total < min_mean * len(sizes):
         fn(names)
         return
     run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])

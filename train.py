@@ -1,7 +1,7 @@
 """Train tinylm on a text file. `python train.py --help` lists the flags."""
 import sys
 
-from tinylm.cli import train_main
+from tinylm.cli.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -21,7 +21,7 @@ from tinylm.analysis.circuits import head_circuits  # noqa: E402
 from tinylm.analysis.lowrank import rank_sweep  # noqa: E402
 from tinylm.analysis.weight_spectra import init_like  # noqa: E402
 from tinylm.analysis.weights import head_weights  # noqa: E402
-from tinylm.checkpoint import load_checkpoint  # noqa: E402
+from tinylm.io.checkpoint import load_checkpoint  # noqa: E402
 
 DPI = 80
 NAMES = ("1_vectors", "2_matrices", "3_linear_maps", "4_inner_products", "5_orthogonality", "6_linear_systems", "7_svd")
@@ -48,7 +48,7 @@ ARCH_ROWS = (
 
 
 def architecture_figure(config, folder, plt):
-    """Part 0's diagram: the forward of tinylm/reference.py as boxes and arrows, the shape of every array beside it."""
+    """Part 0's diagram: the forward of tinylm/core/gpt2.py as boxes and arrows, the shape of every array beside it."""
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
     n = len(ARCH_ROWS)
     fig, ax = plt.subplots(figsize=(7.6, 8.6))
@@ -85,7 +85,7 @@ def architecture_figure(config, folder, plt):
     D = config.n_embd // config.n_head
     ax.text(0.3, -0.9, f"B sequences, T ≤ {config.block_size} tokens each;  C = {config.n_embd},  H = {config.n_head} heads of "
             f"D = C/H = {D},  V = {config.vocab_size},  L = {config.n_layer}.\nRed: the shape of the result; grey: the "
-            "weights (out, in); blue: the residual stream x, written and added to.  Code: tinylm/reference.py.", fontsize=7.5, va="center", color="0.2")
+            "weights (out, in); blue: the residual stream x, written and added to.  Code: tinylm/core/gpt2.py.", fontsize=7.5, va="center", color="0.2")
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "0_architecture.png"), dpi=DPI)
     plt.close(fig)

@@ -13,7 +13,7 @@ from tinylm.analysis.report import SECTIONS
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """A tiny model trained for a few seconds with --track_spectra on a slice of Tiny Shakespeare."""
-    from tinylm.training import TrainArgs, train
+    from tinylm.train.loop import TrainArgs, train
     root = tmp_path_factory.mktemp("analyze")
     data = root / "text.txt"
     with open(SHAKESPEARE, encoding="utf-8") as f:

@@ -7,10 +7,10 @@ import pytest
 from conftest import SHAKESPEARE
 
 from tinylm.analysis import scale
-from tinylm.analysis.cli import DEFAULT_SECTIONS, analyze_main
-from tinylm.bpe import train_bpe
-from tinylm.hf import export_hf
-from tinylm.model import GPTConfig, init_params
+from tinylm.cli.analyze import DEFAULT_SECTIONS, analyze_main
+from tinylm.text.bpe import train_bpe
+from tinylm.io.hf import export_hf
+from tinylm.core.gpt2 import GPTConfig, init_params
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +79,9 @@ def test_big_model_rules_and_a_config_json_path(gpt2_folder, capsys, monkeypatch
     monkeypatch.setattr(scale, "BIG_MODEL", 0)        # the 2-layer model counts as big: fewer windows, fractions
     monkeypatch.setattr(scale, "BIG_EVAL_SEQS", 3)
     monkeypatch.setattr(scale, "BIG_LOWRANK_SEQS", 2)
-    import tinylm.analysis.cli as cli
+    import tinylm.cli.analyze as cli
     args = cli.analyze_parser().parse_args([str(folder / "config.json"), "--data", str(data), "--no-progress"])
-    from tinylm.hf import load_any
+    from tinylm.io.hf import load_any
     res = cli.run_analysis(load_any(folder), cli.checkpoint_path(args.checkpoint), ["probes", "lowrank"], args)
     assert res["eval"]["n_windows"] == 3 and res["eval"]["big_model"]
     assert res["probes"]["n_tokens"] == 3 * 256 and res["lowrank"]["n_tokens"] == 2 * 256

@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from tinylm import model as M
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
 from tinylm.analysis import circuits, embeddings, hessian, linalg, lowrank, probes, tracking, weights
 
 
 @pytest.fixture(scope="module")
 def small():
-    config = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8)
-    return config, M.init_params(config, seed=3, dtype=np.float64)
+    config = G.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8)
+    return config, G.init_params(config, seed=3, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- weights and circuits
@@ -60,8 +61,8 @@ def test_circuits_match_the_formed_products(small):
 
 
 def test_an_identity_ov_circuit_copies():
-    config = M.GPTConfig(block_size=4, vocab_size=6, n_layer=1, n_head=1, n_embd=4)
-    params = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=4, vocab_size=6, n_layer=1, n_head=1, n_embd=4)
+    params = G.init_params(config, seed=0, dtype=np.float64)
     C = 4
     params["transformer.h.0.attn.c_attn.weight"][2 * C:] = np.eye(C)       # W_V = I
     params["transformer.h.0.attn.c_proj.weight"][:] = np.eye(C)            # W_O = I
@@ -86,15 +87,15 @@ def test_previous_token_and_induction_scores_on_hand_built_patterns():
     ind = circuits.induction_scores(att, L)
     assert prev[0] == 1 and prev[2] < 0.5 and prev[1] == pytest.approx(np.mean([1 / (t + 1) for t in range(1, T)]))
     assert ind[2] == 1 and ind[0] < 0.3
-    idx, period = circuits.repeated_random_tokens(M.GPTConfig(block_size=10, vocab_size=7), n_seq=3)
+    idx, period = circuits.repeated_random_tokens(G.GPTConfig(block_size=10, vocab_size=7), n_seq=3)
     assert period == 5 and np.array_equal(idx[:, :5], idx[:, 5:])
 
 
 def test_planted_previous_token_head_is_detected():
     """A head whose query is position t and key position t-1 (through the position embeddings) attends back one step."""
     T, C = 8, 16
-    config = M.GPTConfig(block_size=T, vocab_size=5, n_layer=1, n_head=1, n_embd=C)
-    params = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=T, vocab_size=5, n_layer=1, n_head=1, n_embd=C)
+    params = G.init_params(config, seed=0, dtype=np.float64)
     params["transformer.wte.weight"][:] = 0
     wpe = np.zeros((T, C))
     wpe[np.arange(T), np.arange(T)] = 1.0          # position t is basis vector e_t (LN keeps it distinct)
@@ -124,8 +125,8 @@ def test_case_analogy_finds_a_planted_case_direction():
 
 
 def test_head_subspace_overlap_is_one_for_shared_and_zero_for_orthogonal_heads():
-    config = M.GPTConfig(block_size=4, vocab_size=5, n_layer=1, n_head=2, n_embd=4)
-    params = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=4, vocab_size=5, n_layer=1, n_head=2, n_embd=4)
+    params = G.init_params(config, seed=0, dtype=np.float64)
     W = np.zeros((12, 4))
     W[8:10, 0:2] = np.eye(2)      # head 0 reads e0, e1
     W[10:12, 2:4] = np.eye(2)     # head 1 reads e2, e3

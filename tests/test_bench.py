@@ -1,4 +1,4 @@
-"""`python -m tinylm.bench --quick` runs and prints sane numbers. Its speed is never checked."""
+"""`python -m benchmarks.bench --quick` runs and prints sane numbers. Its speed is never checked."""
 import os
 import re
 import subprocess
@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_paired_mfu_compares_each_round_with_the_machine_of_its_time():
-    from tinylm.bench import paired_mfu
+    from benchmarks.bench import paired_mfu
     # 4 GFLOP a step; round 1 at 40 ms against readings of 200 and 180 GFLOP/s: 100 GFLOP/s ÷ 200 = 50%;
     # round 2 on a host slowed to half (80 ms, readings 180 then 100): 50 ÷ 180 = 27.8%, and the same
     # slowdown on both sides (readings 100 and 100) would give 50% again
@@ -20,7 +20,7 @@ def test_paired_mfu_compares_each_round_with_the_machine_of_its_time():
 
 def test_quick_bench_prints_a_sane_table():
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tinylm.bench", "--quick"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -50,8 +50,8 @@ def test_quick_bench_prints_a_sane_table():
 
 
 def test_time_to_loss_quick_runs_both_optimizers_and_reports_steps_to_the_target():
-    """The time-to-quality bench (tinylm/bench_train.py) drives its workers to the target and prints a row each."""
-    proc = subprocess.run([sys.executable, "-m", "tinylm.bench", "--time-to-loss", "3.9", "--quick", "--no-torch",
+    """The time-to-quality bench (benchmarks/bench_train.py) drives its workers to the target and prints a row each."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--time-to-loss", "3.9", "--quick", "--no-torch",
                            "--optimizer-share"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr

@@ -7,14 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.bpe import (
-    END_OF_TEXT,
-    BPETokenizer,
-    base_vocab,
-    bytes_to_unicode,
-    pretokenize,
-    train_bpe,
-)
+from tinylm.text.bpe import END_OF_TEXT, BPETokenizer, base_vocab, bytes_to_unicode, pretokenize, train_bpe
 from tinylm.errors import TinyLMError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

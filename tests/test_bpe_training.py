@@ -2,8 +2,8 @@
 import os
 
 from conftest import run_script
-from tinylm.bpe import BPETokenizer
-from tinylm.checkpoint import load_checkpoint
+from tinylm.text.bpe import BPETokenizer
+from tinylm.io.checkpoint import load_checkpoint
 
 
 def test_train_with_bpe_then_sample_any_unicode_prompt(shakespeare_head, tmp_path):

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from tinylm import compress as C
-from tinylm.checkpoint import load_checkpoint
+from tinylm.lowrank import compress as C
+from tinylm.io.checkpoint import load_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.lowrank import dense_params, ranks_of
-from tinylm.model import GPTConfig, forward, init_params
+from tinylm.lowrank.factorized import dense_params, ranks_of
+from tinylm.fast.model import forward
+from tinylm.core.gpt2 import GPTConfig, init_params
 
 
 def run_module(module, *args):
@@ -203,7 +204,7 @@ def test_sample_analyze_export_read_the_compressed_model(compressed, tmp_path):
     assert proc.returncode == 0 and "factorized layers analysed as their products" in proc.stdout, proc.stderr
     proc = run_module("tinylm.export", compressed["path"], tmp_path / "hf")
     assert proc.returncode == 0 and "dense products" in proc.stdout, proc.stderr
-    from tinylm.hf import load_any
+    from tinylm.io.hf import load_any
     back = load_any(str(tmp_path / "hf"), dtype=np.float64)
     ck = load_checkpoint(compressed["path"])
     dense = dense_params(ck["params"])
@@ -351,10 +352,10 @@ def test_checkpoint_with_wrong_lowrank_metadata_is_refused(compressed, tmp_path,
 
 
 def test_quick_bench_prints_every_target_and_the_sampling_ratio_from_its_own_rows(trained_dir):
-    """`python -m tinylm.compress_bench --quick` runs on a trained model; its speeds are never checked, only that
+    """`python -m benchmarks.compress_bench --quick` runs on a trained model; its speeds are never checked, only that
     the target line's ratios are the table's."""
     import re
-    proc = run_module("tinylm.compress_bench", os.path.join(trained_dir["dir"], "ckpt.npz"), "--quick")
+    proc = run_module("benchmarks.compress_bench", os.path.join(trained_dir["dir"], "ckpt.npz"), "--quick")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     rows = {m[1]: tuple(map(float, m.groups()[1:])) for m in re.finditer(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from tinylm.distributed import find_mpiexec
+from tinylm.train.distributed import find_mpiexec
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "8",
         "--eval_iters", "2", "--sample_tokens", "0", "--progress", "false", "--learning_rate", "3e-3",
@@ -58,7 +58,7 @@ def metrics(out_dir):
 
 
 def checkpoint(out_dir):
-    from tinylm.checkpoint import load_checkpoint
+    from tinylm.io.checkpoint import load_checkpoint
     return load_checkpoint(os.path.join(out_dir, "ckpt.npz"))
 
 
@@ -72,7 +72,7 @@ def error_lines(proc):
 def test_training_never_imports_mpi4py(shakespeare_head, tmp_path):
     """One process, no launcher: training runs and mpi4py is never imported (nor needed)."""
     code = ("import sys\n"
-            "from tinylm.cli import train_main\n"
+            "from tinylm.cli.train import train_main\n"
             f"rc = train_main({['--data', shakespeare_head, '--out_dir', str(tmp_path / 'out'), '--max_iters', '2'] + TINY!r})\n"
             "assert rc == 0, rc\n"
             "print('mpi4py' in sys.modules, 'mpi4py.MPI' in sys.modules)\n")
@@ -100,7 +100,7 @@ def test_mpiexec_without_the_extra_is_one_line_and_writes_nothing(shakespeare_he
 
 
 def test_the_launchers_variables_give_size_and_rank():
-    from tinylm.distributed import launched_rank, launched_size
+    from tinylm.train.distributed import launched_rank, launched_size
     assert launched_size({}) == 1 and launched_rank({}) == 0
     assert launched_size({"PMI_SIZE": "4"}) == 4 and launched_rank({"PMI_RANK": "3"}) == 3
     assert launched_size({"OMPI_COMM_WORLD_SIZE": "2"}) == 2 and launched_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1
@@ -343,8 +343,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_saving(mpiexec, shakespeare_
 
 
 def test_quick_mpi_bench_prints_both_sides_and_the_allreduce_share(mpiexec):
-    """`python -m tinylm.bench_mpi --quick` runs; its speed is never checked."""
-    proc = subprocess.run([sys.executable, "-m", "tinylm.bench_mpi", "--quick", "--runs", "1"], cwd=ROOT,
+    """`python -m benchmarks.bench_mpi --quick` runs; its speed is never checked."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_mpi", "--quick", "--runs", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

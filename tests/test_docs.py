@@ -51,7 +51,7 @@ def test_python_snippet_runs(i, workdir, monkeypatch, capsys):
 
 def test_analyze_commands_run(workdir, monkeypatch, capsys):
     pytest.importorskip("matplotlib")        # one of them draws the poster
-    from tinylm.analysis.cli import analyze_main
+    from tinylm.cli.analyze import analyze_main
     commands = [c for c in SH_COMMANDS if c.startswith("python analyze.py")]
     assert len(commands) >= 4
     monkeypatch.chdir(workdir)
@@ -91,23 +91,27 @@ def test_make_figures_writes_every_figure_the_tour_shows_into_its_own_folder(wor
     assert {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)} == before
 
 
-def test_part_0_opens_the_tour_and_points_at_the_lines_of_the_reference_model():
+def test_part_0_opens_the_tour_and_points_at_the_lines_of_the_core_model():
     text = tour()
     heads = re.findall(r"^## (\d) ", text, re.M)
     assert heads[:8] == [str(n) for n in range(8)], heads
     part0 = text.split("## 0 What the model computes", 1)[1].split("## 1 ", 1)[0]
     assert "```python" in part0 and "figures/0_architecture.png" in part0
-    with open(os.path.join(ROOT, "tinylm", "reference.py"), encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    links = re.findall(r"\[lines? (\d+)(?:–(\d+))?\]\(\.\./tinylm/reference\.py#L(\d+)\)", part0)
-    assert len(links) >= 5
-    for first, last, anchor in links:
-        assert first == anchor and int(last or first) <= len(lines), (first, last, anchor)
-    # Each equation of the forward is linked at the line that holds it (if reference.py moves, so must the tour).
-    for code in ('["transformer.wpe.weight"][:T]', 'ln_1.weight', 'np.split(linear(x', '/ np.sqrt(D) + mask',
-                 'ln_2.weight', 'transformer.ln_f.weight', 'logp = logits - logits.max'):
-        n = next(i + 1 for i, line in enumerate(lines) if code in line)
-        assert n in {int(a) for _, _, a in links}, (code, n)
+    lines = {}
+    for name in ("gpt2", "layers"):
+        with open(os.path.join(ROOT, "tinylm", "core", name + ".py"), encoding="utf-8") as f:
+            lines[name] = f.read().splitlines()
+    links = re.findall(r"\[lines? (\d+)(?:–(\d+))?\]\(\.\./tinylm/core/(gpt2|layers)\.py#L(\d+)\)", part0)
+    assert len(links) >= 6
+    for first, last, name, anchor in links:
+        assert first == anchor and int(last or first) <= len(lines[name]), (first, last, anchor)
+    # Each equation of the model is linked at the line that holds it (if core moves, so must the tour).
+    for name, code in (("gpt2", "L.embedding_forward(idx"), ("gpt2", "block_forward(P, config, block_prefix(i), x)"),
+                       ("gpt2", 'h, c["ln_1"] = layernorm'), ("gpt2", 'h, c["ln_2"] = layernorm'),
+                       ("gpt2", 'cache["ln_f"] = layernorm'), ("gpt2", "def backward("), ("gpt2", "def block_backward("),
+                       ("layers", "scores = np.where(future"), ("layers", "logp = z - np.log")):
+        n = next(i + 1 for i, line in enumerate(lines[name]) if code in line)
+        assert (name, n) in {(f, int(a)) for _, _, f, a in links}, (code, n)
 
 
 GLOSSARY = os.path.join(ROOT, "docs", "glossary.md")

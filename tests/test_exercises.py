@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from conftest import ROOT, check_markdown_links
-from tinylm.exercises import EXERCISES, main
+from tinylm.exercises.grader import EXERCISES, main
 
-SOLUTIONS = os.path.join(ROOT, "docs", "exercises", "solutions")
-STARTERS = os.path.join(ROOT, "docs", "exercises", "starters")
-DOC = os.path.join(ROOT, "docs", "exercises.md")
+SOLUTIONS = os.path.join(ROOT, "tinylm", "exercises", "solutions")
+STARTERS = os.path.join(ROOT, "tinylm", "exercises", "starters")
+DOC = os.path.join(ROOT, "tinylm", "exercises", "README.md")
 
 
 def solution(n):

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from tinylm import adapters as AD
-from tinylm import model as M
-from tinylm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinylm.lowrank import adapters as AD
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
+from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.training import TrainArgs, train
+from tinylm.train.loop import TrainArgs, train
 
 KJV = os.path.join(ROOT, "tinylm", "data", "kjv_genesis_exodus.txt")
 quiet = lambda *a: None
@@ -75,7 +77,7 @@ def test_unknown_characters_error_names_them_and_counts_drop_and_replace_work(ba
     msg = str(e.value)
     assert "'é' (3)" in msg and "--unknown_chars" in msg and "803 character(s) of 3 kind(s)" in msg
     assert not os.path.exists(tmp_path / "a" / "ckpt.npz")
-    from tinylm.finetune import encode_for_vocabulary
+    from tinylm.train.finetune import encode_for_vocabulary
     tok = load_checkpoint(base)["tokenizer"]
     dropped = encode_for_vocabulary(str(data), "strict", tok, "drop", log=quiet)
     assert tok.decode(dropped) == text.replace("(", "").replace(")", "").replace("é", "")
@@ -98,8 +100,8 @@ def test_bpe_base_has_no_unknown_characters(shakespeare_head, tmp_path):
 def test_training_runs_the_adapters_unmerged_with_the_merged_models_loss_and_gradients():
     """adapter_params (x Wᵀ + (x Aᵀ)(s·B)ᵀ, what a training step runs) and merged_params (W + s·B A) give the
     same loss and the same dA, dB (float64), and the unmerged backward gives the frozen targets no gradient."""
-    config = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
-    params = M.init_params(config, seed=5, dtype=np.float64)
+    config = G.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
+    params = G.init_params(config, seed=5, dtype=np.float64)
     lora = {"rank": 3, "alpha": 6.0, "targets": AD.block_matrix_names(params)[1:], "init": "pissa"}
     frozen, adapters = AD.init_adapters(params, lora)
     rng = np.random.default_rng(6)
@@ -118,7 +120,7 @@ def test_training_runs_the_adapters_unmerged_with_the_merged_models_loss_and_gra
         np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
     traces = [], []                           # the one-token decoder folds an unmerged adapter in, too
     for p, trace in zip((merged, unmerged), traces):
-        list(M.generate(p, config, [1, 2], 12, lambda z: int(np.argmax(z)), trace=trace))
+        list(D.generate(p, config, [1, 2], 12, lambda z: int(np.argmax(z)), trace=trace))
     for (ctx_m, logits_m), (ctx_u, logits_u) in zip(*traces):
         assert ctx_m == ctx_u
         np.testing.assert_allclose(logits_u, logits_m, rtol=1e-9, atol=1e-12)
@@ -186,15 +188,15 @@ def test_lora_run_resumes_bit_for_bit(base, tmp_path):
 
 
 def test_adapters_hold_under_five_percent_at_rank_4():
-    config = M.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
-    shapes = M.param_shapes(config)
+    config = G.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
+    shapes = G.param_shapes(config)
     lora = {"rank": 4, "alpha": 0.0, "targets": AD.resolve_targets("all", shapes), "init": "lora"}
     assert len(lora["targets"]) == 16
-    assert AD.count_adapter_params(lora, shapes) / M.count_params(config) < 0.05
+    assert AD.count_adapter_params(lora, shapes) / G.count_params(config) < 0.05
 
 
 def test_targets_resolve_by_kind_and_by_name():
-    shapes = M.param_shapes(M.GPTConfig(block_size=8, vocab_size=5, n_layer=2, n_head=2, n_embd=8))
+    shapes = G.param_shapes(G.GPTConfig(block_size=8, vocab_size=5, n_layer=2, n_head=2, n_embd=8))
     assert AD.resolve_targets("c_proj", shapes) == [f"transformer.h.{i}.{k}.c_proj.weight" for i in range(2)
                                                     for k in ("attn", "mlp")]
     assert AD.resolve_targets("transformer.h.1.mlp.c_fc.weight", shapes) == ["transformer.h.1.mlp.c_fc.weight"]
@@ -260,7 +262,7 @@ def test_adapter_arrays_must_match_the_base_shapes(base, tmp_path):
 
 
 def test_compare_shows_the_rank_of_each_change(base, tmp_path, capsys):
-    from tinylm.analysis.cli import analyze_main
+    from tinylm.cli.analyze import analyze_main
     from tinylm.analysis.compare import compare_matrix
     rng = np.random.default_rng(0)
     W = rng.standard_normal((20, 12))
@@ -276,8 +278,8 @@ def test_compare_shows_the_rank_of_each_change(base, tmp_path, capsys):
     assert "effective rank" in out and out.count("\n") > 10
     other = tmp_path / "other.npz"
     src = load_checkpoint(base)
-    cfg = M.GPTConfig(**{**src["config"].to_dict(), "n_layer": 1})
-    save_checkpoint(str(other), M.init_params(cfg), cfg, src["tokenizer"])
+    cfg = G.GPTConfig(**{**src["config"].to_dict(), "n_layer": 1})
+    save_checkpoint(str(other), G.init_params(cfg), cfg, src["tokenizer"])
     assert analyze_main([str(tmp_path / "l" / "best.npz"), "--compare", str(other), "--no-progress"]) == 1
     assert "not the same shape" in capsys.readouterr().err
 
@@ -285,14 +287,14 @@ def test_compare_shows_the_rank_of_each_change(base, tmp_path, capsys):
 def test_bench_quick_runs():
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "tinylm.finetune_bench", "--quick"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "benchmarks.finetune_bench", "--quick"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
     assert "PiSSA reaches LoRA's final val loss" in r.stdout and "peak traced memory" in r.stdout
 
 
 def test_finetune_from_a_gpt2_folder(base, tmp_path):
-    from tinylm.hf import export_hf
+    from tinylm.io.hf import export_hf
     export_hf(base, str(tmp_path / "hf"))
     summary = run_ft(str(tmp_path / "hf"), tmp_path / "ft", lora_rank=2, max_iters=3)
     assert summary["step"] == 3 and np.isfinite(summary["best_val_loss"])

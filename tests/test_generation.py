@@ -2,14 +2,16 @@
 import numpy as np
 import pytest
 
-from tinylm import model as M
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
 from tinylm.errors import TinyLMError
-from tinylm.sampling import check_sampling_args, next_token_distribution, sample_next
+from tinylm.core.sampling import check_sampling_args, next_token_distribution, sample_next
 
 
 def small_model(block_size=8):
-    config = M.GPTConfig(block_size=block_size, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
-    params = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=block_size, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
+    params = G.init_params(config, seed=0, dtype=np.float64)
     rng = np.random.default_rng(0)
     for k in params:
         params[k] += 0.2 * rng.standard_normal(params[k].shape)   # sharper than init, so steps differ
@@ -22,8 +24,8 @@ def test_cached_and_uncached_logits_agree_while_context_fits():
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
     trace_c, trace_u = [], []
     n = config.block_size - len(prompt) + 1          # last step's context is exactly block_size
-    toks_c = list(M.generate(params, config, prompt, n, lambda z: int(rng_a.choice(11)), True, trace_c))
-    toks_u = list(M.generate(params, config, prompt, n, lambda z: int(rng_b.choice(11)), False, trace_u))
+    toks_c = list(D.generate(params, config, prompt, n, lambda z: int(rng_a.choice(11)), True, trace_c))
+    toks_u = list(D.generate(params, config, prompt, n, lambda z: int(rng_b.choice(11)), False, trace_u))
     assert toks_c == toks_u
     for (ctx_c, lc), (ctx_u, lu) in zip(trace_c, trace_u):
         assert ctx_c == ctx_u
@@ -34,9 +36,9 @@ def test_every_cached_step_past_the_block_equals_a_forward_over_the_rules_contex
     config, params = small_model(block_size=8)
     rng = np.random.default_rng(1)
     trace = []
-    tokens = list(M.generate(params, config, [4, 5], 40, lambda z: int(rng.choice(11)), True, trace))
+    tokens = list(D.generate(params, config, [4, 5], 40, lambda z: int(rng.choice(11)), True, trace))
     assert len(tokens) == 40
-    window = M.refill_window(config)
+    window = D.refill_window(config)
     full = [4, 5] + tokens
     lengths = []
     for step, (context, logits) in enumerate(trace):
@@ -57,12 +59,12 @@ def test_sequences_drawn_side_by_side_are_each_what_generate_draws_alone(use_cac
     draws = np.random.default_rng(2).integers(0, 11, size=(n, rows))   # each row's tokens, fixed in advance
     steps = iter(draws)
     trace = []
-    together = np.array(list(M.generate_rows(params, config, [4, 5], rows, n, lambda logits: next(steps),
+    together = np.array(list(D.generate_rows(params, config, [4, 5], rows, n, lambda logits: next(steps),
                                              use_cache, trace)))
     assert together.shape == (n, rows) and (together == draws).all()
     for r in range(rows):
         mine, alone = iter(draws[:, r]), []
-        assert list(M.generate(params, config, [4, 5], n, lambda z: int(next(mine)), use_cache, alone)) \
+        assert list(D.generate(params, config, [4, 5], n, lambda z: int(next(mine)), use_cache, alone)) \
             == list(draws[:, r])
         for (contexts, logits), (context, want) in zip(trace, alone):
             assert list(contexts[r]) == list(context)
@@ -70,38 +72,38 @@ def test_sequences_drawn_side_by_side_are_each_what_generate_draws_alone(use_cac
 
 
 def test_decode_rows_is_forward_cached_row_by_row_for_dense_and_factorized_layers():
-    from tinylm.compress import compress_model, ranks_for
+    from tinylm.lowrank.compress import compress_model, ranks_for
     config, params = small_model(block_size=16)
     factorized = compress_model(params, config, ranks_for(config, rank=("int", 3)), "svd", None)[0]
     assert any(k.endswith(".weight_A") for k in factorized)
     idx = np.random.default_rng(3).integers(0, 11, size=(4, 12))
     for p in (params, factorized):
-        want = M.forward_cached(p, config, idx, M.new_kv_cache(config, 4, np.float64))
-        kv = M.new_kv_cache(config, 4, np.float64)
-        M.forward_cached(p, config, idx[:, :5], kv)
-        dw = M.decoding_weights(p, config)
+        want = D.forward_cached(p, config, idx, D.new_kv_cache(config, 4, np.float64))
+        kv = D.new_kv_cache(config, 4, np.float64)
+        D.forward_cached(p, config, idx[:, :5], kv)
+        dw = D.decoding_weights(p, config)
         for t in range(5, 12):
-            np.testing.assert_allclose(M.decode_rows(dw, kv, idx[:, t]), want[:, t], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(D.decode_rows(dw, kv, idx[:, t]), want[:, t], rtol=1e-10, atol=1e-10)
         with pytest.raises(TinyLMError):
             for _ in range(5):                   # 12 + 5 > block_size
-                M.decode_rows(dw, kv, idx[:, 0])
+                D.decode_rows(dw, kv, idx[:, 0])
 
 
 def test_generate_rows_refuses_no_rows_and_an_empty_prompt():
     config, params = small_model()
     with pytest.raises(TinyLMError, match="rows"):
-        next(M.generate_rows(params, config, [1], 0, 5, np.argmax))
+        next(D.generate_rows(params, config, [1], 0, 5, np.argmax))
     with pytest.raises(TinyLMError, match="prompt"):
-        next(M.generate_rows(params, config, [], 2, 5, np.argmax))
+        next(D.generate_rows(params, config, [], 2, 5, np.argmax))
 
 
 def test_cache_beats_recomputation_in_work_not_just_in_tests():
     config, params = small_model(block_size=8)
-    kv = M.new_kv_cache(config, 1, np.float64)
-    M.forward_cached(params, config, np.array([[1, 2, 3]]), kv)
+    kv = D.new_kv_cache(config, 1, np.float64)
+    D.forward_cached(params, config, np.array([[1, 2, 3]]), kv)
     assert kv["len"] == 3
     with pytest.raises(TinyLMError):
-        M.forward_cached(params, config, np.array([[1] * 6]), kv)   # 3 + 6 > block_size
+        D.forward_cached(params, config, np.array([[1] * 6]), kv)   # 3 + 6 > block_size
 
 
 def test_temperature_zero_is_greedy():

@@ -1,8 +1,10 @@
 """Every backward agrees with central finite differences in float64, and the checker itself can fail."""
 import pytest
 
-from tinylm import gradcheck, layers
-from tinylm.model import GPTConfig
+from tinylm.cli import gradcheck
+from tinylm.fast import layers
+from tinylm.core import gpt2 as G
+from tinylm.core.gpt2 import GPTConfig
 
 
 @pytest.mark.parametrize("layer,name,err", gradcheck.layer_checks(seed=0), ids=lambda v: str(v))
@@ -14,7 +16,7 @@ def test_layer_backward_matches_finite_differences(layer, name, err):
 def test_whole_model_gradient_matches_finite_differences(bias, dropout):
     config = GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=dropout, bias=bias)
     results = gradcheck.model_check(config, seed=1, train=dropout > 0)
-    assert len(results) == len(__import__("tinylm.model").model.param_shapes(config))
+    assert len(results) == len(G.param_shapes(config))
     worst = max(results, key=lambda r: r[1])
     assert worst[1] < gradcheck.TOLERANCE, worst
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHAKESPEARE
-from tinylm.bpe import train_bpe
-from tinylm.checkpoint import save_checkpoint
+from tinylm.text.bpe import train_bpe
+from tinylm.io.checkpoint import save_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.hf import export_hf, import_hf, is_transposed, load_any
-from tinylm.model import GPTConfig, forward, init_params
-from tinylm.safetensors import load_file, save_file
-from tinylm.tokenizer import CharTokenizer
+from tinylm.io.hf import export_hf, import_hf, is_transposed, load_any
+from tinylm.fast.model import forward
+from tinylm.core.gpt2 import GPTConfig, init_params
+from tinylm.io.safetensors import load_file, save_file
+from tinylm.text.char import CharTokenizer
 
 TRICKY = ["Hello world", "it's I'm we'll they've", "  two  spaces\n\nand lines\t", "$1,000.50 ?!",
           "naïve café, 東京 🙂", "<|endoftext|>next doc"]

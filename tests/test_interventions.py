@@ -8,16 +8,23 @@ import pytest
 
 from conftest import run_script
 
-from tinylm import model, reference
+from tinylm.fast import model
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
 from tinylm.analysis import interventions as I
+
+
+def reference_forward(params, config, idx, targets=None):
+    """core's forward in float64: (logits, loss)."""
+    return G.forward({k: np.asarray(v, np.float64) for k, v in params.items()}, config, idx, targets)[:2]
 from tinylm.errors import TinyLMError
-from tinylm.model import GPTConfig
+from tinylm.core.gpt2 import GPTConfig
 
 
 def perturbed(config, seed, dtype=np.float64):
     """init_params moved off init (layer-norm gains of 1 and zero biases would hide a dropped term)."""
     rng = np.random.default_rng(seed)
-    params = model.init_params(config, seed=seed, dtype=np.float64)
+    params = G.init_params(config, seed=seed, dtype=np.float64)
     return {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
 
 
@@ -39,7 +46,7 @@ def test_the_forward_without_edits_is_the_model(config):
     logits, loss = I.forward(p64, config, idx, targets)
     np.testing.assert_allclose(logits, fast_logits, rtol=0, atol=1e-10)
     assert abs(loss - fast_loss) < 1e-10
-    np.testing.assert_allclose(logits, reference.forward(p64, config, idx)[0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(logits, reference_forward(p64, config, idx)[0], rtol=0, atol=1e-10)
     p32 = {k: v.astype(np.float32) for k, v in p64.items()}
     logits32, loss32 = I.forward(p32, config, idx, targets)
     assert logits32.dtype == np.float32                       # computed in the parameters' dtype
@@ -69,22 +76,22 @@ def test_ablation_changes_exactly_what_it_should(config):
     idx, targets = tokens(config)
     params = perturbed(config, 4)
     D = config.n_embd // config.n_head
-    dense = reference.forward(params, config, idx, targets)[1]
+    dense = reference_forward(params, config, idx, targets)[1]
     assert I.ablate_heads(params, config, [], "zero", idx, targets) == pytest.approx(dense, abs=1e-12)   # nothing: Δ = 0
     for l in range(config.n_layer):
         # every head of a layer zeroed = no attention branch (with biases: the branch is its c_proj bias only)
         every = [(l, h) for h in range(config.n_head)]
-        no_branch = reference.forward(with_c_proj_columns_zeroed(params, l, slice(None)), config, idx, targets)[1]
+        no_branch = reference_forward(with_c_proj_columns_zeroed(params, l, slice(None)), config, idx, targets)[1]
         assert I.ablate_heads(params, config, every, "zero", idx, targets) == pytest.approx(no_branch, abs=1e-10)
         assert abs(no_branch - dense) > 1e-4                  # so the equality above says something
     l, h = config.n_layer - 1, 1
     cols = slice(h * D, (h + 1) * D)
-    one = reference.forward(with_c_proj_columns_zeroed(params, l, cols), config, idx, targets)[1]
+    one = reference_forward(with_c_proj_columns_zeroed(params, l, cols), config, idx, targets)[1]
     assert I.ablate_heads(params, config, [(l, h)], "zero", idx, targets) == pytest.approx(one, abs=1e-10)
     # mean ablation: the head's columns read a constant m, so W_O m moves into the bias
     _, means = I.dense_run(params, config, idx)
     W_O = params[f"transformer.h.{l}.attn.c_proj.weight"][:, cols]
-    shifted = reference.forward(with_c_proj_columns_zeroed(params, l, cols, W_O @ means[l, h]), config, idx, targets)[1]
+    shifted = reference_forward(with_c_proj_columns_zeroed(params, l, cols, W_O @ means[l, h]), config, idx, targets)[1]
     assert I.ablate_heads(params, config, [(l, h)], "mean", idx, targets) == pytest.approx(shifted, abs=1e-10)
     assert abs(shifted - one) > 1e-6                          # the two modes differ
 
@@ -172,8 +179,8 @@ def test_steering_is_adding_to_the_residual_stream(config):
         assert np.abs(want - plain).max() > 1e-3
         # the fast decoding path (KV cache, folded weights) samples from the same steered model
         cached, full = [], []
-        list(model.generate(steered, config, idx[0, :3], 5, np.argmax, use_cache=True, trace=cached))
-        list(model.generate(steered, config, idx[0, :3], 5, np.argmax, use_cache=False, trace=full))
+        list(D.generate(steered, config, idx[0, :3], 5, np.argmax, use_cache=True, trace=cached))
+        list(D.generate(steered, config, idx[0, :3], 5, np.argmax, use_cache=False, trace=full))
         for (_, a), (_, b) in zip(cached, full):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
     assert all(np.array_equal(v, params[k]) for k, v in I.steer(params, config, d, 1, 0.0).items() if k in params)
@@ -196,7 +203,7 @@ def test_case_direction_is_the_mean_case_offset():
 
 def test_steering_along_the_case_direction_moves_the_case(trained_dir):
     from tinylm.analysis.scale import token_labels
-    from tinylm.hf import load_any
+    from tinylm.io.hf import load_any
     ck = load_any(os.path.join(trained_dir["dir"], "ckpt.npz"))
     params, config, tok = ck["params"], ck["config"], ck["tokenizer"]
     d = I.case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))

@@ -4,8 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from tinylm import layers as L
-from tinylm import model as M
+from tinylm.fast import layers as L
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
 
 
 def test_attention_weights_are_causal_and_rows_sum_to_one():
@@ -28,8 +30,8 @@ def test_layernorm_output_has_zero_mean_unit_variance_before_gain():
 
 
 def test_future_tokens_never_change_earlier_logits():
-    config = M.GPTConfig(block_size=12, vocab_size=10, n_layer=2, n_head=2, n_embd=16, bias=True)
-    params = M.init_params(config, seed=3, dtype=np.float64)
+    config = G.GPTConfig(block_size=12, vocab_size=10, n_layer=2, n_head=2, n_embd=16, bias=True)
+    params = G.init_params(config, seed=3, dtype=np.float64)
     rng = np.random.default_rng(2)
     idx = rng.integers(0, 10, size=(1, 12))
     base, _, _ = M.forward(params, config, idx)
@@ -42,8 +44,8 @@ def test_future_tokens_never_change_earlier_logits():
 
 
 def test_loss_at_initialization_is_close_to_log_vocab():
-    config = M.GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
-    params = M.init_params(config, seed=0)
+    config = G.GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+    params = G.init_params(config, seed=0)
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 65, size=(8, 32))
     _, loss, _ = M.forward(params, config, idx, rng.integers(0, 65, size=(8, 32)))
@@ -51,8 +53,8 @@ def test_loss_at_initialization_is_close_to_log_vocab():
 
 
 def test_parameter_names_and_shapes_are_nanogpts():
-    config = M.GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=32, bias=True)
-    shapes = M.param_shapes(config)
+    config = G.GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=32, bias=True)
+    shapes = G.param_shapes(config)
     assert shapes["transformer.wte.weight"] == (65, 32)
     assert shapes["transformer.wpe.weight"] == (64, 32)
     assert shapes["transformer.h.1.attn.c_attn.weight"] == (96, 32)
@@ -61,23 +63,23 @@ def test_parameter_names_and_shapes_are_nanogpts():
     assert shapes["transformer.h.0.mlp.c_proj.weight"] == (32, 128)
     assert shapes["transformer.h.0.mlp.c_fc.bias"] == (128,)
     assert "lm_head.weight" not in shapes                     # tied: stored once, as wte
-    no_bias = M.param_shapes(M.GPTConfig(n_layer=1, bias=False))
+    no_bias = G.param_shapes(G.GPTConfig(n_layer=1, bias=False))
     assert not any(k.endswith(".bias") for k in no_bias)
 
 
 def test_gpt2_init_statistics():
-    config = M.GPTConfig(block_size=64, vocab_size=500, n_layer=8, n_head=4, n_embd=128, bias=True)
-    p = M.init_params(config, seed=0)
+    config = G.GPTConfig(block_size=64, vocab_size=500, n_layer=8, n_head=4, n_embd=128, bias=True)
+    p = G.init_params(config, seed=0)
     assert abs(p["transformer.wte.weight"].std() - 0.02) < 0.001
     assert abs(p["transformer.h.0.attn.c_proj.weight"].std() - 0.02 / math.sqrt(16)) < 0.0005
     assert np.all(p["transformer.h.0.ln_1.weight"] == 1) and np.all(p["transformer.h.0.mlp.c_fc.bias"] == 0)
     assert p["transformer.wte.weight"].dtype == np.float32
-    assert M.init_params(config, dtype=np.float64)["transformer.wte.weight"].dtype == np.float64
+    assert G.init_params(config, dtype=np.float64)["transformer.wte.weight"].dtype == np.float64
 
 
 def test_float32_and_float64_forward_agree():
-    config = M.GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
-    p64 = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
+    p64 = G.init_params(config, seed=0, dtype=np.float64)
     p32 = {k: v.astype(np.float32) for k, v in p64.items()}
     idx = np.random.default_rng(0).integers(0, 20, size=(2, 16))
     l64, _, _ = M.forward(p64, config, idx)
@@ -87,10 +89,10 @@ def test_float32_and_float64_forward_agree():
 
 
 def test_trace_forward_matches_forward_and_keeps_the_insides():
-    config = M.GPTConfig(block_size=8, vocab_size=10, n_layer=3, n_head=2, n_embd=16, bias=True)
-    params = M.init_params(config, seed=0, dtype=np.float64)
+    config = G.GPTConfig(block_size=8, vocab_size=10, n_layer=3, n_head=2, n_embd=16, bias=True)
+    params = G.init_params(config, seed=0, dtype=np.float64)
     idx = np.random.default_rng(0).integers(0, 10, size=(2, 8))
-    rec = M.trace_forward(params, config, idx)
+    rec = D.trace_forward(params, config, idx)
     logits, _, cache = M.forward(params, config, idx)
     np.testing.assert_allclose(rec["logits"], logits, atol=1e-12)
     assert len(rec["residual"]) == 4 and rec["residual"][0].shape == (2, 8, 16)

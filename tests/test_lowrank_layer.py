@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from tinylm import gradcheck
-from tinylm import lowrank as LR
+from tinylm.cli import gradcheck
+from tinylm.fast import linears as FL
+from tinylm.lowrank import factorized as LR
 from tinylm.errors import TinyLMError
-from tinylm.layers import linear_forward
-from tinylm.model import GPTConfig, param_shapes
+from tinylm.fast.layers import linear_forward
+from tinylm.core.gpt2 import GPTConfig, param_shapes
 
 
 def test_lowrank_gradients_match_finite_differences():
@@ -16,13 +17,13 @@ def test_lowrank_gradients_match_finite_differences():
 
 
 def test_checker_catches_a_wrong_lowrank_backward(monkeypatch):
-    real = LR.lowrank_backward
+    real = FL.lowrank_backward
 
     def wrong(dy, cache):                        # dB without the input: a plausible slip
         dx, g = real(dy, cache)
         g["B"] = g["B"] * 1.01
         return dx, g
-    monkeypatch.setattr(LR, "lowrank_backward", wrong)
+    monkeypatch.setattr(FL, "lowrank_backward", wrong)
     errors = {n: e for l, n, e in gradcheck.layer_checks(seed=3) if l == "lowrank linear"}
     assert errors["B"] > 1e-3
 
@@ -32,7 +33,7 @@ def test_lowrank_equals_dense_product(bias):
     rng = np.random.default_rng(0)
     x, A, B = rng.standard_normal((2, 3, 6)), rng.standard_normal((5, 2)), rng.standard_normal((2, 6))
     b = rng.standard_normal(5) if bias else None
-    y, _ = LR.lowrank_forward(x, A, B, b)
+    y, _ = FL.lowrank_forward(x, A, B, b)
     y_dense, _ = linear_forward(x, A @ B, b)
     assert y.shape == (2, 3, 5)
     np.testing.assert_allclose(y, y_dense, rtol=1e-12, atol=1e-12)
@@ -60,7 +61,9 @@ def test_names_shapes_and_dense_params():
 
 # ----------------------------------------------------------------------------- the model with factorized layers
 
-from tinylm import model as M  # noqa: E402
+from tinylm.fast import model as M  # noqa: E402
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -76,7 +79,7 @@ def test_factorized_model_gradients_match_finite_differences(monkeypatch, recomp
 def factorized_model(bias, seed=0, dtype=np.float64):
     config = GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=8, bias=bias)
     rng = np.random.default_rng(seed)
-    params = M.init_params(config, seed=seed, dtype=dtype)
+    params = G.init_params(config, seed=seed, dtype=dtype)
     for k in params:
         params[k] += (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
     for name, r in gradcheck.FACTORIZED_CHECK.items():
@@ -95,17 +98,17 @@ def test_factorized_model_runs_as_its_dense_product(bias):
     idx = np.random.default_rng(1).integers(0, config.vocab_size, size=(1, 8))
     want = M.forward(dense, config, idx, for_backward=False)[0]
     np.testing.assert_allclose(M.forward(params, config, idx, for_backward=False)[0], want, rtol=1e-10, atol=1e-10)
-    kv = M.new_kv_cache(config, 1, np.float64)
-    np.testing.assert_allclose(M.forward_cached(params, config, idx[:, :3], kv), want[:, :3], rtol=1e-10, atol=1e-10)
-    dw = M.decoding_weights(params, config)
+    kv = D.new_kv_cache(config, 1, np.float64)
+    np.testing.assert_allclose(D.forward_cached(params, config, idx[:, :3], kv), want[:, :3], rtol=1e-10, atol=1e-10)
+    dw = D.decoding_weights(params, config)
     assert isinstance(dw["layers"][0][0], tuple) and not isinstance(dw["layers"][1][0], tuple)
     for t in range(3, 8):
-        np.testing.assert_allclose(M.decode_next(dw, kv, int(idx[0, t])), want[0, t], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(D.decode_next(dw, kv, int(idx[0, t])), want[0, t], rtol=1e-9, atol=1e-9)
 
 
 def test_factorized_generate_cached_equals_uncached():
     config, params = factorized_model(True)
     greedy = lambda logits: int(np.argmax(logits))
-    cached = list(M.generate(params, config, [1, 2], 6, greedy))      # within one block: the same contexts
-    uncached = list(M.generate(params, config, [1, 2], 6, greedy, use_cache=False))
+    cached = list(D.generate(params, config, [1, 2], 6, greedy))      # within one block: the same contexts
+    uncached = list(D.generate(params, config, [1, 2], 6, greedy, use_cache=False))
     assert cached == uncached

@@ -1,25 +1,27 @@
-"""Muon (tinylm/muon.py) in the optimizer and in training: its update, its state in checkpoints, resume, bad input."""
+"""Muon (tinylm/core/muon.py, threaded in tinylm/fast/optim.py) in the optimizer and in training: its update, its state in checkpoints, resume, bad input."""
 import os
 import signal
 
 import numpy as np
 import pytest
 
-import tinylm.muon as muon
+import tinylm.fast.optim as muon
+from tinylm.core import muon as core_muon
 from conftest import run_script
 from test_reliability_process import flags, same_state, start, wait_for_line
-from tinylm import model as M
-from tinylm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
+from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.optim import adamw_init, adamw_step
-from tinylm.tokenizer import CharTokenizer
-from tinylm.training import TrainArgs, train
+from tinylm.core.optim import adamw_init, adamw_step
+from tinylm.text.char import CharTokenizer
+from tinylm.train.loop import TrainArgs, train
 
-CONFIG = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=12)
+CONFIG = G.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=12)
 
 
 def params_and_grads(seed=0):
-    params = M.init_params(CONFIG, seed=seed)
+    params = G.init_params(CONFIG, seed=seed)
     rng = np.random.default_rng(seed + 1)
     grads = {k: rng.standard_normal(p.shape).astype(p.dtype) for k, p in params.items()}
     return params, grads
@@ -31,7 +33,7 @@ def copy(tree):
 
 def test_muon_steps_the_block_matrices_and_adamw_the_rest():
     params, _ = params_and_grads()
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     matrices = set(state["momentum"])
     assert matrices == {k for k in params if k.startswith("transformer.h.") and params[k].ndim == 2}
     assert len(matrices) == 4 * CONFIG.n_layer
@@ -42,7 +44,7 @@ def test_muon_steps_the_block_matrices_and_adamw_the_rest():
 def test_the_applied_update_has_every_singular_value_equal_to_lr_times_the_shape_scale(method):
     params, grads = params_and_grads()
     before = copy(params)
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     muon.muon_step(params, grads, state, lr=1e-3, muon_lr=0.02, method=method, workers=2)
     for k in state["momentum"]:
         rows, cols = params[k].shape
@@ -55,7 +57,7 @@ def test_the_applied_update_has_every_singular_value_equal_to_lr_times_the_shape
 def test_adamw_part_is_exactly_adamw_and_the_momentum_is_nesterovs():
     params, g1 = params_and_grads(seed=3)
     _, g2 = params_and_grads(seed=4)
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     rest = [k for k in params if k not in state["momentum"]]
     ref_params = {k: params[k].copy() for k in rest}
     ref_state = adamw_init(ref_params)
@@ -73,7 +75,7 @@ def test_adamw_part_is_exactly_adamw_and_the_momentum_is_nesterovs():
 def test_update_direction_is_the_polar_factor_of_the_nesterov_momentum():
     params, g1 = params_and_grads(seed=5)
     _, g2 = params_and_grads(seed=6)
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     muon.muon_step(params, g1, state, lr=0.0, muon_lr=0.01, momentum=0.8, method="svd")
     before = copy(params)
     muon.muon_step(params, g2, state, lr=0.0, muon_lr=0.01, momentum=0.8, method="svd")
@@ -87,7 +89,7 @@ def test_update_direction_is_the_polar_factor_of_the_nesterov_momentum():
 def test_newton_schulz_update_is_nearly_flat():
     params, grads = params_and_grads(seed=7)
     before = copy(params)
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     muon.muon_step(params, grads, state, lr=1e-3, muon_lr=0.02, method="newton_schulz", ns_steps=5)
     k = "transformer.h.0.attn.c_attn.weight"
     s = np.linalg.svd((before[k] - params[k]).astype(np.float64), compute_uv=False) / (0.02 * np.sqrt(3))
@@ -95,19 +97,19 @@ def test_newton_schulz_update_is_nearly_flat():
 
 
 def test_factorized_layers_factors_are_block_matrices_too():
-    from tinylm.lowrank import factor_params
-    params = M.init_params(CONFIG, seed=0)
+    from tinylm.lowrank.factorized import factor_params
+    params = G.init_params(CONFIG, seed=0)
     name = "transformer.h.0.mlp.c_fc"
     W = params[name + ".weight"]
     params = factor_params(params, name, W[:, :3].copy(), np.ones((3, W.shape[1]), W.dtype))
-    state = muon.muon_init(params)
+    state = core_muon.muon_init(params)
     assert any(k.endswith(".weight_A") for k in state["momentum"])
     assert any(k.endswith(".weight_B") for k in state["momentum"])
 
 
 def test_a_model_without_block_matrices_is_refused():
     with pytest.raises(ValueError, match="no matrices inside its blocks"):
-        muon.muon_init({"transformer.wte.weight": np.zeros((3, 4))})
+        core_muon.muon_init({"transformer.wte.weight": np.zeros((3, 4))})
 
 
 def small_args(data, out, **kw):
@@ -135,7 +137,7 @@ def test_training_with_muon_learns_and_saves_its_momentum(shakespeare_head, tmp_
 
 
 def test_muon_beats_adamw_at_equal_steps_on_a_small_run(shakespeare_head, tmp_path):
-    """Not the README's measurement (that is tinylm.bench_train's), a guard that Muon is wired in at all."""
+    """Not the README's measurement (that is benchmarks.bench_train's), a guard that Muon is wired in at all."""
     kw = dict(max_iters=80, lr_decay_iters=80, eval_interval=80, eval_iters=10, n_embd=32, n_layer=2)
     adam = train(small_args(shakespeare_head, tmp_path / "a", optimizer="adamw", **kw), log=lambda *a: None)
     mu = train(small_args(shakespeare_head, tmp_path / "m", **kw), log=lambda *a: None)
@@ -214,7 +216,7 @@ def test_bad_muon_settings_are_one_line_and_write_nothing(shakespeare_head, tmp_
 def test_a_nan_update_stops_training_and_keeps_the_last_good_checkpoint(shakespeare_head, tmp_path, monkeypatch):
     train(small_args(shakespeare_head, tmp_path, max_iters=10), log=lambda *a: None)
     good = load_checkpoint(os.path.join(tmp_path, "ckpt.npz"))
-    monkeypatch.setattr(muon, "orthogonalize", lambda u, *a: np.full_like(u, np.nan))
+    monkeypatch.setattr(core_muon, "orthogonalize", lambda u, *a: np.full_like(u, np.nan))
     with pytest.raises(TinyLMError, match="diverged"):
         train(small_args(shakespeare_head, tmp_path, init_from="resume", max_iters=30), explicit={"max_iters"},
               log=lambda *a: None)
@@ -225,8 +227,8 @@ def test_a_nan_update_stops_training_and_keeps_the_last_good_checkpoint(shakespe
 
 
 def test_a_muon_checkpoint_missing_a_momentum_array_is_refused(tmp_path):
-    params = M.init_params(CONFIG, seed=0)
-    state = muon.muon_init(params)
+    params = G.init_params(CONFIG, seed=0)
+    state = core_muon.muon_init(params)
     tok = CharTokenizer("".join(chr(ord("a") + i) for i in range(CONFIG.vocab_size)))
     path = str(tmp_path / "c.npz")
     save_checkpoint(path, params, CONFIG, tok, state, {"step": 1})
@@ -258,7 +260,7 @@ def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_ad
         # the logged update is the real one: σ₁ of Muon's is its learning rate at step 19 (square matrix;
         # min_lr / learning_rate sets where its cosine ends)
         if optimizer == "muon":
-            from tinylm.optim import learning_rate_at
+            from tinylm.core.optim import learning_rate_at
             assert np.isclose(sv[0], learning_rate_at(19, 0.02, 0.02 * 1e-4 / 3e-3, 3, 25), rtol=1e-3)
     assert flat["muon attn"] > 0.99 and flat["muon mlp"] > 0.99, flat       # (float32 Gram: weak directions to ~0.3%)
     assert flat["adamw attn"] < 0.5 and flat["adamw mlp"] < 0.5, flat
@@ -266,7 +268,7 @@ def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_ad
 
 def test_the_report_draws_the_update_spectra(shakespeare_head, tmp_path):
     pytest.importorskip("matplotlib")
-    from tinylm.analysis.cli import analyze_main
+    from tinylm.cli.analyze import analyze_main
     train(small_args(shakespeare_head, tmp_path, track_spectra=True, max_iters=10), log=lambda *a: None)
     assert analyze_main([str(tmp_path / "ckpt.npz"), "--only", "training", "--report", str(tmp_path / "rep"),
                          "--no-progress"]) == 0

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tinylm.optim import adamw_init, adamw_step, clip_by_global_norm, clip_factor, global_norm, learning_rate_at
+from tinylm.core.optim import adamw_init, adamw_step, clip_by_global_norm, clip_factor, global_norm, learning_rate_at
 
 
 @pytest.mark.parametrize("eps", [1e-8, 0.3])      # a large ε too, so that where ε enters is tested

@@ -7,12 +7,17 @@ import sys
 import numpy as np
 import pytest
 
-from tinylm import gradcheck, layers as L, model as M, parallel
+from tinylm.cli import gradcheck
+from tinylm.fast import layers as L
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
+from tinylm.fast import decode as D
+from tinylm.fast import parallel
 
 
 def tiny(bias=True, dropout=0.0, dtype=np.float64, seed=0):
-    config = M.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=bias, dropout=dropout)
-    params = M.init_params(config, seed=seed, dtype=dtype)
+    config = G.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=bias, dropout=dropout)
+    params = G.init_params(config, seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     for k in params:
         params[k] += (0.1 * rng.standard_normal(params[k].shape)).astype(dtype)
@@ -109,18 +114,18 @@ def test_float32_stays_float32_through_the_step():
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_token_decoding_equals_forward_cached(bias):
     config, params = tiny(bias=bias)
-    dw = M.decoding_weights(params, config)
-    kv_fast, kv_plain = M.new_kv_cache(config, 1, np.float64), M.new_kv_cache(config, 1, np.float64)
-    M.forward_cached(params, config, np.array([[3, 1]]), kv_fast)
-    M.forward_cached(params, config, np.array([[3, 1]]), kv_plain)
+    dw = D.decoding_weights(params, config)
+    kv_fast, kv_plain = D.new_kv_cache(config, 1, np.float64), D.new_kv_cache(config, 1, np.float64)
+    D.forward_cached(params, config, np.array([[3, 1]]), kv_fast)
+    D.forward_cached(params, config, np.array([[3, 1]]), kv_plain)
     for token in (4, 0, 10, 7, 2, 9):                  # fills the cache to block_size
-        fast = M.decode_next(dw, kv_fast, token)
-        plain = M.forward_cached(params, config, np.array([[token]]), kv_plain)[0, -1]
+        fast = D.decode_next(dw, kv_fast, token)
+        plain = D.forward_cached(params, config, np.array([[token]]), kv_plain)[0, -1]
         np.testing.assert_allclose(fast, plain, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(kv_fast["k"], kv_plain["k"], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(kv_fast["v"], kv_plain["v"], rtol=1e-12, atol=1e-14)
     with pytest.raises(M.TinyLMError):
-        M.decode_next(dw, kv_fast, 1)                  # the cache is full
+        D.decode_next(dw, kv_fast, 1)                  # the cache is full
 
 
 def test_a_weighted_loss_gives_weighted_gradients():
@@ -137,12 +142,12 @@ def test_a_weighted_loss_gives_weighted_gradients():
 def test_prefill_of_the_last_position_only_gives_its_logits_and_every_key(start, t):
     config, params = tiny()
     tokens = np.random.default_rng(start + t).integers(0, 11, size=(1, start + t))
-    kv_last, kv_all = M.new_kv_cache(config, 1, np.float64), M.new_kv_cache(config, 1, np.float64)
+    kv_last, kv_all = D.new_kv_cache(config, 1, np.float64), D.new_kv_cache(config, 1, np.float64)
     for kv in (kv_last, kv_all):
         if start:
-            M.forward_cached(params, config, tokens[:, :start], kv)
-    last = M.forward_cached(params, config, tokens[:, start:], kv_last, last_only=True)
-    every = M.forward_cached(params, config, tokens[:, start:], kv_all)
+            D.forward_cached(params, config, tokens[:, :start], kv)
+    last = D.forward_cached(params, config, tokens[:, start:], kv_last, last_only=True)
+    every = D.forward_cached(params, config, tokens[:, start:], kv_all)
     assert last.shape == (1, 1, config.vocab_size)
     np.testing.assert_allclose(last, every[:, -1:], rtol=1e-12, atol=1e-12)
     assert kv_last["len"] == kv_all["len"] == start + t
@@ -151,17 +156,17 @@ def test_prefill_of_the_last_position_only_gives_its_logits_and_every_key(start,
 
 def test_one_token_decoding_in_float32_stays_close():
     config, params = tiny(dtype=np.float32)
-    dw = M.decoding_weights(params, config)
-    kv = M.new_kv_cache(config, 1, np.float32)
-    M.forward_cached(params, config, np.array([[3, 1, 4]]), kv)
-    fast = M.decode_next(dw, kv, 5)
+    dw = D.decoding_weights(params, config)
+    kv = D.new_kv_cache(config, 1, np.float32)
+    D.forward_cached(params, config, np.array([[3, 1, 4]]), kv)
+    fast = D.decode_next(dw, kv, 5)
     assert fast.dtype == np.float32
     reference, _, _ = M.forward(params, config, np.array([[3, 1, 4, 5]]))
     np.testing.assert_allclose(fast, reference[0, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_sampling_draw_is_rng_choice():
-    from tinylm.sampling import draw, next_token_distribution
+    from tinylm.core.sampling import draw, next_token_distribution
     gen = np.random.default_rng(9)
     for _ in range(200):
         p = next_token_distribution(gen.standard_normal(65) * 3, 0.8, top_k=int(gen.integers(1, 80)))
@@ -266,7 +271,7 @@ def test_gelu_in_chunks_gives_the_same_numbers(monkeypatch, dtype):
 REUSE_SCRIPT = """
 import resource, sys, threading
 import numpy as np
-from tinylm import parallel
+from tinylm.fast import parallel
 assert parallel.keep_freed_memory(**({} if sys.argv[1] == "default" else {"pad_bytes": int(sys.argv[1])}))
 faults = []
 def work():

@@ -1,8 +1,8 @@
-"""The polar factor three ways (tinylm/polar.py), each held against the others and against its definition."""
+"""The polar factor three ways (tinylm/core/polar.py), each held against the others and against its definition."""
 import numpy as np
 import pytest
 
-from tinylm.polar import METHODS, orthogonalize, polar_eigh, polar_newton_schulz, polar_svd
+from tinylm.core.polar import METHODS, orthogonalize, polar_eigh, polar_newton_schulz, polar_svd
 
 SHAPES = [(384, 128), (128, 384), (128, 128), (512, 128), (7, 3), (3, 7)]
 

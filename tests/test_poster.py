@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
-from tinylm import model as M
+from tinylm.fast import model as M
+from tinylm.core import gpt2 as G
 from tinylm.analysis import poster as P
-from tinylm.analysis.cli import analyze_main
-from tinylm.checkpoint import load_checkpoint
+from tinylm.cli.analyze import analyze_main
+from tinylm.io.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,9 @@ def test_cli_poster_without_matplotlib_is_one_line(trained_dir, tmp_path, monkey
 
 
 def test_matmul_flops_counts_the_products():
-    from tinylm.model import GPTConfig
+    from tinylm.core.gpt2 import GPTConfig
     c = GPTConfig(block_size=4, vocab_size=3, n_layer=1, n_head=1, n_embd=2)
-    f = M.matmul_flops(c, batch_size=5)
+    f = G.matmul_flops(c, batch_size=5)
     # per token: 2·(12·C² + V·C) for the weights, 4·T·C for QKᵀ and AV
     assert f["forward_per_token"] == 2 * (12 * 4 + 6) + 4 * 4 * 2
     assert f["per_step"] == 3 * f["forward_per_token"] * 20

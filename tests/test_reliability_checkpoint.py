@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tinylm import atomic
-from tinylm import checkpoint as C
-from tinylm import model as M
-from tinylm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinylm.cli import train_main
-from tinylm.training import TrainArgs, train
+from tinylm.io import checkpoint as C
+from tinylm.fast import model as M
+from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinylm.cli.train import train_main
+from tinylm.train.loop import TrainArgs, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n" * 40
 
@@ -180,7 +180,7 @@ def test_every_listed_kind_of_bad_file_is_refused_with_one_line(real, tmp_path):
 def test_the_cli_reports_a_strangers_checkpoint_in_one_line(real, tmp_path, capsys):
     path = tmp_path / "bad.npz"
     path.write_bytes(with_meta(real["raw"], lambda m: m.update(version=2)))
-    from tinylm.cli import sample_main
+    from tinylm.cli.sample import sample_main
     assert sample_main(["--checkpoint", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "version 2" in err[0]
@@ -239,7 +239,7 @@ def test_the_named_temp_file_fallback_also_cleans_up(tmp_path, monkeypatch, real
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.npz"]
     (tmp_path / "ckpt.npz.4242.tmp").write_bytes(b"left by a crash")
     (tmp_path / "notes.tmp").write_bytes(b"not ours")
-    from tinylm.training import prepare_out_dir
+    from tinylm.train.loop import prepare_out_dir
     prepare_out_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.npz", "notes.tmp"]
 

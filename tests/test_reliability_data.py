@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import run_script
-from tinylm.cli import sample_main, train_main
-from tinylm.data import load_ids, read_text
+from tinylm.cli.sample import sample_main
+from tinylm.cli.train import train_main
+from tinylm.text.data import load_ids, read_text
 from tinylm.errors import TinyLMError
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "8", "--block_size", "8", "--batch_size", "2",

@@ -1,7 +1,7 @@
 """Never lose a run, shown on the real entry point: SIGKILL at random moments, Ctrl-C, divergence.
 
 Each test runs train.py as a subprocess with a tiny model, as a user would, and then checks what
-is on disk. TINYLM_TEST_SLOW_SAVE (see tinylm/checkpoint.py) makes every save announce itself on
+is on disk. TINYLM_TEST_SLOW_SAVE (see tinylm/io/checkpoint.py) makes every save announce itself on
 stderr and pause between writing the data and renaming it into place, so that a kill can be aimed
 at "while a checkpoint is being written".
 """
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from conftest import ROOT, run_script
-from tinylm.checkpoint import load_checkpoint
+from tinylm.io.checkpoint import load_checkpoint
 
 ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -168,7 +168,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """Belt and braces behind the loss checks: if a weight became inf while the losses stayed finite,
     the save refuses it and the previous checkpoint stays."""
     import pytest
-    from tinylm import training
+    from tinylm.train import loop as training
     from tinylm.errors import TinyLMError
     data = tmp_path / "t.txt"
     data.write_text("abcdefgh ijklmnop\n" * 300)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tinylm.errors import TinyLMError
-from tinylm.safetensors import load_file, save_file
+from tinylm.io.safetensors import load_file, save_file
 
 
 def sample_tensors():

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from tinylm import model as M
-from tinylm.checkpoint import load_checkpoint
+from tinylm.fast import model as M
+from tinylm.io.checkpoint import load_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.training import TrainArgs, train
+from tinylm.train.loop import TrainArgs, train
 
 
 def test_short_run_lowers_the_loss_well_below_uniform(trained_dir):
@@ -22,7 +22,7 @@ def test_short_run_lowers_the_loss_well_below_uniform(trained_dir):
 
 
 def test_checkpoint_round_trip_reproduces_logits_exactly(trained_dir, tmp_path):
-    from tinylm.checkpoint import save_checkpoint
+    from tinylm.io.checkpoint import save_checkpoint
     ckpt = load_checkpoint(os.path.join(trained_dir["dir"], "ckpt.npz"))
     idx = np.random.default_rng(0).integers(0, ckpt["config"].vocab_size, size=(2, ckpt["config"].block_size))
     before, _, _ = M.forward(ckpt["params"], ckpt["config"], idx)

@@ -23,10 +23,11 @@ For GPT-2 (V = 50257, C = 768, D = 64) that is one V·C² product instead of one
 import numpy as np
 from tqdm import tqdm
 
-from . import linalg
-from ..model import block_prefix, trace_forward
-from .scale import MAX_PROMPT, eval_window
-from .weights import head_weights
+from tinylm.analysis import linalg
+from tinylm.core.gpt2 import block_prefix
+from tinylm.fast.decode import trace_forward
+from tinylm.analysis.scale import MAX_PROMPT, eval_window
+from tinylm.analysis.weights import head_weights
 
 # A head whose score exceeds this is named a previous-token / induction head. Uniform attention over t
 # keys gives 1/t, under 0.1 for most positions of a 64-token context; 0.4 asks for a clear majority

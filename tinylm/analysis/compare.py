@@ -11,9 +11,9 @@ For each weight W (base) and W' (fine-tuned), with SVDs W = U Σ Vᵀ and W' = U
 """
 import numpy as np
 
-from .linalg import principal_angles
-from .spectra import _effective_rank_from_sv
-from .weights import weight_matrices
+from tinylm.analysis.linalg import principal_angles
+from tinylm.analysis.spectra import _effective_rank_from_sv
+from tinylm.analysis.weights import weight_matrices
 
 DEFAULT_K = 8
 ENERGY = 0.9

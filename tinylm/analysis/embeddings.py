@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 from tqdm import tqdm
 
-from . import linalg
-from .scale import position_subset
-from .weights import head_weights
+from tinylm.analysis import linalg
+from tinylm.analysis.scale import position_subset
+from tinylm.analysis.weights import head_weights
 
 
 ESCAPES = {"\n": "\\n", " ": "␣", "\t": "\\t", "\r": "\\r"}

@@ -10,9 +10,9 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from . import linalg
-from ..model import loss_and_grads
-from ..optim import learning_rate_at
+from tinylm.analysis import linalg
+from tinylm.fast.model import loss_and_grads
+from tinylm.core.optim import learning_rate_at
 
 
 def flatten(tensors, names):

@@ -10,7 +10,7 @@
   (block l−1 ends in x + c_proj(gelu(..)) + b). So `steer` returns edited parameters, and the fast
   generate() samples from the steered model as from any other.
 
-The forward here is tinylm/reference.py's, cut at the blocks so a run can start at any layer and with
+The forward here is tinylm/core/gpt2.py's, cut at the blocks so a run can start at any layer and with
 the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for speed);
 tests/test_interventions.py holds it equal to model.forward when no edit is given.
 Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
@@ -19,12 +19,27 @@ import re
 
 import numpy as np
 
-from ..errors import TinyLMError
-from ..reference import layer_norm, linear, softmax
+from tinylm.errors import TinyLMError
+from tinylm.core import layers as CL
+from tinylm.core.layers import softmax
+from tinylm.analysis.scale import token_labels
+from tinylm.core.sampling import sample_next
+from tinylm.fast.decode import generate
+from tinylm.fast.parallel import blas_threads
+
+
+def layer_norm(x, w, b=None):
+    """core's layer norm as a plain function: (x − μ)/√(σ² + ε) ⊙ w + b over the last axis."""
+    return CL.layernorm_forward(x, w, b)[0]
+
+
+def linear(x, W, b=None):
+    """core's linear layer as a plain function: x Wᵀ + b."""
+    return CL.linear_forward(x, W, b)[0]
 
 
 def gelu(x):
-    """reference.gelu, written x·x·x (NumPy's x ** 3 is ~50× slower) with Python-float constants (float32 stays float32)."""
+    """core's GELU (tanh form), written x·x·x (NumPy's x ** 3 is ~50× slower) with Python-float constants (float32 stays float32)."""
     return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))   # 0.797… = √(2/π)
 
 
@@ -226,7 +241,6 @@ def steering_direction(spec, params, config, tok):
     """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is)."""
     import os
     if spec == "case":
-        from .scale import token_labels
         d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
         return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
     if spec.endswith(".npy") and os.path.isfile(spec):
@@ -248,9 +262,6 @@ def uppercase_fraction(text):
 
 def sample_texts(params, config, tok, start, n_samples=4, n_tokens=200, seed=0, temperature=0.8, top_k=200):
     """n_samples continuations of start (the new text only), drawn as sample.py draws them (one generator, seeded)."""
-    from ..model import generate
-    from ..parallel import blas_threads
-    from ..sampling import sample_next
     rng = np.random.default_rng(seed)
     pick = lambda logits: sample_next(logits, temperature, top_k, None, rng)
     with blas_threads(1):

@@ -6,8 +6,12 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from ..model import forward, generate
-from .weights import linear_weight_names
+from tinylm.fast.model import forward
+from tinylm.fast.decode import generate
+from tinylm.analysis.weights import linear_weight_names
+from tinylm.core.sampling import sample_next
+from tinylm.fast.parallel import blas_threads
+from tinylm.lowrank import compress as C
 
 # Fractions of each matrix's full rank min(out, in) to try.
 DEFAULT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
@@ -43,14 +47,12 @@ def truncated_params(params, factors, fraction):
 
 def whitened_all(params, config, calib, progress=False):
     """layer name -> (A, B, s), the whitened factors of every rank (compress.whitened_factors), from calibration windows."""
-    from .. import compress as C
     grams = C.collect_grams(params, config, calib, progress)
     return {name: C.whitened_factors(params[name + ".weight"], grams[name]) for name in C.layer_names(config)}
 
 
 def whitened_params(params, config, factors, fraction):
     """params with every block linear layer replaced by its whitened factors of rank ⌈fraction · full rank⌉."""
-    from .. import compress as C
     return C.truncate(params, factors, C.ranks_for(config, ("fraction", fraction)))
 
 
@@ -93,8 +95,6 @@ def lowrank_samples(params, config, prompt, decode, calib=None, fractions=SAMPLE
                     temperature=0.8):
     """Text sampled from the dense model and from its compressed forms at a few rank fractions (plain SVD, and
     whitened when calib is given), each with the same seed.   -> [{"model", "rank_fraction", "text"}]"""
-    from ..parallel import blas_threads
-    from ..sampling import sample_next
     names = linear_weight_names(config)
     models = [("dense", 1.0, params)]
     svd = svd_all(params, names)

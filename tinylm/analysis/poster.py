@@ -10,15 +10,17 @@ import os
 
 import numpy as np
 
-from ..errors import TinyLMError
-from ..model import count_params, matmul_flops
-from .circuits import attention_for_prompt
-from .embeddings import case_analogies, embedding_pca, head_subspace_overlaps, token_label
-from .probes import probe_targets, run_probes
-from .scale import MAX_PROMPT, token_labels
-from .spectra import esd, fit_power_law, singular_values, stable_rank
-from .weight_spectra import init_like
-from .weights import weight_matrices
+from tinylm.errors import TinyLMError
+from tinylm.core.gpt2 import count_params, matmul_flops
+from tinylm.analysis.circuits import attention_for_prompt
+from tinylm.analysis.embeddings import case_analogies, embedding_pca, head_subspace_overlaps, token_label
+from tinylm.analysis.probes import probe_targets, run_probes
+from tinylm.analysis.scale import MAX_PROMPT, token_labels
+from tinylm.analysis.spectra import esd, fit_power_law, singular_values, stable_rank
+from tinylm.analysis.weight_spectra import init_like
+from tinylm.analysis.weights import weight_matrices
+from tinylm.analysis.textdata import fixed_windows, resolve_data_path, validation_ids
+from tinylm.fast.decode import trace_forward
 
 # The seven concepts, in DESIGN.md's order; every panel title starts with one of these.
 CONCEPTS = ("1 vectors", "2 matrices", "3 linear maps", "4 inner products", "5 orthogonality",
@@ -29,7 +31,6 @@ PLOT_HINT = "the poster needs matplotlib: pip install -e '.[plot]'"
 
 
 def _validation_windows(tok, meta, config, data, n_seq):
-    from .textdata import fixed_windows, resolve_data_path, validation_ids
     train_args = meta.get("train_args") or {}
     val = validation_ids(tok, resolve_data_path(meta, data), train_args.get("encoding_errors", "strict"))
     return fixed_windows(val, config.block_size, n_seq, seed=0)
@@ -41,7 +42,6 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     data: the text file for the probe (default: the run's own, its validation split); prompt: the text
     whose attention is drawn; n_seq: validation windows of block_size tokens for the probe.
     """
-    from ..model import trace_forward
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"]
     chars = token_labels(tok, config.vocab_size)
     wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)

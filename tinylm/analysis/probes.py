@@ -2,10 +2,10 @@
 import numpy as np
 from tqdm import tqdm
 
-from . import linalg
-from .. import layers as L
-from ..model import trace_forward
-from .scale import LARGE_VOCAB, LOGIT_LENS_TOKENS, PROBE_CLASSES, frequent_tokens
+from tinylm.analysis import linalg
+from tinylm.fast import layers as L
+from tinylm.fast.decode import trace_forward
+from tinylm.analysis.scale import LARGE_VOCAB, LOGIT_LENS_TOKENS, PROBE_CLASSES, frequent_tokens
 
 VOWELS = set("aeiouAEIOU")
 

@@ -13,7 +13,9 @@ import os
 
 import numpy as np
 
-from ..atomic import atomic_write_text
+from tinylm.atomic import atomic_write_text
+from tinylm.analysis.embeddings import token_label
+from tinylm.analysis.interventions import ABLATION_HEADER, ablation_rows
 
 # Each section: title, the concepts of DESIGN.md's table it demonstrates, and where it is computed.
 SECTIONS = {
@@ -420,7 +422,6 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     fig, axes = plt.subplots(L, H, figsize=(2.6 * H, 2.6 * L), squeeze=False)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=0.96, wspace=0.25, hspace=0.3)
     fig._many_panels = True
-    from .embeddings import token_label
     labels = [_mpl_text(token_label(t)) for t in (prompt_tokens if prompt_tokens is not None else prompt)]
     for i in range(L):
         for j in range(H):
@@ -456,7 +457,6 @@ def embeddings_figures(sec):
         ax = axes[r, 1]
         xy = np.asarray(s["pca_map"])
         ax.scatter(xy[:, 0], xy[:, 1], s=0)
-        from .embeddings import token_label
         for (px, py), ch in zip(xy, s["chars"]):
             ax.text(px, py, _mpl_text(token_label(ch)), fontsize=7, ha="center", va="center",
                     color="C3" if ch.strip().isupper() else ("C0" if ch.strip().isalpha() else "k"))
@@ -695,13 +695,11 @@ def _section_tables(name, sec, results):
                 + _table(["head", "copying score (W_U W_OV W_E)", "copying score (W_OV)", "σ₁(W_QK)", "σ₁(W_OV)",
                           "prev-token", "induction"], rows))
     if name == "ablation":
-        from .interventions import ABLATION_HEADER, ablation_rows
         out = f"<p>{e(ablation_title(sec, results))}.</p>" + _table(ABLATION_HEADER, ablation_rows(sec))
         if sec.get("init"):
             out += "<p>At initialization:</p>" + _table(ABLATION_HEADER, ablation_rows(sec["init"]))
         return out
     if name == "embeddings":
-        from .embeddings import token_label
         an = sec["analogies"]
         out = (f"<p>{sec['pca_components_for_90pct']} principal components hold 90% of the variance of the token embeddings.</p>")
         if an.get("n"):
@@ -743,7 +741,7 @@ def _section_tables(name, sec, results):
         cols = ["rank / full rank", "params kept", "loss (SVD)", "change"] + (["loss (whitened)", "change"] if white else [])
         note = (f"<p class='note'>Whitened: each layer's factors minimize its output error on {sec['calib_tokens']} "
                 "calibration tokens of the training text (Cholesky S of XᵀX, SVD of W S, triangular solve back; "
-                "tinylm/compress.py). Same ranks, so the same parameters kept.</p>") if white else ""
+                "tinylm/lowrank/compress.py). Same ranks, so the same parameters kept.</p>") if white else ""
         samples = ""
         if sec.get("samples"):
             label = lambda s: "dense" if s["model"] == "dense" else f"{s['model']}, rank {s['rank_fraction']:.3g} of full"

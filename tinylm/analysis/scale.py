@@ -22,6 +22,7 @@ seconds. So:
   similarities for at most MAX_POSITIONS evenly spaced positions.
 """
 import numpy as np
+from tinylm.text.bpe import unicode_to_bytes
 
 LARGE_VOCAB = 512          # above this, token-level views use a subset of the vocabulary
 SUBSET_SIZE = 512          # tokens in that subset
@@ -79,7 +80,6 @@ def token_labels(tok, vocab_size):
     vocab = getattr(tok, "vocab", None)
     if vocab is None:
         return [str(i) for i in range(vocab_size)]
-    from ..bpe import unicode_to_bytes
     to_byte = unicode_to_bytes()
     labels = [str(i) for i in range(vocab_size)]
     for token, i in vocab.items():

@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 
-from ..data import DEFAULT_DATA, read_text, train_val_split
-from ..errors import TinyLMError
+from tinylm.text.data import DEFAULT_DATA, read_text, train_val_split
+from tinylm.errors import TinyLMError
 
 
 def resolve_data_path(meta, override=None):

@@ -5,8 +5,9 @@ import time
 
 import numpy as np
 
-from .spectra import fit_power_law
-from .weights import weight_matrices
+from tinylm.analysis.spectra import fit_power_law
+from tinylm.analysis.weights import weight_matrices
+from tinylm.lowrank.factorized import dense_params
 
 # Keep this many of the largest singular values per matrix: enough to draw how the top of the spectrum moves.
 TOP_SINGULAR_VALUES = 8
@@ -47,7 +48,6 @@ def log_spectra(params, config, step, path, updates=None, optimizer=None):
     """Append {"step", "elapsed_ms", "matrices": spectra_snapshot(...)} as one JSON line to path, and with
     `updates` (the last step's ΔW of each block matrix) their spectra under "updates", with the optimizer's name."""
     t0 = time.perf_counter()
-    from ..lowrank import dense_params
     record = {"step": int(step), "matrices": spectra_snapshot(dense_params(params), config)}   # factorized: the products
     if updates:
         record.update(optimizer=optimizer, updates=update_spectra(updates))

@@ -2,9 +2,9 @@
 import numpy as np
 from tqdm import tqdm
 
-from ..model import init_params
-from .spectra import matrix_metrics
-from .weights import is_per_head, source_name, weight_matrices
+from tinylm.core.gpt2 import init_params
+from tinylm.analysis.spectra import matrix_metrics
+from tinylm.analysis.weights import is_per_head, source_name, weight_matrices
 
 
 def analyze_spectra(params, config, n_boot=100, per_head=True, seed=0, progress=True, desc="spectra"):

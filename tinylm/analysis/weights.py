@@ -8,7 +8,7 @@ columns h·D .. (h+1)·D. The score of query i and key j in head h is
 (W_Q x_i)·(W_K x_j) = x_iᵀ (W_Qᵀ W_K) x_j, and the head writes W_O W_V x_j.
 """
 
-from ..model import block_prefix
+from tinylm.core.gpt2 import block_prefix
 
 # The kinds of matrix in a block, in the order the tables list them.
 BLOCK_KINDS = ("attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -1,0 +1,52 @@
+"""python -m tinylm.export CKPT FOLDER: write a tinylm checkpoint as a Hugging Face GPT-2 folder.
+
+The work is in tinylm.hf.export_hf; this is only the command line.
+"""
+import argparse
+import os
+import sys
+
+from tinylm.cli.common import OneLineParser, run_cli
+from tinylm.errors import TinyLMError
+from tinylm.io.hf import export_hf
+
+
+def export_parser():
+    ap = OneLineParser(prog="python -m tinylm.export",
+                       description="Write a tinylm checkpoint as a GPT-2 folder in the Hugging Face layout: "
+                       "config.json, model.safetensors, vocab.json and merges.txt (and tinylm_tokenizer.json "
+                       "for a character model). transformers' GPT2LMHeadModel.from_pretrained(FOLDER) loads it, "
+                       "and so do tinylm's sample.py and analyze.py.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz), or a GPT-2 folder to re-export")
+    ap.add_argument("folder", metavar="FOLDER", help="the folder to write (created if missing)")
+    ap.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
+                    help="dtype of the stored weights")
+    ap.add_argument("--force", action="store_true",
+                    help="write into a folder that is not empty, replacing the model and tokenizer files in it")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def _export(argv):
+    a = export_parser().parse_args(argv)
+    if os.path.exists(a.folder):
+        if not os.path.isdir(a.folder):
+            raise TinyLMError(f"{a.folder} exists and is not a folder")
+        if os.path.isdir(a.checkpoint) and os.path.samefile(a.checkpoint, a.folder):
+            raise TinyLMError("the source and the target are the same folder")
+        if os.listdir(a.folder) and not a.force:
+            raise TinyLMError(f"{a.folder} is not empty; pass --force to write into it anyway")
+    result = export_hf(a.checkpoint, a.folder, dtype=a.dtype)
+    print(f"wrote {a.folder}: {', '.join(result['files'])}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def main(argv=None):
+    return run_cli(_export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

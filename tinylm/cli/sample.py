@@ -1,0 +1,120 @@
+"""sample.py's command line: load a model, then stream text from it (side by side for --num_samples)."""
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from tinylm.cli.common import OneLineParser, parse_bool, run_cli
+from tinylm.errors import TinyLMError
+from tinylm.analysis.interventions import steer, steering_direction
+from tinylm.core.sampling import check_sampling_args, sample_next
+from tinylm.fast.decode import generate, generate_rows
+from tinylm.fast.parallel import blas_threads
+from tinylm.io.hf import load_any
+from tinylm.lowrank.compress import compress_on_the_fly, parse_rank
+from tinylm.text.data import read_text
+
+
+
+
+def sample_parser():
+    ap = OneLineParser(prog="sample.py", description="Sample text from a trained tinylm checkpoint.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out_dir", default="out", help="folder holding the checkpoint")
+    ap.add_argument("--checkpoint", default="ckpt.npz",
+                    help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
+    ap.add_argument("--init_from", default=None, metavar="PATH",
+                    help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
+                         "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
+    ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
+    ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
+                    "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "
+                    "the one --num_samples 1 draws)")
+    ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
+    ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
+    ap.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 or less is refused)")
+    ap.add_argument("--top_p", type=float, default=None, help="keep the smallest set of tokens with this much probability")
+    ap.add_argument("--seed", type=int, default=1337, help="random seed")
+    ap.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for comparison)")
+    ap.add_argument("--rank", default=None, help="first compress the model on the fly by plain truncated SVD to this rank: "
+                    "a fraction of each block matrix's full rank (0.375) or an integer rank (32); see python -m tinylm.compress")
+    ap.add_argument("--steer", default=None, metavar="DIRECTION",
+                    help="add --steer_scale x this direction to the residual stream at the input of block --steer_layer, "
+                    "at every position: 'case' (the mean of wte[X] - wte[x] over the letters: scale > 0 pushes towards "
+                    "capitals) or a .npy file holding an n_embd vector; see tinylm/analysis/interventions.py: steer")
+    ap.add_argument("--steer_layer", type=int, default=0, help="block whose input is steered (0 .. n_layer)")
+    ap.add_argument("--steer_scale", type=float, default=1.0, help="multiple of the direction added (0: the plain model; "
+                    "with the case direction 1 moves a lowercase letter onto its capital, on average)")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def sample_main(argv=None):
+    return run_cli(_sample, argv)
+
+
+def _sample(argv):
+
+    a = sample_parser().parse_args(argv)
+    check_sampling_args(a.temperature, a.top_k, a.top_p)
+    if a.num_samples < 1:
+        raise TinyLMError(f"--num_samples must be >= 1, got {a.num_samples}")
+    if a.max_new_tokens < 0:
+        raise TinyLMError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    if a.seed < 0:
+        raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
+    if a.init_from:
+        path = a.init_from
+    elif os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and \
+            not os.path.exists(os.path.join(a.out_dir, a.checkpoint)):
+        path = a.checkpoint
+    else:
+        path = os.path.join(a.out_dir, a.checkpoint)
+    rank = None
+    if a.rank is not None:
+        rank = parse_rank(a.rank)
+    ckpt = load_any(path)
+    params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
+    if rank is not None:
+        params, line = compress_on_the_fly(params, config, rank)
+        print(line, file=sys.stderr)
+    if a.steer is not None:
+        direction, what = steering_direction(a.steer, params, config, tok)
+        params = steer(params, config, direction, a.steer_layer, a.steer_scale)
+        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input",
+              file=sys.stderr)
+    start = a.start
+    if start.startswith("FILE:"):
+        start = read_text(start[5:])
+    if not start:
+        raise TinyLMError("--start must not be empty")
+    prompt = tok.encode(start)
+    rng = np.random.default_rng(a.seed)
+    pick = lambda logits: sample_next(logits, a.temperature, a.top_k, a.top_p, rng)
+    out = sys.stdout
+    separator = "\n---------------\n"
+    with blas_threads(1):        # one token at a time: tiny products, one BLAS thread is fastest
+        if a.num_samples == 1:
+            steps = ([token] for token in generate(params, config, prompt, a.max_new_tokens, pick,
+                                                   use_cache=not a.no_cache))
+        else:                    # side by side: a step's NumPy calls shared by every sample
+            steps = generate_rows(params, config, prompt, a.num_samples, a.max_new_tokens,
+                                  lambda rows: [pick(logits) for logits in rows], use_cache=not a.no_cache)
+        new = [[] for _ in range(a.num_samples)]
+        out.write(start)
+        shown = ""
+        for picked in steps:
+            for tokens, token in zip(new, picked):
+                tokens.append(int(token))
+            text = tok.decode(new[0])            # the first sample is shown as it is written
+            out.write(text[len(shown):])         # decode the whole tail: a multi-byte token may complete later
+            out.flush()
+            shown = text
+        out.write(separator)
+        for tokens in new[1:]:                   # the others are complete at the same moment
+            out.write(start + tok.decode(tokens) + separator)
+        out.flush()
+    return 0

@@ -1,0 +1,39 @@
+"""train.py's command line: every TrainArgs field as a flag, then tinylm.train.loop.train."""
+import argparse
+import dataclasses
+
+from tinylm.cli.common import OneLineParser, parse_bool, run_cli
+from tinylm.train.loop import HELP, TrainArgs, train
+
+
+def train_parser():
+    ap = OneLineParser(prog="train.py", description="Train a GPT-2-style model on a text file. "
+                       "With no arguments: 2,000 steps of nanoGPT's CPU recipe on Tiny Shakespeare.",
+                       argument_default=argparse.SUPPRESS)
+    defaults = TrainArgs()
+    for field in dataclasses.fields(TrainArgs):
+        default = getattr(defaults, field.name)
+        kind = parse_bool if field.type in (bool, "bool") else type(default)
+        help_text = HELP[field.name] if field.name == "data" else f"{HELP[field.name]} (default: {default})"
+        if kind is parse_bool:      # --flag alone means true; --flag true/false also works
+            ap.add_argument(f"--{field.name}", type=kind, nargs="?", const=True, metavar="true|false",
+                            help=help_text)
+        else:
+            ap.add_argument(f"--{field.name}", type=kind, metavar=field.name.upper() if kind is str else None,
+                            help=help_text)
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return ap
+
+
+def train_main(argv=None):
+    return run_cli(_train, argv)
+
+
+def _train(argv):
+    ns = vars(train_parser().parse_args(argv))
+    ns.pop("debug", None)
+    if "max_iters" in ns and "lr_decay_iters" not in ns and ns.get("init_from", "scratch") != "resume":
+        ns["lr_decay_iters"] = ns["max_iters"]    # a shorter run still decays its learning rate to min_lr
+    args = dataclasses.replace(TrainArgs(), **ns)
+    train(args, explicit=tuple(ns))
+    return 0

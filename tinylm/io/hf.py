@@ -1,0 +1,443 @@
+"""GPT-2 checkpoints in the Hugging Face folder layout: export a tinylm model, import any GPT-2.
+
+A folder in that layout holds::
+
+    config.json          GPT2Config's field names (n_positions, n_embd, n_layer, n_head, ...)
+    model.safetensors    the weights under GPT-2's names; the four linear weights of a block are
+                         stored (in, out), the transpose of tinylm's (out, in)
+    vocab.json           byte-level BPE vocabulary   } the tokenizer, read by tinylm's BPETokenizer
+    merges.txt           ranked merges               } and by transformers' GPT2Tokenizer
+    tinylm_tokenizer.json   only for a character-level tinylm model (see `export_hf`)
+
+tinylm's parameter names are already those of nanoGPT, which are those that
+`GPT2LMHeadModel.save_pretrained` writes (`transformer.h.0.attn.c_attn.weight`, ...).
+OpenAI's original GPT-2 files, as uploaded to the Hugging Face hub, use the same names
+without the `transformer.` prefix and also hold the attention-mask buffers
+`h.{i}.attn.bias` / `h.{i}.attn.masked_bias`; the importer accepts both forms and skips
+those buffers. Reading goes through tinylm's own safetensors reader (tinylm/io/safetensors.py),
+memory-mapped by default, so a 124M-parameter model is not copied into memory to load it.
+
+The public functions: `export_hf`, `import_hf`, `load_any`, `hf_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from tinylm.atomic import atomic_write_text
+from tinylm.io.checkpoint import load_checkpoint
+from tinylm.errors import TinyLMError
+from tinylm.core.gpt2 import GPTConfig, param_shapes
+from tinylm.io.safetensors import load_file, save_file
+from tinylm.text.char import CharTokenizer, tokenizer_from_dict
+from tinylm.lowrank.factorized import dense_params, ranks_of
+from tinylm.text.bpe import BPETokenizer, END_OF_TEXT, MERGES_HEADER, bytes_to_unicode
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+TINYLM_TOKENIZER_FILE = "tinylm_tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+# Files that an export replaces; if one of them is left from an earlier export into the same
+# folder and this export does not write it, it would contradict the new model, so it is removed.
+OWNED_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, MERGES_FILE, TINYLM_TOKENIZER_FILE,
+               TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, "special_tokens_map.json", "added_tokens.json",
+               "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin")
+
+# Keys in the safetensors __metadata__. transformers refuses a file whose "format" is not
+# one of its frameworks, so that key says "pt"; tinylm's own keys are namespaced.
+META_FORMAT = "tinylm.format"
+META_VERSION = "tinylm.version"
+META_CONFIG = "tinylm.config"
+META_INFO = "tinylm.meta"
+FORMAT_NAME = "tinylm-gpt2-folder"
+FORMAT_VERSION = 1
+
+# Linear weights that GPT-2 stores as Conv1D, i.e. (in, out): transposed relative to tinylm.
+TRANSPOSED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# What GPT2Config assumes for a field that config.json leaves out.
+GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                 "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
+                 "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                 "add_cross_attention": False}
+GPT2_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
+# Both names mean GELU with the tanh approximation, which is what tinylm computes.
+TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh"}
+LAYER_NORM_EPS = 1e-5
+
+FLOAT_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def is_transposed(name):
+    """True for the linear weights that GPT-2's files store (in, out)."""
+    return name.endswith(TRANSPOSED_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config(config, tokenizer=None, dtype="float32"):
+    """The config.json dict of a tinylm GPTConfig, in GPT2Config's field names."""
+    eot = getattr(tokenizer, "end_of_text_id", None)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,          # the old name of n_positions, still read by some tools
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,                     # None means 4 * n_embd
+        "activation_function": "gelu_new",   # GELU, tanh approximation
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,                 # GPT2Config's default 50256 would be out of range
+        "eos_token_id": eot,                 # for a small vocabulary
+        "torch_dtype": dtype,
+    }
+
+
+def _hf_tensors(params, config, dtype):
+    """tinylm params -> GPT-2 tensors (Conv1D weights transposed, zero biases added when bias=False)."""
+    out = {}
+    for name, shape in param_shapes(dataclasses.replace(config, bias=True)).items():
+        if name in params:
+            array = params[name]
+            if is_transposed(name):
+                array = array.T
+            out[name] = np.asarray(array, dtype=dtype)
+        else:   # GPT-2 always has biases: a bias-free model is the same function with zero biases
+            out[name] = np.zeros(shape, dtype=dtype)
+    return out
+
+
+def _char_tokenizer_as_bpe_files(tok):
+    """vocab.json/merges.txt text that makes GPT-2's byte-level BPE encode as `tok` does, or None.
+
+    Possible when every character is one UTF-8 byte (ASCII): with no merges, GPT-2's
+    tokenizer cuts text into single bytes, and the vocabulary maps each byte's stand-in
+    character to the character's id. A multi-byte character would need merges whose
+    halves are tokens too, and the character vocabulary has no ids to spare for them.
+    """
+    if any(ord(c) > 127 for c in tok.chars):
+        return None
+    standin = bytes_to_unicode()
+    vocab = {standin[ord(c)]: i for i, c in enumerate(tok.chars)}
+    return json.dumps(vocab, ensure_ascii=False), MERGES_HEADER + "\n"
+
+
+def export_hf(source, folder, dtype=np.float32):
+    """Write a tinylm model as a Hugging Face GPT-2 folder; returns {"folder", "files", "notes"}.
+
+    source: a checkpoint path, a GPT-2 folder, or the dict that load_checkpoint/import_hf return.
+    dtype: of the stored weights, float32 (default, as GPT-2's files), float16 or float64.
+
+    Writes the tokenizer files, model.safetensors and, last, config.json (so an interrupted
+    export is not mistaken for a model folder). Tokenizer: a BPE model gets GPT-2's
+    vocab.json + merges.txt. A character model gets tinylm_tokenizer.json (which tinylm's
+    importer prefers), plus, when all its characters are ASCII, a vocab.json + merges.txt
+    with no merges that make transformers' GPT2Tokenizer give the same ids.
+    Files of an earlier export in the folder that this one does not write are removed.
+    "notes" lists, one line each, what a user should know (zero biases, no HF tokenizer).
+    """
+    ckpt = source if isinstance(source, dict) else load_any(source)
+    try:
+        params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
+    except (KeyError, TypeError):
+        raise TinyLMError("export_hf() needs a checkpoint path or the dict that load_checkpoint returns") from None
+    dtype = np.dtype(dtype)
+    if dtype.name not in FLOAT_DTYPES:
+        raise TinyLMError(f"export dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype.name}")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise TinyLMError(f"export folder {folder} exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    notes = []
+    if ranks_of(params):              # GPT-2 has no factorized layers: write what they compute
+        notes.append(f"{len(ranks_of(params))} factorized (low-rank) layers were written as their dense products "
+                     "A B (GPT-2 has no factorized layers): the same function, at the dense model's size")
+        params = dense_params(params)
+    if not config.bias:
+        notes.append("the model has no biases; GPT-2 always has them, so zero biases were written "
+                     "(the same function; tinylm's importer drops them again)")
+
+    meta = ckpt.get("meta") or {}
+    info = {k: meta[k] for k in ("step", "best_val_loss", "train_args") if k in meta}
+    info["dtype"] = str(params["transformer.wte.weight"].dtype)
+    metadata = {"format": "pt", META_FORMAT: FORMAT_NAME, META_VERSION: str(FORMAT_VERSION),
+                META_CONFIG: json.dumps(config.to_dict()), META_INFO: json.dumps(info)}
+    written = {}
+
+    # tokenizer files first, weights next, config.json last
+    if isinstance(tok, CharTokenizer):
+        written[TINYLM_TOKENIZER_FILE] = json.dumps(tok.to_dict(), ensure_ascii=False)
+        files = _char_tokenizer_as_bpe_files(tok)
+        if files is None:
+            notes.append("the character tokenizer has non-ASCII characters, which GPT-2's byte-level "
+                         f"tokenizer cannot reproduce: only {TINYLM_TOKENIZER_FILE} was written "
+                         "(tinylm reads it; transformers needs a tokenizer of its own)")
+        else:
+            written[VOCAB_FILE], written[MERGES_FILE] = files
+    elif hasattr(tok, "vocab") and hasattr(tok, "merges"):
+        written[VOCAB_FILE] = json.dumps(tok.vocab, ensure_ascii=False, separators=(",", ":"))
+        written[MERGES_FILE] = "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in tok.merges]) + "\n"
+    else:
+        raise TinyLMError(f"cannot export a tokenizer of type {type(tok).__name__}")
+    if VOCAB_FILE in written:
+        tok_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
+                      "add_prefix_space": False}
+        eot = getattr(tok, "end_of_text_id", None)
+        if eot is not None:
+            tok_config.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+        written[TOKENIZER_CONFIG_FILE] = json.dumps(tok_config, indent=2)
+
+    for name in OWNED_FILES:    # leftovers of an earlier export would contradict this one
+        path = os.path.join(folder, name)
+        if name not in written and name not in (CONFIG_FILE, WEIGHTS_FILE) and os.path.isfile(path):
+            os.remove(path)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if os.path.isfile(config_path):
+        os.remove(config_path)
+    for name, text in written.items():
+        atomic_write_text(os.path.join(folder, name), text)
+    save_file(_hf_tensors(params, config, dtype), os.path.join(folder, WEIGHTS_FILE), metadata)
+    atomic_write_text(config_path, json.dumps(hf_config(config, tok, dtype.name), indent=2) + "\n")
+    files = sorted([CONFIG_FILE, WEIGHTS_FILE, *written])
+    return {"folder": folder, "files": files, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise TinyLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyLMError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def _check_int(cfg, key, path):
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TinyLMError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def config_from_hf(cfg, path="config.json"):
+    """GPTConfig (bias=True, as every GPT-2) from a config.json dict; TinyLMError for what tinylm cannot run."""
+    if not isinstance(cfg, dict):
+        raise TinyLMError(f"{path}: must hold a JSON object")
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type != "gpt2":
+        raise TinyLMError(f"{path}: model_type is {model_type!r}; tinylm reads only GPT-2 (model_type 'gpt2')")
+    if not isinstance(archs, list) or any(a not in GPT2_ARCHITECTURES for a in archs):
+        raise TinyLMError(f"{path}: unsupported architecture {archs!r}; tinylm reads GPT2LMHeadModel or GPT2Model")
+    cfg = {**GPT2_DEFAULTS, **cfg}
+    dims = {k: _check_int(cfg, k, path) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")}
+    n_inner = cfg["n_inner"]
+    if n_inner is not None and n_inner != 4 * dims["n_embd"]:
+        raise TinyLMError(f"{path}: n_inner is {n_inner!r}; tinylm's MLP is 4 * n_embd = {4 * dims['n_embd']} wide")
+    act = cfg["activation_function"]
+    if act not in TANH_GELUS:
+        raise TinyLMError(f"{path}: activation_function {act!r} is not supported; tinylm computes GELU "
+                          f"with the tanh approximation ({' or '.join(sorted(TANH_GELUS))})")
+    eps = cfg["layer_norm_epsilon"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or abs(eps - LAYER_NORM_EPS) > 1e-12:
+        raise TinyLMError(f"{path}: layer_norm_epsilon is {eps!r}; tinylm's layer norm uses {LAYER_NORM_EPS}")
+    if cfg["tie_word_embeddings"] is not True:
+        raise TinyLMError(f"{path}: tie_word_embeddings is {cfg['tie_word_embeddings']!r}; tinylm's output "
+                          "head is the token embedding (untied heads are not supported)")
+    if cfg["scale_attn_weights"] is not True or cfg["scale_attn_by_inverse_layer_idx"] is not False:
+        raise TinyLMError(f"{path}: attention scaling other than 1/sqrt(head_dim) is not supported")
+    if cfg["add_cross_attention"]:
+        raise TinyLMError(f"{path}: cross-attention (add_cross_attention) is not supported")
+    dropout = cfg["resid_pdrop"]
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise TinyLMError(f"{path}: resid_pdrop must be a number in [0, 1), got {dropout!r}")
+    try:
+        return GPTConfig(block_size=dims["n_positions"], vocab_size=dims["vocab_size"], n_layer=dims["n_layer"],
+                         n_head=dims["n_head"], n_embd=dims["n_embd"], dropout=float(dropout), bias=True).validate()
+    except TinyLMError as e:
+        raise TinyLMError(f"{path}: {e}".replace("--", "")) from None
+
+
+def _tinylm_metadata(metadata, path):
+    """(config dict or None, info dict) from a tinylm export's __metadata__; (None, {}) for a foreign file."""
+    if metadata.get(META_FORMAT) != FORMAT_NAME:
+        return None, {}
+    try:
+        version = int(metadata.get(META_VERSION, ""))
+    except ValueError:
+        version = None
+    if version is None or not 1 <= version <= FORMAT_VERSION:
+        raise TinyLMError(f"{path}: tinylm export version {metadata.get(META_VERSION)!r}; this tinylm reads "
+                          f"version {FORMAT_VERSION} (upgrade tinylm to read newer files)")
+    try:
+        config = json.loads(metadata.get(META_CONFIG, "null"))
+        info = json.loads(metadata.get(META_INFO, "{}"))
+    except json.JSONDecodeError:
+        raise TinyLMError(f"{path}: tinylm metadata is not valid JSON") from None
+    if not isinstance(config, dict) or not isinstance(info, dict):
+        raise TinyLMError(f"{path}: tinylm metadata has the wrong form")
+    return config, info
+
+
+def _load_tokenizer(folder):
+    """tinylm_tokenizer.json if present, else vocab.json + merges.txt, else a tokenizer.json's BPE model."""
+    path = os.path.join(folder, TINYLM_TOKENIZER_FILE)
+    if os.path.isfile(path):
+        return tokenizer_from_dict(_read_json(path, "tokenizer file"))
+    vocab, merges = os.path.join(folder, VOCAB_FILE), os.path.join(folder, MERGES_FILE)
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        return BPETokenizer.from_files(vocab, merges)
+    path = os.path.join(folder, HF_TOKENIZER_FILE)
+    if os.path.isfile(path):
+        model = _read_json(path, "tokenizer file").get("model") or {}
+        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise TinyLMError(f"{path}: not a byte-level BPE tokenizer; add GPT-2's vocab.json and merges.txt")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+        if any(len(m) != 2 for m in merges):
+            raise TinyLMError(f"{path}: a merge is not a pair of tokens")
+        return BPETokenizer(model["vocab"], merges)
+    raise TinyLMError(f"no tokenizer in {folder}: expected {VOCAB_FILE} and {MERGES_FILE} "
+                      f"(GPT-2's; or {TINYLM_TOKENIZER_FILE})")
+
+
+def import_hf(folder, dtype=np.float32, mmap=True):
+    """Read a GPT-2 folder: {'params', 'config', 'tokenizer', 'opt_state': None, 'meta'}, as load_checkpoint.
+
+    params are under tinylm's (nanoGPT's) names with linear weights (out, in). With mmap
+    (the default) and weights stored in `dtype`, every array is a read-only view into the
+    memory-mapped file; the (out, in) weights are transposed views of the stored (in, out)
+    ones, so nothing is copied and pages are read on first use. Other stored dtypes
+    (float16, bfloat16) are converted, which copies. mmap=False reads the file into memory once.
+    A model exported by tinylm with bias=False comes back without biases (when they are still zero).
+    Raises TinyLMError with one line for a missing file, bad JSON, an architecture tinylm
+    cannot run, a missing or unexpected tensor, or a shape that does not match config.json.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.name not in ("float32", "float64"):
+        raise TinyLMError(f"import dtype must be float32 or float64, got {dtype.name}")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "not found"
+        raise TinyLMError(f"model folder {what}: {folder}")
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise TinyLMError(f"{folder} has no {CONFIG_FILE}: not a GPT-2 model folder")
+    config = config_from_hf(_read_json(config_path, "model config"), config_path)
+
+    weights_path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+            raise TinyLMError(f"{folder} holds a sharded model (model.safetensors.index.json); "
+                              f"tinylm reads a single {WEIGHTS_FILE}")
+        if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+            raise TinyLMError(f"{folder} has pytorch_model.bin but no {WEIGHTS_FILE}; tinylm reads only "
+                              "safetensors (a .bin is a pickle, which could run code)")
+        raise TinyLMError(f"{folder} has no {WEIGHTS_FILE}")
+    tensors, metadata = load_file(weights_path, mmap=mmap)
+
+    # Normalize names: the hub's original files have no "transformer." prefix, save_pretrained's do.
+    found = {}
+    lm_head = None
+    for name, array in tensors.items():
+        if name == "lm_head.weight":
+            lm_head = array
+            continue
+        key = name if name.startswith("transformer.") else "transformer." + name
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue           # the causal mask, saved as a buffer by older transformers
+        if key in found:
+            raise TinyLMError(f"{weights_path}: tensor {name!r} appears both with and without the transformer. prefix")
+        found[key] = array
+    shapes = param_shapes(config)
+    missing = [k for k in shapes if k not in found]
+    if missing:
+        raise TinyLMError(f"{weights_path}: missing tensor(s) {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''} for a GPT-2 with n_layer={config.n_layer}")
+    unexpected = sorted(set(found) - set(shapes))
+    if unexpected:
+        raise TinyLMError(f"{weights_path}: unexpected tensor(s) {', '.join(unexpected[:3])}; not a GPT-2 "
+                          f"of the shape config.json describes")
+    params = {}
+    for name, shape in shapes.items():
+        array = found[name]
+        stored = tuple(shape[::-1]) if is_transposed(name) else tuple(shape)
+        if array.shape != stored:
+            raise TinyLMError(f"{weights_path}: tensor {name!r} has shape {array.shape}, expected {stored} "
+                              f"from {CONFIG_FILE}")
+        if array.dtype.kind != "f":
+            raise TinyLMError(f"{weights_path}: tensor {name!r} has dtype {array.dtype}, expected floating point")
+        if is_transposed(name):
+            array = array.T                       # a view: (in, out) -> (out, in)
+        if array.dtype != dtype:
+            array = array.astype(dtype)           # float16/bfloat16 -> float32: a copy, in the view's order
+        params[name] = array
+    if lm_head is not None:
+        wte = params["transformer.wte.weight"]
+        if lm_head.shape != wte.shape or not np.array_equal(lm_head.astype(dtype, copy=False), wte):
+            raise TinyLMError(f"{weights_path}: lm_head.weight differs from the token embedding; "
+                              "tinylm supports only GPT-2's tied output head")
+
+    saved_config, info = _tinylm_metadata(metadata, weights_path)
+    if saved_config is not None:
+        if saved_config.get("bias") is False:
+            biases = [k for k in params if k.endswith(".bias")]
+            if all(not np.any(params[k]) for k in biases):
+                params = {k: v for k, v in params.items() if not k.endswith(".bias")}
+                config = dataclasses.replace(config, bias=False)
+        dropout = saved_config.get("dropout")
+        if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1:
+            config = dataclasses.replace(config, dropout=float(dropout))
+
+    tokenizer = _load_tokenizer(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise TinyLMError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but {CONFIG_FILE} "
+                          f"says vocab_size {config.vocab_size}")
+    stored_dtypes = sorted({str(found[k].dtype) for k in shapes})
+    meta = {"format": FORMAT_NAME if saved_config is not None else "hf-gpt2", "source": os.path.abspath(folder),
+            "dtype": dtype.name, "stored_dtype": ",".join(stored_dtypes), "step": info.get("step"),
+            "best_val_loss": info.get("best_val_loss"), "train_args": info.get("train_args") or {},
+            "config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
+    return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": None, "meta": meta}
+
+
+def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True):
+    """A tinylm checkpoint (.npz file) or a GPT-2 folder (config.json + model.safetensors), read the same way.
+
+    Returns the dict of load_checkpoint. A folder's config.json or model.safetensors may also
+    be named directly. dtype and mmap apply to folders only (a .npz keeps its own dtype).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG_FILE, WEIGHTS_FILE):
+        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            return import_hf(path, dtype=dtype, mmap=mmap)
+        hint = next((f" (did you mean {os.path.join(path, n)}?)" for n in ("ckpt.npz", "best.npz")
+                     if os.path.isfile(os.path.join(path, n))), "")
+        raise TinyLMError(f"{path} is a folder without {CONFIG_FILE}: neither a GPT-2 model folder "
+                          f"nor a tinylm checkpoint file{hint}")
+    return load_checkpoint(path, with_optimizer=with_optimizer)

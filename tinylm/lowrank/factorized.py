@@ -1,0 +1,86 @@
+"""The factorized (low-rank) linear layer, a forward/backward pair like those of layers.py, and its parameter names.
+
+A dense linear layer `name` (e.g. transformer.h.0.mlp.c_fc) holds name.weight W (out, in). Its factorized
+form holds two thin factors beside it, under these names, in place of name.weight:
+
+    name.weight_A   A (out, r)      W ≈ A B,  the "left" factor (U_r Σ_r for a truncated SVD)
+    name.weight_B   B (r, in)                 the "right" factor (V_rᵀ for a truncated SVD)
+    name.bias       b (out,)        unchanged, when the model has biases
+
+so the layer computes y = (x Bᵀ) Aᵀ + b: two products, r(out + in) multiply-adds a row instead of
+out·in, and r(out + in) numbers stored instead of out·in. The model picks the factorized form of a layer
+whenever its params hold name.weight_A (model.linear_by_name); a checkpoint lists the ranks in its
+metadata ("lowrank": {name: r}). Anything that needs the dense weight (analysis, export) uses
+dense_params, which multiplies the factors out.
+"""
+import numpy as np
+
+from tinylm.errors import TinyLMError
+
+SUFFIX_A, SUFFIX_B = ".weight_A", ".weight_B"
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def is_factorized(params, name):
+    """True when the linear layer `name` (no .weight suffix) is stored as two factors in params."""
+    return name + SUFFIX_A in params
+
+
+def ranks_of(params):
+    """{layer name: rank} of every factorized layer in params (empty for a dense model)."""
+    return {k[:-len(SUFFIX_A)]: int(v.shape[1]) for k, v in params.items() if k.endswith(SUFFIX_A)}
+
+
+def factorized_shapes(shapes, ranks):
+    """The shapes dict (name -> shape, as model.param_shapes gives) with each layer in ranks stored as two factors.
+
+    Raises TinyLMError for a layer that is not a linear weight of the model or a rank outside 1 … min(out, in).
+    """
+    shapes = dict(shapes)
+    for name, r in ranks.items():
+        shape = shapes.get(name + ".weight")
+        if shape is None or len(shape) != 2 or ".h." not in name:
+            raise TinyLMError(f"{name!r} is not a block linear layer of this model")
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(shape):
+            raise TinyLMError(f"rank of {name} must be an integer in 1 … {min(shape)}, got {r!r}")
+        out, inp = shape
+        new = {}
+        for k, s in shapes.items():            # the factors take the dense weight's place in the order
+            if k == name + ".weight":
+                new[name + SUFFIX_A], new[name + SUFFIX_B] = (out, int(r)), (int(r), inp)
+            else:
+                new[k] = s
+        shapes = new
+    return shapes
+
+
+def factor_params(params, name, A, B):
+    """params with layer `name` stored as the factors A (out, r), B (r, in) (a new dict; the dense weight dropped)."""
+    new = {}
+    for k, v in params.items():
+        if k in (name + ".weight", name + SUFFIX_A):
+            new[name + SUFFIX_A], new[name + SUFFIX_B] = A, B
+        elif k != name + SUFFIX_B:
+            new[k] = v
+    return new
+
+
+def dense_weight(params, name):
+    """W (out, in) of layer `name`: name.weight, or the product A B of its factors."""
+    if is_factorized(params, name):
+        return params[name + SUFFIX_A] @ params[name + SUFFIX_B]
+    return params[name + ".weight"]
+
+
+def dense_params(params):
+    """params with every factorized layer multiplied out into name.weight = A B, in the dense model's order."""
+    new = {}
+    for k, v in params.items():
+        if k.endswith(SUFFIX_A):
+            name = k[:-len(SUFFIX_A)]
+            new[name + ".weight"] = dense_weight(params, name)
+        elif not k.endswith(SUFFIX_B):
+            new[k] = v
+    return new

@@ -1,0 +1,1 @@
+"""Training: the arguments, the loop, fine-tuning with adapters, and data-parallel training over MPI."""

@@ -390,6 +390,13 @@ def compare(rounds=20):
     print(f"  load {os.getloadavg()[0]:.2f}")
 
 
+def model_namespace(gpt2, fast_model):
+    """What against() calls of a model: core's config and init, the fast path's step."""
+    return types.SimpleNamespace(GPTConfig=gpt2.GPTConfig, init_params=gpt2.init_params,
+                                 loss_and_grads=fast_model.loss_and_grads,
+                                 loss_and_grads_parallel=fast_model.loss_and_grads_parallel)
+
+
 def against(other_root, rounds=20):
     """Alternate another checkout's CPU-recipe step with this one's, in one process; print both medians.
 
@@ -414,10 +421,15 @@ def against(other_root, rounds=20):
     flat = not os.path.isdir(os.path.join(tmp, "tinylm_other", "fast"))     # the layout before tinylm/fast/
     sys.path.insert(0, tmp)
     try:
-        other = importlib.import_module if flat else (lambda n: importlib.import_module(n.replace(
-            "tinylm_other.", "tinylm_other.fast.")))
-        versions = {"other": {n: other(f"tinylm_other.{n}") for n in ("model", "parallel", "optim")},
-                    "this": {"model": M, "parallel": parallel, "optim": optim}}
+        if flat:
+            other = {n: importlib.import_module(f"tinylm_other.{n}") for n in ("model", "parallel", "optim")}
+        else:
+            gpt2, fast_model, core_opt, fast_opt, fast_parallel = (importlib.import_module(f"tinylm_other.{n}") for n in (
+                "core.gpt2", "fast.model", "core.optim", "fast.optim", "fast.parallel"))
+            other = {"model": model_namespace(gpt2, fast_model), "parallel": fast_parallel,
+                     "optim": types.SimpleNamespace(adamw_init=core_opt.adamw_init, adamw_step=fast_opt.adamw_step,
+                                                    global_norm=core_opt.global_norm, clip_factor=core_opt.clip_factor)}
+        versions = {"other": other, "this": {"model": model_namespace(G, M), "parallel": parallel, "optim": optim}}
     finally:
         sys.path.remove(tmp)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """nanoGPT's model and AdamW recipe in PyTorch, for benchmarks.bench_train to run alongside (never imported by tinylm).
 
-Written for the benchmark from the model's definition (DESIGN.md): pre-norm blocks without biases,
+Written for the benchmark from the model's definition (docs/architecture.md, tinylm/core/gpt2.py): pre-norm blocks without biases,
 causal scaled-dot-product attention, GELU (tanh form, as tinylm), tied token embedding and head,
 GPT-2's init (N(0, 0.02), residual projections 0.02/√(2L)); torch.optim.AdamW with nanoGPT's
 parameter groups (decay on 2-D tensors) and clip_grad_norm_. Needs `pip install torch` (the CPU wheel).

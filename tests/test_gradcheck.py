@@ -1,13 +1,17 @@
 """Every backward agrees with central finite differences in float64, and the checker itself can fail."""
 import pytest
 
+import numpy as np
+
 from tinylm.cli import gradcheck
+from tinylm.core import layers as core_layers
 from tinylm.fast import layers
 from tinylm.core import gpt2 as G
 from tinylm.core.gpt2 import GPTConfig
 
 
-@pytest.mark.parametrize("layer,name,err", gradcheck.layer_checks(seed=0), ids=lambda v: str(v))
+@pytest.mark.parametrize("layer,name,err", gradcheck.layer_checks(seed=0) + gradcheck.layer_checks(seed=0, layers=core_layers),
+                         ids=lambda v: str(v))
 def test_layer_backward_matches_finite_differences(layer, name, err):
     assert err < gradcheck.TOLERANCE, f"{layer}.{name}: relative error {err:.2e}"
 
@@ -19,6 +23,27 @@ def test_whole_model_gradient_matches_finite_differences(bias, dropout):
     assert len(results) == len(G.param_shapes(config))
     worst = max(results, key=lambda r: r[1])
     assert worst[1] < gradcheck.TOLERANCE, worst
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_core_model_gradient_matches_finite_differences(bias):
+    config = GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=bias)
+    results = gradcheck.model_check(config, seed=1, core=True)
+    assert len(results) == len(G.param_shapes(config))
+    assert max(e for _, e in results) < gradcheck.TOLERANCE
+
+
+def test_checker_catches_a_wrong_core_backward(monkeypatch):
+    """core's layer norm backward without the mean of g: flagged as a layer and through the whole core model."""
+    def wrong(dy, cache):
+        dx, grads = real(dy, cache)
+        return dx + np.mean(dy, axis=-1, keepdims=True), grads      # a term the true dx does not have
+    real = core_layers.layernorm_backward
+    monkeypatch.setattr(core_layers, "layernorm_backward", wrong)
+    errors = {(l, n): e for l, n, e in gradcheck.layer_checks(seed=0, layers=core_layers)}
+    assert errors[("core layernorm", "x")] > 1e-3
+    config = GPTConfig(block_size=4, vocab_size=7, n_layer=1, n_head=2, n_embd=8, bias=True)
+    assert max(e for _, e in gradcheck.model_check(config, seed=0, max_entries=20, core=True)) > 1e-3
 
 
 def test_checker_catches_a_wrong_backward(monkeypatch):
@@ -36,3 +61,4 @@ def test_gradcheck_command_passes(capsys):
     assert gradcheck.main([]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "attention" in out and "transformer.wte.weight" in out
+    assert "core attention" in out and "whole model, core" in out

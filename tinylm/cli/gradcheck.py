@@ -2,6 +2,9 @@
 
     python -m tinylm.gradcheck          # a table of relative errors, layer by layer and for the whole model
 
+It checks the reading path (core/layers.py, core/gpt2.py) and what training runs (fast/: its layers, dropout,
+row blocks, factorized and adapter layers, the whole fast model), each against its own finite differences.
+
 For a layer y = f(x, θ) we take the scalar L = Σ y ⊙ R with a fixed random R, so that
 dL/dy = R: the backward fed R must give the same dL/dx and dL/dθ as
 (L(x + εe) − L(x − εe)) / 2ε, entry by entry. The error reported is
@@ -12,7 +15,8 @@ import sys
 
 import numpy as np
 
-from tinylm.fast import layers as L
+from tinylm.core import layers as CL
+from tinylm.fast import layers as FAST_LAYERS
 from tinylm.fast import linears as FL
 from tinylm.lowrank import factorized as LR
 from tinylm.fast import model as M
@@ -76,15 +80,19 @@ def check_function(forward, backward, inputs, seed=0):
     return {name: compare(analytic[name], numerical_gradient(loss, inputs[name])) for name in analytic}
 
 
-def layer_checks(seed=0):
-    """Every layer of layers.py, checked with small random float64 inputs. Returns [(layer, input, error)]."""
+def layer_checks(seed=0, layers=FAST_LAYERS):
+    """Every layer of `layers` (fast/layers.py, or core/layers.py, whose layers take the same arguments), with
+    small random float64 inputs; for the fast path also dropout, row blocks and the factorized and adapter
+    layers. Returns [(layer, input, error)], core's layers named "core …"."""
+    L = layers
+    fast = layers is FAST_LAYERS
     rng = np.random.default_rng(seed)
     B, T, C, H, V = 2, 5, 8, 2, 7
     randn = lambda *s: rng.standard_normal(s)
     results = []
 
     def record(layer, errors):
-        results.extend((layer, name, err) for name, err in errors.items())
+        results.extend((layer if fast else "core " + layer, name, err) for name, err in errors.items())
 
     idx = rng.integers(0, V, size=(B, T))
     idx[0, :2] = 3                       # a repeated token exercises the scatter-add
@@ -98,18 +106,35 @@ def layer_checks(seed=0):
         return {"x": dx, "W": g["W"], "b": g["b"]}
     record("linear", check_function(L.linear_forward, lin_back, {"x": randn(B, T, C), "W": randn(3, C), "b": randn(3)}))
 
-    def lowrank_back(d, c):
-        dx, g = FL.lowrank_backward(d, c)
-        return {"x": dx, "A": g["A"], "B": g["B"], "b": g["b"]}
-    record("lowrank linear", check_function(FL.lowrank_forward, lowrank_back,
-                                            {"x": randn(B, T, C), "A": randn(3, 2), "B": randn(2, C), "b": randn(3)}))
+    if fast:
+        fast_only_layer_checks(record, randn, B, T, C)
 
     def ln_back(d, c):
         dx, g = L.layernorm_backward(d, c)
         return {"x": dx, "w": g["w"], "b": g["b"]}
     record("layernorm", check_function(L.layernorm_forward, ln_back, {"x": randn(B, T, C), "w": randn(C), "b": randn(C)}))
-
     record("gelu", check_function(L.gelu_forward, lambda d, c: {"x": L.gelu_backward(d, c)}, {"x": 2 * randn(B, T, C)}))
+    record("attention", check_function(
+        lambda qkv: L.attention_forward(qkv, H), lambda d, c: {"qkv": L.attention_backward(d, c)},
+        {"qkv": randn(B, T, 3 * C)}))
+    if fast:
+        fast_only_attention_checks(record, randn, B, T, C, H)
+    targets = rng.integers(0, V, size=(B, T))
+    record("cross_entropy", check_function(
+        lambda logits: L.cross_entropy_forward(logits, targets),
+        lambda d, c: {"logits": L.cross_entropy_backward(d, c)}, {"logits": randn(B, T, V)}))
+    return results
+
+
+def fast_only_layer_checks(record, randn, B, T, C):
+    """The fast path's layers that core does not have: factorized, dropout, residual, the adapter's two forms."""
+    L = FAST_LAYERS
+
+    def lowrank_back(d, c):
+        dx, g = FL.lowrank_backward(d, c)
+        return {"x": dx, "A": g["A"], "B": g["B"], "b": g["b"]}
+    record("lowrank linear", check_function(FL.lowrank_forward, lowrank_back,
+                                            {"x": randn(B, T, C), "A": randn(3, 2), "B": randn(2, C), "b": randn(3)}))
 
     record("dropout", check_function(
         lambda x: L.dropout_forward(x, 0.3, np.random.default_rng(1)),   # same mask at every call
@@ -119,16 +144,6 @@ def layer_checks(seed=0):
         dx, dfx = L.residual_backward(d, c)
         return {"x": dx, "fx": dfx}
     record("residual", check_function(L.residual_forward, res_back, {"x": randn(B, T, C), "fx": randn(B, T, C)}))
-
-    record("attention", check_function(
-        lambda qkv: L.attention_forward(qkv, H), lambda d, c: {"qkv": L.attention_backward(d, c)},
-        {"qkv": randn(B, T, 3 * C)}))
-    record("attention+dropout", check_function(
-        lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(2)),
-        lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
-    record("attention, row blocks", check_function(   # blocks of 2 rows: the path of T > 128
-        lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(3), row_block=2),
-        lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
 
     record("lora adapter", check_function(
         lambda W, A, B: lora_forward(W, A, B, 0.7), lambda d, c: lora_backward(d, c),
@@ -142,21 +157,27 @@ def layer_checks(seed=0):
         lambda x, A, B, b: lora_linear_forward(x, frozen_W, A, B, b), lora_linear_back,
         {"x": randn(B, T, C), "A": randn(3, C), "B": randn(6, 3), "b": randn(6)}))
 
-    targets = rng.integers(0, V, size=(B, T))
-    record("cross_entropy", check_function(
-        lambda logits: L.cross_entropy_forward(logits, targets),
-        lambda d, c: {"logits": L.cross_entropy_backward(d, c)}, {"logits": randn(B, T, V)}))
-    return results
+
+def fast_only_attention_checks(record, randn, B, T, C, H):
+    """The fast attention's other paths: dropout on the weights, and row blocks (the path of T > 128)."""
+    L = FAST_LAYERS
+    record("attention+dropout", check_function(
+        lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(2)),
+        lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
+    record("attention, row blocks", check_function(   # blocks of 2 rows: the path of T > 128
+        lambda qkv: L.attention_forward(qkv, H, 0.2, np.random.default_rng(3), row_block=2),
+        lambda d, c: {"qkv": L.attention_backward(d, c)}, {"qkv": randn(B, T, 3 * C)}))
 
 
 FACTORIZED_CHECK = {f"transformer.h.0.{n}": 3 for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 FACTORIZED_CHECK["transformer.h.1.mlp.c_fc"] = 3
 
 
-def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
+def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=False):
     """Whole-model gradient of the loss for every parameter. Returns [(param name, error)].
 
-    ranks {layer name: r} stores those linear layers as random factorized layers of rank r (lowrank.py).
+    ranks {layer name: r} stores those linear layers as random factorized layers of rank r (lowrank/).
+    With core, the model checked is core/gpt2.py's (dense, no dropout); else the fast path's.
     """
     rng = np.random.default_rng(seed)
     params = G.init_params(config, seed=seed, dtype=np.float64)
@@ -170,10 +191,12 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None):
     targets = rng.integers(0, config.vocab_size, size=(2, T))
 
     def run():
+        if core:
+            return G.forward(params, config, idx, targets)
         return M.forward(params, config, idx, targets, train=train, rng=np.random.default_rng(seed + 1))
 
     _, _, cache = run()
-    grads = M.backward(params, config, cache)
+    grads = (G.backward if core else M.backward)(params, config, cache)
     results = []
     for name, p in params.items():
         numeric = numerical_gradient(lambda: run()[1], p, max_entries=max_entries, rng=rng)
@@ -209,12 +232,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     worst = 0.0
     print(f"{'layer':<22}{'input':<10}{'relative error':>16}")
-    for layer, name, err in layer_checks(args.seed):
+    for layer, name, err in layer_checks(args.seed, CL) + layer_checks(args.seed):
         worst = max(worst, err)
         print(f"{layer:<22}{name:<10}{err:>16.2e}")
+    for bias in (True, False):
+        config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=bias)
+        print(f"\nwhole model, core (the reading path), bias={bias}")
+        for name, err in model_check(config, args.seed, core=True):
+            worst = max(worst, err)
+            print(f"  {name:<40}{err:>16.2e}")
     for bias, dropout in ((True, 0.0), (False, 0.0), (True, 0.1)):
         config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=dropout, bias=bias)
-        print(f"\nwhole model, bias={bias}, dropout={dropout}")
+        print(f"\nwhole model, fast path, bias={bias}, dropout={dropout}")
         for name, err in model_check(config, args.seed, train=dropout > 0):
             worst = max(worst, err)
             print(f"  {name:<40}{err:>16.2e}")

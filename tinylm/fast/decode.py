@@ -121,13 +121,13 @@ def decoding_weights(params, config):
 
     def layer(name, ln=None, scale=None):
         """The stored matrix for the linear layer `name` (after the layer norm `ln`, if given). A factorized
-        layer W = A B (lowrank.py) gives the pair (M₁, M₂) = (the same for B with no bias, passing σ or 1
+        layer W = A B (fast/linears.py) gives the pair (M₁, M₂) = (the same for B with no bias, passing σ or 1
         through; [A, c]ᵀ), used as (v M₁) M₂: [x, σ] M₁ = [x B'ᵀ + σ B b, σ], then that M₂ is the A (x B'ᵀ +
         σ B b)ᵀ + σ c of the dense form."""
         c = get(name + ".bias")
         if name + ".weight_A" not in P:
             W = P[name + ".weight"]
-            if name + ".lora_A" in P:                   # an unmerged adapter (adapters.py): fold it in
+            if name + ".lora_A" in P:                   # an unmerged adapter (lowrank/adapters.py): fold it in
                 W = W + P[name + ".lora_B"] @ P[name + ".lora_A"]
             W = W if scale is None else scale * W
             return fold(ln, W, c) if ln else with_bias(W, c)
@@ -186,7 +186,7 @@ def decode_next(dw, kv, token):
     causal mask is needed; vectors are 1-D, every product writes into a preallocated buffer, and each
     block costs ~30 NumPy calls and no allocation beyond the scores (at one token a step, the calls'
     overhead is the cost). A layer norm is one product for Σx and Σx² plus the 1/σ after the next product.
-    A factorized layer (lowrank.py) is two products through its rank-r middle (matvec_into).
+    A factorized layer (fast/linears.py) is two products through its rank-r middle (matvec_into).
     """
     pos = kv["len"]
     n = pos + 1

@@ -30,8 +30,8 @@ def with_input(linear_cache, x):
 
 def linear_by_name(params, name, x):
     """The linear layer `name` (e.g. transformer.h.0.mlp.c_fc) on x: y = x Wᵀ + b with W = name.weight, or
-    y = (x Bᵀ) Aᵀ + b when params hold its factors name.weight_A, name.weight_B instead (lowrank.py), or
-    y = x Wᵀ + (x Aᵀ) Bᵀ + b, W frozen, when they hold an adapter name.lora_A, name.lora_B (adapters.py)."""
+    y = (x Bᵀ) Aᵀ + b when params hold its factors name.weight_A, name.weight_B instead (fast/linears.py), or
+    y = x Wᵀ + (x Aᵀ) Bᵀ + b, W frozen, when they hold an adapter name.lora_A, name.lora_B (lowrank/adapters.py)."""
     A, bias = params.get(name + ".weight_A"), params.get(name + ".bias")
     if A is not None:
         return lowrank_forward(x, A, params[name + ".weight_B"], bias)
@@ -131,9 +131,9 @@ def backward(params, config, cache, dloss=1.0):
     grads = {}
 
     def put(prefix, g):
-        if "A" in g:                                   # a factorized layer (lowrank.py)
+        if "A" in g:                                   # a factorized layer (fast/linears.py)
             grads[prefix + ".weight_A"], grads[prefix + ".weight_B"] = g["A"], g["B"]
-        elif "lora_A" in g:                            # an adapter on a frozen weight (adapters.py)
+        elif "lora_A" in g:                            # an adapter on a frozen weight (lowrank/adapters.py)
             grads[prefix + ".lora_A"], grads[prefix + ".lora_B"] = g["lora_A"], g["lora_B"]
         else:
             grads[prefix + ".weight"] = g.get("W", g.get("w"))

@@ -1,4 +1,4 @@
-"""The factorized (low-rank) linear layer, a forward/backward pair like those of layers.py, and its parameter names.
+"""The factorized (low-rank) linear layer, and its parameter names (its forward/backward pair is in fast/linears.py).
 
 A dense linear layer `name` (e.g. transformer.h.0.mlp.c_fc) holds name.weight W (out, in). Its factorized
 form holds two thin factors beside it, under these names, in place of name.weight:
@@ -9,7 +9,7 @@ form holds two thin factors beside it, under these names, in place of name.weigh
 
 so the layer computes y = (x Bᵀ) Aᵀ + b: two products, r(out + in) multiply-adds a row instead of
 out·in, and r(out + in) numbers stored instead of out·in. The model picks the factorized form of a layer
-whenever its params hold name.weight_A (model.linear_by_name); a checkpoint lists the ranks in its
+whenever its params hold name.weight_A (fast/model.py's linear_by_name); a checkpoint lists the ranks in its
 metadata ("lowrank": {name: r}). Anything that needs the dense weight (analysis, export) uses
 dense_params, which multiplies the factors out.
 """
@@ -34,7 +34,7 @@ def ranks_of(params):
 
 
 def factorized_shapes(shapes, ranks):
-    """The shapes dict (name -> shape, as model.param_shapes gives) with each layer in ranks stored as two factors.
+    """The shapes dict (name -> shape, as core/gpt2.py's param_shapes gives) with each layer in ranks stored as two factors.
 
     Raises TinyLMError for a layer that is not a linear weight of the model or a rank outside 1 … min(out, in).
     """

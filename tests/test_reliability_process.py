@@ -169,6 +169,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     the save refuses it and the previous checkpoint stays."""
     import pytest
     from tinylm.train import loop as training
+    from tinylm.train.args import TrainArgs
     from tinylm.errors import TinyLMError
     data = tmp_path / "t.txt"
     data.write_text("abcdefgh ijklmnop\n" * 300)
@@ -181,7 +182,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "adamw_step", poisoned_step)
     monkeypatch.setattr(training, "estimate_loss", lambda *a: {"train": 1.0, "val": 1.0})
-    args = training.TrainArgs(data=str(data), out_dir=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=8,
+    args = TrainArgs(data=str(data), out_dir=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=8,
                               block_size=8, batch_size=2, max_iters=10, eval_interval=2, eval_iters=1,
                               sample_tokens=0, progress=False)
     with pytest.raises(TinyLMError, match="diverged before step 4: transformer.wpe.weight is not finite"):

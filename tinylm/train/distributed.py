@@ -1,6 +1,6 @@
 """Data-parallel training over MPI: `mpiexec -n N python train.py ...`.
 
-Every rank runs the same training loop (training.py) with these hooks:
+Every rank runs the same training loop (loop.py) with these hooks:
 
 - the launcher's environment says how many processes were started (`launched_size`); under one,
   training is the single-process path and mpi4py is never imported;

@@ -166,10 +166,12 @@ def save(run, pieces, step, name="ckpt.npz"):
     with_optimizer = name == "ckpt.npz"
     save_checkpoint(run.path(name), run.params, run.config, run.tokenizer, run.opt_state if with_optimizer else None,
                     meta, run.adapters)
+    run.saved = run.saved or with_optimizer
 
 
 def kept(run):
-    return f"{run.path('ckpt.npz')} keeps the last good state"
+    """What a run stopped by an error can truly say of its checkpoint."""
+    return f"{run.path('ckpt.npz')} keeps the last good state" if run.saved else "nothing was saved"
 
 
 def stop_if_asked(run, pieces, step):
@@ -263,6 +265,7 @@ class Run:
     batch_rng: np.random.Generator
     dropout_rng: np.random.Generator
     elapsed_before: float        # seconds of training before this process (a resumed run's)
+    saved: bool                  # ckpt.npz holds a state of this run: written by it, or the one resumed
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     tok_s: float = 0.0           # tokens/s, smoothed over steps
 
@@ -271,7 +274,7 @@ class Run:
         a, config, tokenizer, params, opt_state, state, splits = built
         return cls(a, config, tokenizer, params, opt_state, splits, state.get("lora"), state.get("adapters"),
                    int(state["step"]), state["best_val_loss"], rng_from_state(state["batch_rng"]),
-                   rng_from_state(state["dropout_rng"]), float(state["elapsed_s"]))
+                   rng_from_state(state["dropout_rng"]), float(state["elapsed_s"]), saved=a.init_from == "resume")
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.t0

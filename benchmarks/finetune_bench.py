@@ -34,7 +34,8 @@ from tinylm.errors import TinyLMError
 from tinylm.core.gpt2 import param_shapes
 from tinylm.io.checkpoint import load_checkpoint
 from tinylm.lowrank.adapters import adapter_shapes, resolve_targets
-from tinylm.train.loop import Interrupted, TrainArgs, train
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import Interrupted, train
 
 KJV_DATA = os.path.join(os.path.dirname(DEFAULT_DATA), "kjv_genesis_exodus.txt")
 METHODS = (("full", 0, "lora"), ("lora R=4", 4, "lora"), ("pissa R=4", 4, "pissa"),

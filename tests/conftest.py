@@ -32,7 +32,8 @@ def shakespeare_head(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory, shakespeare_head):
     """A small model trained for a few hundred steps on real text: shared by the tests that need one."""
-    from tinylm.train.loop import TrainArgs, train
+    from tinylm.train.args import TrainArgs
+    from tinylm.train.loop import train
     out = tmp_path_factory.mktemp("trained")
     args = TrainArgs(data=shakespeare_head, out_dir=str(out), n_layer=2, n_head=2, n_embd=48, block_size=32,
                      batch_size=16, max_iters=300, lr_decay_iters=300, warmup_iters=20, eval_interval=100,

@@ -13,7 +13,9 @@ from tinylm.analysis.report import SECTIONS
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """A tiny model trained for a few seconds with --track_spectra on a slice of Tiny Shakespeare."""
-    from tinylm.train.loop import TrainArgs, train
+    from tinylm.analysis.tracking import log_spectra
+    from tinylm.train.args import TrainArgs
+    from tinylm.train.loop import train
     root = tmp_path_factory.mktemp("analyze")
     data = root / "text.txt"
     with open(SHAKESPEARE, encoding="utf-8") as f:
@@ -21,7 +23,8 @@ def tracked_run(tmp_path_factory):
     out = root / "run"
     train(TrainArgs(data=str(data), out_dir=str(out), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
                     max_iters=40, lr_decay_iters=40, warmup_iters=5, eval_interval=20, eval_iters=2,
-                    learning_rate=3e-3, sample_tokens=0, progress=False, track_spectra=True), log=lambda *a: None)
+                    learning_rate=3e-3, sample_tokens=0, progress=False, track_spectra=True), log=lambda *a: None,
+          tracker=log_spectra)
     return out
 
 

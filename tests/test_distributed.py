@@ -106,6 +106,79 @@ def test_the_launchers_variables_give_size_and_rank():
     assert launched_size({"OMPI_COMM_WORLD_SIZE": "2"}) == 2 and launched_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1
 
 
+class _FakeMPI:
+    """Just what Ranks takes from mpi4py's MPI module, for a communicator that is not MPI's."""
+    IN_PLACE = SUM = None
+
+    class Exception(Exception):
+        pass
+
+
+class _Request:
+    def __init__(self, done):
+        self.done = done
+
+    def Test(self):
+        return self.done
+
+
+class _FakeComm:
+    """Two ranks whose collectives complete at once while the peer answers, and never once it has hung."""
+
+    def __init__(self, rank):
+        self.rank, self.answering = rank, True
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return 2
+
+    def Iallreduce(self, send, recv, op=None):
+        return _Request(self.answering)
+
+    Iallgather = Ibcast = lambda self, *a, **kw: _Request(self.answering)
+
+
+def test_a_rank_that_gives_up_says_the_checkpoint_is_intact_only_when_the_run_has_one():
+    from tinylm.core import gpt2 as G
+    from tinylm.train.args import TrainArgs
+    from tinylm.train.distributed import CollectiveTimeout, Ranks, timeout_message
+    assert timeout_message(1, 2.4, "at a training step", False) == (
+        "rank 1 waited 2 s for the other ranks at a training step: a rank or host was lost, or is far slower "
+        "(allow longer with --mpi_timeout); nothing was saved")
+    config = G.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8)
+    params = G.init_params(config, seed=0)
+    x = np.random.default_rng(0).integers(0, 11, size=(4, 8))
+
+    def gives_up(ranks, root_evaluated=None):
+        """The line with which this rank gives up once its peer hangs: setting up, or at a step (root_evaluated)."""
+        ranks.comm.answering = False
+        with pytest.raises(CollectiveTimeout) as e:
+            if root_evaluated is None:
+                ranks.check_same_args(TrainArgs(), ())
+            else:
+                ranks.loss_and_grads(params, config, x, x, None, None, root_evaluated)
+        ranks.comm.answering = True
+        return str(e.value)
+
+    intact = "the last checkpoint is intact, resume it with --init_from resume under any number of processes"
+    for rank in (0, 1):
+        new_run = Ranks(_FakeMPI, _FakeComm(rank), timeout=0.05)
+        assert gives_up(new_run).endswith("; nothing was saved")               # setting up a new run
+        assert gives_up(Ranks(_FakeMPI, _FakeComm(rank), timeout=0.05, saved=True)).endswith(intact)   # resumed
+    # step 0 of a new run: rank 0 evaluated and saved before it; rank 1 cannot know whether it did
+    assert gives_up(Ranks(_FakeMPI, _FakeComm(0), timeout=0.05), root_evaluated=True).endswith(intact)
+    peer = Ranks(_FakeMPI, _FakeComm(1), timeout=0.05)
+    assert gives_up(peer, root_evaluated=True).endswith(
+        "; rank 0 was saving the run's first checkpoint: if OUT_DIR/ckpt.npz is there it is whole, resume it with "
+        "--init_from resume; otherwise nothing was saved")
+    # once rank 0 has come on to the step after an evaluation, its checkpoint is there
+    peer = Ranks(_FakeMPI, _FakeComm(1), timeout=0.05)
+    peer.loss_and_grads(params, config, x, x, None, None, True)
+    assert gives_up(peer, root_evaluated=False).endswith(intact)
+
+
 # ----------------------------------------------------------------------------- under mpiexec
 
 

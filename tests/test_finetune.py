@@ -14,7 +14,8 @@ from tinylm.core import gpt2 as G
 from tinylm.fast import decode as D
 from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.train.loop import TrainArgs, train
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import train
 
 KJV = os.path.join(ROOT, "tinylm", "data", "kjv_genesis_exodus.txt")
 quiet = lambda *a: None

@@ -15,7 +15,8 @@ from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from tinylm.errors import TinyLMError
 from tinylm.core.optim import adamw_init, adamw_step
 from tinylm.text.char import CharTokenizer
-from tinylm.train.loop import TrainArgs, train
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import train
 
 CONFIG = G.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=12)
 
@@ -240,13 +241,13 @@ def test_a_muon_checkpoint_missing_a_momentum_array_is_refused(tmp_path):
 
 
 def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_adamw(shakespeare_head, tmp_path):
-    from tinylm.analysis.tracking import read_jsonl
+    from tinylm.analysis.tracking import log_spectra, read_jsonl
     flat = {}
     for optimizer in ("muon", "adamw"):
         out = tmp_path / optimizer
         train(small_args(shakespeare_head, out, optimizer=optimizer, n_embd=32, track_spectra=True, max_iters=20,
                          lr_decay_iters=25),
-              log=lambda *a: None)
+              log=lambda *a: None, tracker=log_spectra)
         rows = read_jsonl(str(out / "spectra.jsonl"))
         assert [r["step"] for r in rows] == [0, 10, 20]
         assert "updates" not in rows[0] and all(r["optimizer"] == optimizer for r in rows[1:])
@@ -268,15 +269,17 @@ def test_track_spectra_logs_the_applied_updates_spectra_flat_for_muon_not_for_ad
 
 def test_the_report_draws_the_update_spectra(shakespeare_head, tmp_path):
     pytest.importorskip("matplotlib")
+    from tinylm.analysis.tracking import log_spectra
     from tinylm.cli.analyze import analyze_main
-    train(small_args(shakespeare_head, tmp_path, track_spectra=True, max_iters=10), log=lambda *a: None)
+    train(small_args(shakespeare_head, tmp_path, track_spectra=True, max_iters=10), log=lambda *a: None,
+          tracker=log_spectra)
     assert analyze_main([str(tmp_path / "ckpt.npz"), "--only", "training", "--report", str(tmp_path / "rep"),
                          "--no-progress"]) == 0
     html = open(tmp_path / "rep" / "index.html", encoding="utf-8").read()
     assert "Singular values of the updates muon applied" in html
     # --compare another run: its updates drawn beside (AdamW's against Muon's, the same model and data)
     train(small_args(shakespeare_head, tmp_path / "adamw", optimizer="adamw", track_spectra=True, max_iters=10),
-          log=lambda *a: None)
+          log=lambda *a: None, tracker=log_spectra)
     assert analyze_main([str(tmp_path / "ckpt.npz"), "--compare", str(tmp_path / "adamw" / "ckpt.npz"), "--only",
                          "training", "--report", str(tmp_path / "both"), "--no-progress"]) == 0
     html = open(tmp_path / "both" / "index.html", encoding="utf-8").read()

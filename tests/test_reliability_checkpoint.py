@@ -23,7 +23,8 @@ from tinylm.io import checkpoint as C
 from tinylm.fast import model as M
 from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.cli.train import train_main
-from tinylm.train.loop import TrainArgs, train
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import train
 
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n" * 40
 
@@ -239,7 +240,7 @@ def test_the_named_temp_file_fallback_also_cleans_up(tmp_path, monkeypatch, real
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.npz"]
     (tmp_path / "ckpt.npz.4242.tmp").write_bytes(b"left by a crash")
     (tmp_path / "notes.tmp").write_bytes(b"not ours")
-    from tinylm.train.loop import prepare_out_dir
+    from tinylm.train.start import prepare_out_dir
     prepare_out_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.npz", "notes.tmp"]
 

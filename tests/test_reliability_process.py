@@ -7,6 +7,7 @@ at "while a checkpoint is being written".
 """
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     the save refuses it and the previous checkpoint stays."""
     import pytest
     from tinylm.train import loop as training
+    from tinylm.train.args import TrainArgs
     from tinylm.errors import TinyLMError
     data = tmp_path / "t.txt"
     data.write_text("abcdefgh ijklmnop\n" * 300)
@@ -181,10 +183,55 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "adamw_step", poisoned_step)
     monkeypatch.setattr(training, "estimate_loss", lambda *a: {"train": 1.0, "val": 1.0})
-    args = training.TrainArgs(data=str(data), out_dir=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=8,
+    args = TrainArgs(data=str(data), out_dir=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=8,
                               block_size=8, batch_size=2, max_iters=10, eval_interval=2, eval_iters=1,
                               sample_tokens=0, progress=False)
     with pytest.raises(TinyLMError, match="diverged before step 4: transformer.wpe.weight is not finite"):
         training.train(args, log=lambda *a: None)
     ckpt = load_checkpoint(str(tmp_path / "o" / "ckpt.npz"))
     assert ckpt["meta"]["step"] == 2 and all(np.isfinite(p).all() for p in ckpt["params"].values())
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_nothing_was_saved(tmp_path, monkeypatch):
+    """'keeps the last good state' only when there is one: written by this run, or the one it resumed."""
+    import pytest
+    from tinylm.errors import TinyLMError
+    from tinylm.fast import model as M
+    from tinylm.train import loop as training
+    from tinylm.train.args import TrainArgs
+    data = tmp_path / "t.txt"
+    data.write_text("abcdefgh ijklmnop\n" * 300)
+    out = tmp_path / "o"
+    args = lambda **kw: TrainArgs(**{**dict(data=str(data), out_dir=str(out), n_layer=1, n_head=2, n_embd=8,
+                                            block_size=8, batch_size=2, max_iters=4, eval_interval=2, eval_iters=1,
+                                            sample_tokens=0, progress=False), **kw})
+    quiet = lambda *a: None
+    real_estimate, real_grads = training.estimate_loss, M.loss_and_grads_parallel
+    nan_eval = lambda *a: {"train": float("nan"), "val": float("nan")}
+    monkeypatch.setattr(training, "estimate_loss", nan_eval)            # the step-0 evaluation fails
+    with pytest.raises(TinyLMError) as e:
+        training.train(args(), log=quiet)
+    assert str(e.value) == ("training diverged at step 0: evaluation loss nan (train), nan (val); nothing was saved; "
+                            "try a lower --learning_rate")
+    assert not (out / "ckpt.npz").exists() and not (out / "best.npz").exists()
+    # a new run over an earlier one (--overwrite) that fails as early: the earlier checkpoint is left, not its own
+    monkeypatch.setattr(training, "estimate_loss", real_estimate)
+    training.train(args(), log=quiet)
+    earlier = (out / "ckpt.npz").read_bytes()
+    monkeypatch.setattr(training, "estimate_loss", nan_eval)
+    with pytest.raises(TinyLMError, match="; nothing was saved; "):
+        training.train(args(overwrite=True), log=quiet)
+    assert (out / "ckpt.npz").read_bytes() == earlier
+    # a loss that is not finite at the first training step comes after the step-0 checkpoint: that one is kept
+    monkeypatch.setattr(training, "estimate_loss", real_estimate)
+    monkeypatch.setattr(M, "loss_and_grads_parallel", lambda *a, **kw: (float("nan"), real_grads(*a, **kw)[1]))
+    with pytest.raises(TinyLMError, match=rf"^training diverged at step 0: loss nan, gradient norm [\d.]+; "
+                                          rf"{re.escape(str(out / 'ckpt.npz'))} keeps the last good state; "):
+        training.train(args(overwrite=True), log=quiet)
+    assert load_checkpoint(str(out / "ckpt.npz"))["meta"]["step"] == 0
+    # a resumed run has its checkpoint from the start, even when it fails at its first evaluation
+    monkeypatch.setattr(M, "loss_and_grads_parallel", real_grads)
+    monkeypatch.setattr(training, "estimate_loss", nan_eval)
+    with pytest.raises(TinyLMError, match=rf"^training diverged at step 2: evaluation loss nan \(train\), nan \(val\); "
+                                          rf"{re.escape(str(out / 'ckpt.npz'))} keeps the last good state; "):
+        training.train(args(init_from="resume"), explicit=("init_from",), log=quiet)

@@ -9,7 +9,8 @@ import pytest
 from tinylm.fast import model as M
 from tinylm.io.checkpoint import load_checkpoint
 from tinylm.errors import TinyLMError
-from tinylm.train.loop import TrainArgs, train
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import train
 
 
 def test_short_run_lowers_the_loss_well_below_uniform(trained_dir):
@@ -135,3 +136,30 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(shakespeare_head, t
     summary = train(_args(shakespeare_head, tmp_path, 5, init_from="resume"), explicit=("init_from",), log=notes.append)
     assert summary["step"] == 5 and any(n.startswith("nothing to do") and "--max_iters" in n for n in notes)
     assert open(tmp_path / "ckpt.npz", "rb").read() == before
+
+
+def test_track_spectra_without_a_tracker_is_refused_with_one_line_before_anything_is_written(shakespeare_head, tmp_path):
+    """The loop does not import the analysis: --track_spectra needs its logger handed in (train.py hands it)."""
+    with pytest.raises(TinyLMError, match=r"^--track_spectra needs a spectrum logger.*tracker=tinylm\.analysis\."
+                                          r"tracking\.log_spectra") as e:
+        train(_args(shakespeare_head, tmp_path / "run", 5, track_spectra=True), log=lambda *a: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    # a resumed run tracks by its checkpoint's settings: without the logger it is refused too, the run untouched
+    from tinylm.analysis.tracking import log_spectra
+    train(_args(shakespeare_head, tmp_path / "run", 5, track_spectra=True), log=lambda *a: None, tracker=log_spectra)
+    before = open(tmp_path / "run" / "ckpt.npz", "rb").read()
+    with pytest.raises(TinyLMError, match="^--track_spectra needs a spectrum logger"):
+        train(_args(shakespeare_head, tmp_path / "run", 10, init_from="resume"), explicit=("init_from", "max_iters"),
+              log=lambda *a: None)
+    assert open(tmp_path / "run" / "ckpt.npz", "rb").read() == before
+
+
+def test_the_command_line_resumes_a_tracked_run_still_tracking(shakespeare_head, tmp_path):
+    from tinylm.cli.train import train_main
+    small = ["--data", shakespeare_head, "--out_dir", str(tmp_path), "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+             "--block_size", "16", "--batch_size", "4", "--eval_interval", "5", "--eval_iters", "2",
+             "--sample_tokens", "0", "--progress", "false"]
+    assert train_main(small + ["--max_iters", "5", "--track_spectra", "true"]) == 0
+    assert train_main(["--out_dir", str(tmp_path), "--init_from", "resume", "--max_iters", "10"]) == 0   # no flag
+    rows = [json.loads(l) for l in open(tmp_path / "spectra.jsonl")]
+    assert [r["step"] for r in rows] == [0, 5, 10] and "updates" in rows[-1]

@@ -1,9 +1,12 @@
-"""train.py's command line: every TrainArgs field as a flag, then tinylm.train.loop.train."""
+"""train.py's command line: every TrainArgs field as a flag, then tinylm.train.loop.train (with the spectrum
+logger of tinylm.analysis.tracking, for --track_spectra)."""
 import argparse
 import dataclasses
 
+from tinylm.analysis.tracking import log_spectra
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
-from tinylm.train.loop import HELP, TrainArgs, train
+from tinylm.train.args import HELP, TrainArgs
+from tinylm.train.loop import train
 
 
 def train_parser():
@@ -35,5 +38,6 @@ def _train(argv):
     if "max_iters" in ns and "lr_decay_iters" not in ns and ns.get("init_from", "scratch") != "resume":
         ns["lr_decay_iters"] = ns["max_iters"]    # a shorter run still decays its learning rate to min_lr
     args = dataclasses.replace(TrainArgs(), **ns)
-    train(args, explicit=tuple(ns))
+    # handed over whether or not --track_spectra is given: a resumed run may track by its checkpoint's settings
+    train(args, explicit=tuple(ns), tracker=log_spectra)
     return 0

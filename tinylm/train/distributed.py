@@ -1,6 +1,6 @@
 """Data-parallel training over MPI: `mpiexec -n N python train.py ...`.
 
-Every rank runs the same training loop (training.py) with these hooks:
+Every rank runs the same training loop (loop.py) with these hooks:
 
 - the launcher's environment says how many processes were started (`launched_size`); under one,
   training is the single-process path and mpi4py is never imported;
@@ -109,7 +109,7 @@ def import_mpi(size):
 class Ranks:
     """This process's place among the ranks and the summed buffer; what the training loop calls."""
 
-    def __init__(self, MPI, comm, timeout):
+    def __init__(self, MPI, comm, timeout, saved=False):
         self.MPI, self.comm, self.timeout = MPI, comm, float(timeout)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.root = self.rank == 0
@@ -121,6 +121,8 @@ class Ranks:
         self.compute_s = 0.0
         self.pending = False         # a collective posted and not completed (this rank failed inside it)
         self.eval_iters = 0
+        self.saved = saved           # OUT_DIR/ckpt.npz holds a state of this run (resumed, or saved by rank 0);
+                                     # None: rank 0 was to save the first one before the step this rank waits at
 
     # ------------------------------------------------------------------ waiting, with a deadline
 
@@ -132,15 +134,12 @@ class Ranks:
             while not request.Test():
                 waited = time.monotonic() - start
                 if allow_s is not None and waited > allow_s:
-                    raise CollectiveTimeout(
-                        f"rank {self.rank} waited {waited:.0f} s for the other ranks {what}: a rank or host was "
-                        f"lost, or is far slower (allow longer with --mpi_timeout); the last checkpoint is intact, "
-                        f"resume it with --init_from resume under any number of processes")
+                    raise CollectiveTimeout(timeout_message(self.rank, waited, what, self.saved))
                 if waited > SPIN_S:
                     time.sleep(POLL_S)
         except self.MPI.Exception as e:
-            raise CollectiveTimeout(f"rank {self.rank}: MPI failed {what} ({e.Get_error_string()}); the last "
-                                    f"checkpoint is intact, resume it with --init_from resume") from None
+            raise CollectiveTimeout(f"rank {self.rank}: MPI failed {what} ({e.Get_error_string()}); "
+                                    f"{checkpoint_note(self.saved)}") from None
         self.pending = False
 
     def bcast(self, array, what, allow_s=None):
@@ -257,10 +256,15 @@ class Ranks:
             self.root_gap = max(0.0, t0 - self.t_done)     # evaluation, logging, checkpoints since the last step
         self.slots[:] = [loss * share, float(stop_signum == signal.SIGINT), float(stop_signum == signal.SIGTERM), 0.0,
                          self.root_gap if self.root else 0.0]
+        if root_evaluated and not self.saved:
+            # rank 0 has written the run's first ckpt.npz before this step; the others know it once it comes on to it
+            self.saved = True if self.root else None
         self.allreduce("at a training step", root_evaluated)
         loss_sum, sigint, sigterm, abort, gap = (float(v) for v in self.slots)
         if abort > 0:
             raise PeerStopped("another rank stopped with an error (printed above)")
+        if root_evaluated:
+            self.saved = True    # ... and rank 0 has come on to this step, so the others know it too
         self.stopping = sigint + sigterm > 0
         self.stop_signum = signal.SIGTERM if sigterm > 0 else signal.SIGINT if sigint > 0 else None
         self.root_gap = gap
@@ -300,6 +304,22 @@ def global_batch(a, explicit):
     return saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else a.batch_size
 
 
+def checkpoint_note(saved):
+    """What a rank that gives up can truly say of the run's checkpoint: intact only if there is one of this run
+    (saved: True, False, or None when rank 0 was saving the first one as it stopped answering)."""
+    if saved:
+        return "the last checkpoint is intact, resume it with --init_from resume under any number of processes"
+    if saved is None:
+        return ("rank 0 was saving the run's first checkpoint: if OUT_DIR/ckpt.npz is there it is whole, resume it "
+                "with --init_from resume; otherwise nothing was saved")
+    return "nothing was saved"
+
+
+def timeout_message(rank, waited, what, saved):
+    return (f"rank {rank} waited {waited:.0f} s for the other ranks {what}: a rank or host was lost, or is far "
+            f"slower (allow longer with --mpi_timeout); {checkpoint_note(saved)}")
+
+
 def _quiet(*args, **kwargs):
     pass
 
@@ -321,7 +341,7 @@ def run(train, a, explicit, log):
                               f"run the mpiexec installed beside this Python (pip install -e '.[mpi]')")
         if not a.mpi_timeout > 0:
             raise TinyLMError(f"--mpi_timeout must be a positive number of seconds, got {a.mpi_timeout}")
-        ranks = Ranks(MPI, comm, a.mpi_timeout)
+        ranks = Ranks(MPI, comm, a.mpi_timeout, saved=a.init_from == "resume")   # a resumed run's is there already
         ranks.check_same_args(a, explicit)
         batch = np.full(1, -1, dtype=np.int64)
         try:

@@ -179,7 +179,7 @@ def section_summaries(results):
     if "lowrank" in results:
         lr = results["lowrank"]
         b = lr["smallest_within_tolerance"]
-        out.append(f"low rank: base loss {lr['base_loss']:.4f}; " + (
+        out.append(f"low rank: validation loss {lr['base_loss']:.4f} on {lr['n_tokens']:,} tokens; " + (
             f"smallest rank within {100 * lr['tolerance']:.0f}%: {100 * b['rank_fraction']:.1f}% of each matrix's rank, "
             f"{100 * b['param_fraction']:.0f}% of block parameters, loss {b['loss']:.4f}" if b else "no truncation stays within tolerance"))
         if "whitened_smallest_within_tolerance" in lr:

@@ -51,18 +51,25 @@ def compress_parser():
     return ap
 
 
-def validation_loss(params, config, tokenizer, meta, n_tokens):
-    """Mean loss on n_tokens of the validation split of the run's text, in windows of block_size (fixed windows)."""
+def validation_windows(tokenizer, meta, block_size, n_tokens):
+    """About n_tokens of the validation split of the run's text (its last 10%), as evenly spaced windows
+    of block_size + 1 tokens: the same windows every time.   -> (n, block_size + 1) token ids"""
     saved = (meta.get("train_args") or {}).get("data")
     path = saved if isinstance(saved, str) and os.path.isfile(saved) else DEFAULT_DATA
     val = np.asarray(train_val_split(encode_file(path, (meta.get("train_args") or {}).get("encoding_errors", "strict"),
                                                  tokenizer))[1])
-    T = config.block_size
+    T = block_size
     n = max(1, min(math.ceil(n_tokens / T), (len(val) - 1) // T))
     starts = np.linspace(0, len(val) - T - 1, n).round().astype(np.intp)
-    w = val[starts[:, None] + np.arange(T + 1)].astype(np.intp)
+    return val[starts[:, None] + np.arange(T + 1)].astype(np.intp)
+
+
+def validation_loss(params, config, tokenizer, meta, n_tokens):
+    """Mean loss on validation_windows: n_tokens of the validation split, in evenly spaced windows of block_size.
+    The same quantity as train.py's val loss, averaged over other windows (docs/results.md#validation-loss)."""
+    w = validation_windows(tokenizer, meta, config.block_size, n_tokens)
     return float(np.mean([forward(params, config, w[i:i + 32, :-1], w[i:i + 32, 1:], for_backward=False)[1]
-                          for i in range(0, n, 32)]))
+                          for i in range(0, len(w), 32)]))
 
 
 def _compress(argv):
@@ -109,7 +116,9 @@ def _compress(argv):
     if a.eval_tokens:
         base = validation_loss(params, config, tok, meta, a.eval_tokens)
         loss = validation_loss(new, config, tok, meta, a.eval_tokens)
-        print(f"validation loss {base:.4f} -> {loss:.4f} ({100 * (loss - base) / base:+.2f}%)")
+        n, T = validation_windows(tok, meta, config.block_size, a.eval_tokens)[:, 1:].shape
+        print(f"validation loss on {n * T:,} tokens ({n:,} evenly spaced windows of {T} of the validation split): "
+              f"{base:.4f} -> {loss:.4f} ({100 * (loss - base) / base:+.2f}%)")
     print(f"wrote {a.out} (sample: python sample.py --init_from {a.out}; train on: put it in a folder as "
           f"ckpt.npz and run python train.py --out_dir FOLDER --init_from resume --max_iters N)")
     return 0

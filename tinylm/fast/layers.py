@@ -346,7 +346,8 @@ ATTENTION_CHUNK_BYTES = 2 << 20
 # the diagonal, where the causal mask would zero everything, are never computed. At T = 256 (baby GPT)
 # that is 3 of 4 blocks, 75% of the square; at T ≤ 128 (the CPU recipe) one block, the whole square.
 # Smaller blocks skip more but make smaller products: with two threads at once, 128 was faster
-# than 64 and level with 96 on baby GPT's shapes (docs/performance.md, log row 21).
+# than 64 and level with 96 on baby GPT's shapes (row 21 of the optimization log in
+# `git show 8dbd490:docs/performance.md`).
 ATTENTION_ROW_BLOCK = 128
 
 

@@ -122,9 +122,10 @@ def keep_freed_memory(trim_bytes=256 << 20, mmap_bytes=64 << 20, pad_bytes=64 <<
     included) and up to `trim_bytes` of free heap kept, they are reused. A worker thread's heap is
     a separate 64 MB mapping, though, which glibc unmaps as soon as it is all free unless the top
     pad is as large as a heap: `pad_bytes` (M_TOP_PAD) at 64 MB keeps them, so baby GPT's 50 MB
-    arrays, each nearly a heap of its own, stop being faulted in afresh every step (log row 29).
+    arrays, each nearly a heap of its own, stop being faulted in afresh every step (row 29 of the
+    optimization log in `git show 8dbd490:docs/performance.md`).
     What is kept was in use a moment before, so the peak grows only by what cannot be reused in one
-    piece (baby GPT: +0.1-0.2 GB each, log rows 24 and 29). Process-wide, set once; a no-op where the
+    piece (baby GPT: +0.1-0.2 GB each, rows 24 and 29 there). Process-wide, set once; a no-op where the
     C library has no mallopt (not glibc).
     """
     global _allocator_tuned
@@ -151,7 +152,7 @@ def pool(workers):
     When there is one thread per core this process may use, each thread is pinned to a core of its
     own (Linux). Left free, the scheduler now and then moves a thread to the other core, where the
     caches hold the other half's data: pinned, the CPU recipe's step is 1.3-2% faster
-    (docs/performance.md, log row 33). With fewer threads than cores nothing is pinned, so that
+    (row 33 of the optimization log in `git show 8dbd490:docs/performance.md`). With fewer threads than cores nothing is pinned, so that
     several such processes do not all crowd onto the first cores.
     """
     if workers not in _pools:

@@ -85,3 +85,58 @@ def test_errors_are_one_line(tracked_run, tmp_path, args, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def drawn_text_overlaps(fig):
+    """Pairs of panels (i, j) where a title, axis label or drawn tick label of panel i lies on panel j or on
+    one of j's texts: what made a colour bar's labels run into the next heat map's axis."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = []
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.axison:
+            continue
+        def drawn(axis, lim):
+            lo, hi = min(lim), max(lim)
+            return [t for v, t in zip(axis.get_ticklocs(), axis.get_ticklabels()) if lo - 1e-9 <= v <= hi + 1e-9]
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label] + drawn(ax.xaxis, ax.get_xlim()) + drawn(ax.yaxis, ax.get_ylim())
+        panels.append((i, ax.get_window_extent(renderer),
+                       [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]))
+    return sorted({(i, j) for i, _, boxes in panels for j, frame, other in panels if i != j
+                   for b in boxes if b.overlaps(frame) or any(b.overlaps(c) for c in other)})
+
+
+def test_report_figures_keep_their_text_apart_and_label_the_small_multiples(tracked_run, monkeypatch):
+    """The heat maps' colour bars clear of the next panel, and every grid of small panels (spectra, ESDs, OV
+    eigenvalues, attention maps) with readable titles and its axes named on the outer panels."""
+    pytest.importorskip("matplotlib")
+    import tinylm.analysis.report as R
+    from tinylm.cli.analyze import analyze_parser, run_analysis
+    from tinylm.io.checkpoint import load_checkpoint
+    path = str(tracked_run / "ckpt.npz")
+    args = analyze_parser().parse_args([path, "--compare-init", "--n-boot", "0", "--eval-seqs", "4", "--no-progress"])
+    sections = ["spectra", "circuits", "embeddings"]
+    results = run_analysis(load_checkpoint(path), path, sections, args, log=lambda *a: None)
+    seen = []
+
+    def check(fig):
+        panels = [ax for ax in fig.axes if ax.axison]
+        seen.append((getattr(fig, "_many_panels", False), drawn_text_overlaps(fig),
+                     min(ax.title.get_fontsize() for ax in panels),
+                     any(ax.get_xlabel() for ax in panels) and any(ax.get_ylabel() for ax in panels)))
+        return ""
+    monkeypatch.setattr(R, "_png", check)
+    for name in sections:
+        R.section_figures(name, results[name], results)
+    assert len(seen) >= 8 and sum(many for many, *_ in seen) >= 4
+    for many, overlaps, title_size, labelled in seen:
+        assert overlaps == [], overlaps
+        if many:
+            assert title_size >= 9 and labelled
+
+
+def test_a_flag_in_a_caption_never_breaks_at_its_hyphens():
+    from tinylm.analysis.report import _caption, _caption_html
+    page = _caption_html(_caption("Spectra", "run with --compare-init to see which.", "3-linear-transformations"), "tour.md")
+    assert "<code class='flag'>--compare-init</code>" in page and page.endswith("</a>.")
+    assert "code.flag{white-space:nowrap}" in __import__("tinylm.analysis.report", fromlist=["CSS"]).CSS

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -239,19 +240,34 @@ def _png(fig):
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _grid(n, cols, w=2.6, h=2.0):
-    """A figure of n small panels, cols per row, with few ticks (tick layout dominates drawing time)."""
+def _grid(n, cols, w=2.6, h=2.0, xlabel=None, ylabel=None, title_lines=1):
+    """A figure of n small panels, cols per row, with few ticks (tick layout dominates drawing time).
+
+    w, h: inches per panel, gaps included. The margins and gaps are fixed in inches, so that titles, tick labels
+    and the axis labels (xlabel under the lowest panel of each column, ylabel left of the first column) fit at
+    any number of panels, without the second drawing pass that bbox_inches="tight" or a constrained layout costs."""
     plt = _plt()
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=0.95, wspace=0.3, hspace=0.55)
+    title = 0.2 * title_lines + 0.08                      # inches a title takes above its panel
+    left, right, bottom, top = (0.75 if ylabel else 0.45), 0.15, (0.55 if xlabel else 0.35), title + 0.1
+    gap_w, gap_h = 0.6, 0.3 + title + (0.2 if xlabel else 0)
+    W, H = w * cols, h * rows
+    aw, ah = (W - left - right - (cols - 1) * gap_w) / cols, (H - bottom - top - (rows - 1) * gap_h) / rows
+    fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
+                        wspace=gap_w / aw, hspace=gap_h / ah)
     fig._many_panels = True
-    for ax in axes.ravel()[n:]:
+    flat = axes.ravel()
+    for ax in flat[n:]:
         ax.axis("off")
-    for ax in axes.ravel()[:n]:
+    for i, ax in enumerate(flat[:n]):
         ax.locator_params(nbins=3)
-        ax.tick_params(labelsize=6)
-    return fig, axes.ravel()
+        ax.tick_params(labelsize=8)
+        if xlabel and i + cols >= n:                      # the lowest panel of its column
+            ax.set_xlabel(xlabel, fontsize=9)
+        if ylabel and i % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=9)
+    return fig, flat
 
 
 def _whole(spectra):
@@ -268,13 +284,19 @@ def _caption(what, notice, section):
     return f"{what}. What to notice: {notice} See {TOUR_LINK}{section}"
 
 
+def _flags_html(text):
+    """Escaped text with each command-line flag (--compare-init) in a code span that never wraps: a browser
+    may otherwise break the line at a hyphen, leaving "-" at a line's end and "-compare-init" on the next."""
+    return re.sub(r"(?<![\w-])(--[A-Za-z][\w-]*)", r"<code class='flag'>\1</code>", html.escape(text))
+
+
 def _caption_html(caption, tour_href):
     """The caption, escaped, with its closing docs/tour.md#section turned into a link (tour_href: the tour from the page)."""
     e = html.escape
     head, sep, section = caption.rpartition(" See " + TOUR_LINK)
     if not sep:
-        return e(caption)
-    return f"{e(head)} See <a href='{e(tour_href)}#{e(section)}'>the tour, {e(section.replace('-', ' '))}</a>."
+        return _flags_html(caption)
+    return f"{_flags_html(head)} See <a href='{e(tour_href)}#{e(section)}'>the tour, {e(section.replace('-', ' '))}</a>."
 
 
 def spectra_figures(sec):
@@ -287,16 +309,16 @@ def spectra_figures(sec):
         kind = n.split(".", 1)[1] if n.startswith("h") and "." in n else n
         if kind not in kinds:
             kinds.append(kind)
-    fig, axes = _grid(len(kinds), 4, 3.2, 2.4)
+    fig, axes = _grid(len(kinds), 4, 3.5, 2.7, xlabel="index i (largest first)", ylabel="log₁₀ σᵢ")
     for ax, kind in zip(axes, kinds):
         members = [n for n in names if n == kind or n.endswith("." + kind) and n.split(".", 1)[1] == kind]
         for i, n in enumerate(members):
             ax.plot(np.log10(np.maximum(trained[n]["singular_values"], 1e-12)), color=f"C{i}", lw=1, label=n.split(".")[0])
             if init:
                 ax.plot(np.log10(np.maximum(init[n]["singular_values"], 1e-12)), "--", color=f"C{i}", lw=0.7, alpha=0.6)
-        ax.set_title(kind, fontsize=8)
+        ax.set_title(kind, fontsize=10)
         if len(members) > 1:
-            ax.legend(fontsize=5)
+            ax.legend(fontsize=7)
     figs.append((_caption("log₁₀ of the singular values σᵢ (descending) of every whole matrix, one line per layer" +
                           (", trained (solid) and at initialization (dashed)" if init else ""),
                           "where a trained line leaves its dashed twin, training put structure into that matrix, and a "
@@ -304,7 +326,7 @@ def spectra_figures(sec):
                           "a line that falls steeply at the left has a few dominant directions; run with --compare-init "
                           "to see which of them training made.", "3-linear-transformations"), _png(fig)))
 
-    fig, axes = _grid(len(names), 6, 2.4, 1.9)
+    fig, axes = _grid(len(names), 6, 2.6, 2.3, xlabel="log₁₀ λ", ylabel="density", title_lines=2)
     for ax, n in zip(axes, names):
         m = trained[n]
         ev = np.asarray(m["esd"], dtype=float)
@@ -331,7 +353,8 @@ def spectra_figures(sec):
         if m.get("bulk_max") is not None and m["bulk_max"] > 0:
             ax.axvline(np.log10(m["bulk_max"]), color="g", ls="--", lw=0.8)
         ax.set_yticks([])   # the density's scale says nothing here, and tick labels cost drawing time
-        ax.set_title(f"{n} α={_num(m.get('alpha'), '{:.2f}')}" + (f" (init {_num(init[n].get('alpha'), '{:.2f}')})" if init else ""), fontsize=7)
+        ax.set_title(f"{n}\nα = {_num(m.get('alpha'), '{:.2f}')}" + (f" (init {_num(init[n].get('alpha'), '{:.2f}')})" if init else ""),
+                     fontsize=9)
     figs.append((_caption("ESD: histogram of log₁₀ of the eigenvalues of WᵀW with the power-law tail fit (red; dotted: xmin) "
                           "and the Marchenko-Pastur bulk edge (green dashed)" +
                           ("; grey outline: the same matrix at initialization" if init else ""),
@@ -367,7 +390,8 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     plt = _plt()
     figs = []
     rows = [("trained", sec)] + ([("init", sec["init"])] if sec.get("init") else [])
-    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3 * len(rows)), squeeze=False)
+    # constrained: each colour bar gets its own room, clear of the next panel's label and ticks
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.3 * len(rows)), squeeze=False, layout="constrained")
     for r, (label, s) in enumerate(rows):
         L = 1 + max(h["layer"] for h in s["heads"])
         H = 1 + max(h["head"] for h in s["heads"])
@@ -392,14 +416,13 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
                           "initialization every score sits near 0.", "which-head-copies"), _png(fig)))
 
     heads = sec["heads"]
-    fig, axes = _grid(len(heads), max(1 + max(h["head"] for h in heads), 2), 2.4, 2.2)
+    fig, axes = _grid(len(heads), max(1 + max(h["head"] for h in heads), 2), 2.8, 2.6, xlabel="Re λ", ylabel="Im λ")
     for ax, h in zip(axes, heads):
         ev = np.asarray(h["token_ov_eigenvalues"])
         ax.scatter(ev.real, ev.imag, s=6)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
-        ax.set_title(f"L{h['layer']}H{h['head']} copy={h['copying_score']:.2f}", fontsize=8)
-        ax.tick_params(labelsize=6)
+        ax.set_title(f"L{h['layer']}H{h['head']}  copying {h['copying_score']:.2f}", fontsize=10)
     figs.append((_caption("Eigenvalues (complex plane) of each head's token-to-token OV circuit W_U G_f W_O W_V G_1 W_E",
                           "points along the positive real axis mean the head copies the token it attends to, along the "
                           "negative axis that it suppresses it, a round cloud that it has no simple token-to-token role.",
@@ -411,6 +434,8 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
         axes[1].semilogy(h["ov_singular_values"], lw=0.8, label=f"L{h['layer']}H{h['head']}")
     axes[0].set_title("W_QK = W_Qᵀ W_K singular values", fontsize=9)
     axes[1].set_title("W_OV = W_O W_V singular values", fontsize=9)
+    for ax in axes:
+        ax.set(xlabel="index i (largest first)", ylabel="σᵢ")
     axes[1].legend(fontsize=5, ncol=2)
     figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)",
                           "a first QK singular value far above the second means one direction sets most of the head's "
@@ -419,22 +444,18 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
 
     att = np.asarray(sec["prompt_attention"])
     L, H = att.shape[:2]
-    fig, axes = plt.subplots(L, H, figsize=(2.6 * H, 2.6 * L), squeeze=False)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=0.96, wspace=0.25, hspace=0.3)
-    fig._many_panels = True
+    fig, axes = _grid(L * H, H, 2.8, 2.9, xlabel="key position", ylabel="query position")
     labels = [_mpl_text(token_label(t)) for t in (prompt_tokens if prompt_tokens is not None else prompt)]
     for i in range(L):
         for j in range(H):
-            ax = axes[i, j]
+            ax = axes[i * H + j]
             ax.imshow(att[i, j], cmap="Blues", vmin=0, vmax=1)
-            ax.set_title(f"L{i}H{j}", fontsize=8)
-            if len(labels) <= 40:
+            ax.set_title(f"L{i}H{j}", fontsize=10)
+            if len(labels) <= 40:        # short prompts: the tokens themselves on the axes
                 ax.set_xticks(range(len(labels)))
                 ax.set_yticks(range(len(labels)))
                 ax.set_xticklabels(labels, fontsize=4)
                 ax.set_yticklabels(labels, fontsize=4)
-            else:
-                ax.tick_params(labelsize=5)
     figs.append((_caption("Attention patterns (row: query position, column: key position) for the prompt",
                           "a line just below the diagonal is a previous-token head, dark cells that step along the text "
                           "are a head that looks back at one kind of token (a space, say), an even grey is a head that averages.",
@@ -446,7 +467,7 @@ def embeddings_figures(sec):
     plt = _plt()
     figs = []
     rows = [("trained", sec)] + ([("init", sec["init"])] if sec.get("init") else [])
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4 * len(rows)), squeeze=False, layout="constrained")
     for r, (label, s) in enumerate(rows):
         evr = np.asarray(s["pca_explained_variance_ratio"])
         ax = axes[r, 0]
@@ -662,7 +683,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 .where{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}
 table{border-collapse:collapse;font-size:.8em;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}
-figcaption{font-size:.85em;color:#444}.note{background:#fff8e0;padding:.5em;border-left:3px solid #e0b000}"""
+figcaption{font-size:.85em;color:#444}code.flag{white-space:nowrap}.note{background:#fff8e0;padding:.5em;border-left:3px solid #e0b000}"""
 
 
 def _table(header, rows):
@@ -762,10 +783,11 @@ def _section_tables(name, sec, results):
                 "the top eigenvalue of the preconditioned Hessian against (2 + 2β₁)/((1 − β₁)η) (Cohen et al. 2022).</p>")
     if name == "training":
         if not sec["metrics"]:
-            return f"<p class='note'>{e(sec['note'])}</p>"
+            return f"<p class='note'>{_flags_html(sec['note'])}</p>"
         rows = [[r.get("step"), _num(r.get("train_loss"), "{:.4f}"), _num(r.get("val_loss"), "{:.4f}"),
                  _num(r.get("lr"), "{:.2e}"), _num(r.get("tokens_per_s"), "{:.0f}")] for r in sec["metrics"]]
-        note = "" if sec["spectra"] else "<p class='note'>No spectra.jsonl: train with --track_spectra true to see spectra during training.</p>"
+        note = "" if sec["spectra"] else ("<p class='note'>" + _flags_html("No spectra.jsonl: train with --track_spectra true "
+                                                                          "to see spectra during training.") + "</p>")
         return _table(["step", "train loss", "val loss", "lr", "tokens/s"], rows) + note
     return ""
 
@@ -803,7 +825,7 @@ def write_html(results, path, figures=True):
              f"<p>Step {e(str(results.get('step')))}; model: {e(', '.join(f'{k}={v}' for k, v in cfg.items()))}; "
              f"{results['n_params']:,} parameters.</p>"]
     if scale_note(results):
-        parts.append(f"<p class='note'>{e(scale_note(results))}</p>")
+        parts.append(f"<p class='note'>{_flags_html(scale_note(results))}</p>")
     if not figures:
         parts.append("<p class='note'>Figures need matplotlib: <code>pip install -e '.[plot]'</code>, then run the command again.</p>")
     parts.append("<ul>" + "".join(f"<li><a href='#{n}'>{e(SECTIONS[n][0])}</a></li>" for n in SECTION_NAMES if n in results) + "</ul>")

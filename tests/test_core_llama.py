@@ -308,6 +308,51 @@ def batch(config, B, T, seed=1):
     return rng.integers(0, config.vocab_size, size=(B, T)), rng.integers(0, config.vocab_size, size=(B, T))
 
 
+def llama_by_hand(P, config, idx):
+    """The logits written another way: one query head at a time reading K/V head h // G, each pair turned by
+    rope_by_pairs, silu as g/(1 + e^−g)."""
+    H, T = config.n_head, idx.shape[1]
+    D, G = config.n_embd // H, H // config.n_kv_head
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + config.norm_eps) * w
+
+    x = P["model.embed_tokens.weight"][idx]
+    for i in range(config.n_layer):
+        W = {n: P[f"model.layers.{i}.{n}.weight"] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+             "post_attention_layernorm")}
+        h = norm(x, W["input_layernorm"])
+        heads = []
+        for head in range(H):
+            rows, kv_rows = slice(head * D, head * D + D), slice(head // G * D, head // G * D + D)
+            q = rope_by_pairs(h @ W["self_attn.q_proj"][rows].T, range(T), config.rope_theta)
+            k = rope_by_pairs(h @ W["self_attn.k_proj"][kv_rows].T, range(T), config.rope_theta)
+            s = np.where(future, -np.inf, q @ k.transpose(0, 2, 1) / math.sqrt(D))
+            a = np.exp(s - s.max(axis=-1, keepdims=True))
+            heads.append(a / a.sum(axis=-1, keepdims=True) @ (h @ W["self_attn.v_proj"][kv_rows].T))
+        x = x + np.concatenate(heads, axis=-1) @ W["self_attn.o_proj"].T
+        h = norm(x, W["post_attention_layernorm"])
+        g, u = h @ W["mlp.gate_proj"].T, h @ W["mlp.up_proj"].T
+        x = x + (g / (1.0 + np.exp(-g)) * u) @ W["mlp.down_proj"].T
+    head = P["model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"]
+    return norm(x, P["model.norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_head=1), dict(n_kv_head=2, tie_embeddings=True),
+                                dict(n_head=4, n_kv_head=2, n_embd=16, norm_eps=0.05, rope_theta=10.0)])
+def test_llama_forward_is_the_model_written_another_way(kw):
+    config = tiny(block_size=6, **kw)
+    params = perturbed_params(config, seed=3, scale=0.3)
+    idx, targets = batch(config, B=2, T=6)
+    logits, loss, _ = llama.forward(params, config, idx, targets)
+    np.testing.assert_allclose(logits, llama_by_hand(params, config, idx), rtol=1e-12, atol=1e-13)
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    assert abs(loss + np.take_along_axis(logp, targets[..., None], -1).mean()) < 1e-13
+
+
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 def test_llama_gradient_matches_finite_differences(tie, n_kv_head):

@@ -15,7 +15,7 @@ from conftest import ROOT
 ROOMS = ("base", "core", "fast", "text", "lowrank", "io", "train", "analysis", "cli", "exercises", "front door")
 BASE = {"tinylm", "tinylm.errors", "tinylm.atomic"}
 FRONT_DOORS = {"tinylm.export", "tinylm.compress", "tinylm.gradcheck"}
-CORE_MAX_LINES = 900
+CORE_MAX_LINES = 1300
 CORE_MAX_FUNCTION_LINES = 40
 
 

@@ -2,8 +2,8 @@
 
     python -m tinylm.gradcheck          # a table of relative errors, layer by layer and for the whole model
 
-It checks the reading path (core/layers.py, core/gpt2.py) and what training runs (fast/: its layers, dropout,
-row blocks, factorized and adapter layers, the whole fast model), each against its own finite differences.
+It checks the reading path (core/layers.py, core/gpt2.py, core/llama.py) and what training runs (fast/: its layers,
+dropout, row blocks, factorized and adapter layers, the whole fast model), each against its own finite differences.
 
 For a layer y = f(x, θ) we take the scalar L = Σ y ⊙ R with a fixed random R, so that
 dL/dy = R: the backward fed R must give the same dL/dx and dL/dθ as
@@ -21,6 +21,7 @@ from tinylm.fast import linears as FL
 from tinylm.lowrank import factorized as LR
 from tinylm.fast import model as M
 from tinylm.core import gpt2 as G
+from tinylm.core import llama as LLAMA
 from tinylm.fast.linears import lora_linear_backward, lora_linear_forward
 from tinylm.lowrank.adapters import adapter_grads_unmerged, adapter_params, block_matrix_names, init_adapters, lora_backward, lora_forward
 
@@ -119,11 +120,32 @@ def layer_checks(seed=0, layers=FAST_LAYERS):
         {"qkv": randn(B, T, 3 * C)}))
     if fast:
         fast_only_attention_checks(record, randn, B, T, C, H)
+    if hasattr(L, "rmsnorm_forward"):
+        llama_layer_checks(record, randn, L, B, T, C)
     targets = rng.integers(0, V, size=(B, T))
     record("cross_entropy", check_function(
         lambda logits: L.cross_entropy_forward(logits, targets),
         lambda d, c: {"logits": L.cross_entropy_backward(d, c)}, {"logits": randn(B, T, V)}))
     return results
+
+
+def llama_layer_checks(record, randn, L, B, T, C):
+    """The layers Llama adds: RMSNorm, rotary embeddings, SwiGLU, attention with K/V heads shared in pairs."""
+    def rms_back(d, c):
+        dx, g = L.rmsnorm_backward(d, c)
+        return {"x": dx, "w": g["w"]}
+    record("rmsnorm", check_function(L.rmsnorm_forward, rms_back, {"x": randn(B, T, C), "w": randn(C)}))
+    positions = np.arange(T) + 3
+    record("rope", check_function(lambda x: L.rope_forward(x, positions, 100.0),
+                                  lambda d, c: {"x": L.rope_backward(d, c)}, {"x": randn(B, 2, T, 4)}))
+
+    def swiglu_back(d, c):
+        dg, du = L.swiglu_backward(d, c)
+        return {"g": dg, "u": du}
+    record("swiglu", check_function(L.swiglu_forward, swiglu_back, {"g": 2 * randn(B, T, C), "u": randn(B, T, C)}))
+    record("attention, G=2", check_function(      # 4 query heads, 2 K/V heads
+        L.grouped_attention_forward, lambda d, c: dict(zip("qkv", L.grouped_attention_backward(d, c))),
+        {"q": randn(B, 4, T, 3), "k": randn(B, 2, T, 3), "v": randn(B, 2, T, 3)}))
 
 
 def fast_only_layer_checks(record, randn, B, T, C):
@@ -177,14 +199,18 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
     """Whole-model gradient of the loss for every parameter. Returns [(param name, error)].
 
     ranks {layer name: r} stores those linear layers as random factorized layers of rank r (lowrank/).
-    With core, the model checked is core/gpt2.py's (dense, no dropout); else the fast path's.
+    With core, the model checked is core/gpt2.py's (dense, no dropout), or core/llama.py's for a LlamaConfig;
+    else the fast path's.
     """
+    model = LLAMA if isinstance(config, LLAMA.LlamaConfig) else G
+    if model is LLAMA and not core:
+        raise ValueError("the fast path has no Llama: check core's (core=True)")
     rng = np.random.default_rng(seed)
-    params = G.init_params(config, seed=seed, dtype=np.float64)
+    params = model.init_params(config, seed=seed, dtype=np.float64)
     for name, r in (ranks or {}).items():
         out, inp = params[name + ".weight"].shape
         params = LR.factor_params(params, name, 0.1 * rng.standard_normal((out, r)), rng.standard_normal((r, inp)))
-    for k in params:     # GPT-2 init has LN gain 1 and bias 0: perturb so no term hides behind a constant
+    for k in params:     # the init has norm gains 1 and biases 0: perturb so no term hides behind a constant
         params[k] += 0.1 * rng.standard_normal(params[k].shape)
     T = config.block_size
     idx = rng.integers(0, config.vocab_size, size=(2, T))
@@ -192,11 +218,11 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
 
     def run():
         if core:
-            return G.forward(params, config, idx, targets)
+            return model.forward(params, config, idx, targets)
         return M.forward(params, config, idx, targets, train=train, rng=np.random.default_rng(seed + 1))
 
     _, _, cache = run()
-    grads = (G.backward if core else M.backward)(params, config, cache)
+    grads = (model.backward if core else M.backward)(params, config, cache)
     results = []
     for name, p in params.items():
         numeric = numerical_gradient(lambda: run()[1], p, max_entries=max_entries, rng=rng)
@@ -240,24 +266,31 @@ def main(argv=None):
         print(f"\nwhole model, core (the reading path), bias={bias}")
         for name, err in model_check(config, args.seed, core=True):
             worst = max(worst, err)
-            print(f"  {name:<40}{err:>16.2e}")
+            print(f"  {name:<48}{err:>16.2e}")
+    for n_kv_head, tie in ((1, False), (2, True)):
+        config = LLAMA.LlamaConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=8,
+                                   ffn_hidden=12, tie_embeddings=tie)
+        print(f"\nwhole model, core Llama, n_kv_head={n_kv_head} of n_head=2, tie_embeddings={tie}")
+        for name, err in model_check(config, args.seed, core=True):
+            worst = max(worst, err)
+            print(f"  {name:<48}{err:>16.2e}")
     for bias, dropout in ((True, 0.0), (False, 0.0), (True, 0.1)):
         config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=dropout, bias=bias)
         print(f"\nwhole model, fast path, bias={bias}, dropout={dropout}")
         for name, err in model_check(config, args.seed, train=dropout > 0):
             worst = max(worst, err)
-            print(f"  {name:<40}{err:>16.2e}")
+            print(f"  {name:<48}{err:>16.2e}")
     config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=True)
     print("\nwhole model, bias=True, every linear layer of block 0 and h.1.mlp.c_fc factorized (rank 3)")
     for name, err in model_check(config, args.seed, ranks=FACTORIZED_CHECK):
         worst = max(worst, err)
-        print(f"  {name:<40}{err:>16.2e}")
+        print(f"  {name:<48}{err:>16.2e}")
     config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=0.0, bias=True)
     for init in ("lora", "pissa"):
         print(f"\nwhole model through {init} adapters (rank 2 on every block matrix)")
         for name, err in adapter_check(config, init, args.seed):
             worst = max(worst, err)
-            print(f"  {name:<40}{err:>16.2e}")
+            print(f"  {name:<48}{err:>16.2e}")
     ok = worst < TOLERANCE
     print(f"\nworst relative error {worst:.2e}: {'PASS' if ok else 'FAIL'} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1

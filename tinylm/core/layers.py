@@ -1,27 +1,35 @@
-"""The layers of GPT-2, each forward beside its backward: the math of the model, written to be read.
+"""The layers of GPT-2 and Llama, each forward beside its backward: the math of the models, written to be read.
 
 Every `*_forward` returns (out, cache); every `*_backward(dout, cache)` returns the gradient of the
 input and, for a layer with parameters, a dict of their gradients (the embedding's input is token ids,
 so its backward returns the dict alone). Shapes: B sequences, T tokens, C = n_embd channels,
 V tokens in the vocabulary, H heads of width D = C/H. Plain NumPy in any float dtype; the fast path
-(tinylm/fast/layers.py) computes the same functions faster, and tests hold the two equal.
+(tinylm/fast/layers.py) computes GPT-2's layers faster, and tests hold the two equal. The layers only
+Llama uses (RMSNorm, rotary embeddings, SwiGLU) come last; attention with shared K/V heads serves both.
 """
 import numpy as np
 
 # ----------------------------------------------------------------------------- embedding
 
 
-def embedding_forward(idx, wte, wpe):
-    """x[b,t] = wte[idx[b,t]] + wpe[t].   idx (B,T) ints, wte (V,C), wpe (block,C) -> x (B,T,C)"""
-    T = idx.shape[1]
-    return wte[idx] + wpe[:T], (idx, wte.shape, wpe.shape)
+def embedding_forward(idx, wte, wpe=None):
+    """x[b,t] = wte[idx[b,t]] + wpe[t].   idx (B,T) ints, wte (V,C), wpe (block,C) or None -> x (B,T,C)
+
+    Llama has no wpe (None): its positions enter the attention by rotation instead (rope_forward).
+    """
+    x = wte[idx]
+    if wpe is not None:
+        x = x + wpe[:idx.shape[1]]
+    return x, (idx, wte.shape, None if wpe is None else wpe.shape)
 
 
 def embedding_backward(dx, cache):
-    """dwte[v] = Σ_{b,t: idx[b,t]=v} dx[b,t];  dwpe[t] = Σ_b dx[b,t].   dx (B,T,C) -> {"wte", "wpe"}"""
+    """dwte[v] = Σ_{b,t: idx[b,t]=v} dx[b,t];  dwpe[t] = Σ_b dx[b,t].   dx (B,T,C) -> {"wte", "wpe" (if any)}"""
     idx, wte_shape, wpe_shape = cache
     dwte = np.zeros(wte_shape, dtype=dx.dtype)
     np.add.at(dwte, idx, dx)                 # a token may occur many times: its rows add up, not overwrite
+    if wpe_shape is None:
+        return {"wte": dwte}
     dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
     dwpe[:idx.shape[1]] = dx.sum(axis=0)     # positions past T were not used: their gradient stays 0
     return {"wte": dwte, "wpe": dwpe}
@@ -116,29 +124,48 @@ def softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_forward(qkv, n_head):
-    """y = softmax(Q Kᵀ/√D + causal mask) V per head.   qkv (B,T,3C) = [Q K V] -> y (B,T,C)
+def grouped_attention_forward(q, k, v):
+    """y = softmax(Q Kᵀ/√D + causal mask) V per query head.   q (B,H,T,D), k and v (B,Hkv,T,D) -> y (B,H,T,D)
 
-    The cache holds (Q, K, V, A, 1/√D), A (B,H,T,T) the attention weights, each row summing to 1.
+    Grouped-query attention: H = G·Hkv, and K/V head j serves the G query heads j·G … j·G + G − 1.
+    G = 1 is plain multi-head attention, GPT-2's. The cache holds (Q, K, V, A, 1/√D, G), K and V with
+    each head repeated G times, A (B,H,T,T) the attention weights, each row summing to 1.
     """
-    T = qkv.shape[1]
-    q, k, v = (split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))      # each (B,H,T,D)
+    G = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)            # (B,H,T,D): one copy per query head
+    T = q.shape[2]
     scale = 1.0 / np.sqrt(q.shape[-1])       # keeps the scores' spread independent of D
     future = np.triu(np.ones((T, T), dtype=bool), k=1)                        # key j > query i
     scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) * scale)   # exp(−∞) = 0: no look ahead
     att = softmax(scores)
-    return merge_heads(att @ v), (q, k, v, att, scale)
+    return att @ v, (q, k, v, att, scale, G)
 
 
-def attention_backward(dy, cache):
-    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.   -> dqkv"""
-    q, k, v, att, scale = cache
-    dy = split_heads(dy, q.shape[1])
+def grouped_attention_backward(dy, cache):
+    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D;
+    then dK and dV summed over the G query heads that share each K/V head.
+    dy (B,H,T,D) -> dq (B,H,T,D), dk and dv (B,Hkv,T,D)"""
+    q, k, v, att, scale, G = cache
     dv = att.transpose(0, 1, 3, 2) @ dy
     datt = dy @ v.transpose(0, 1, 3, 2)
     dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))   # softmax's backward, row by row
     dq = dscores @ k * scale                 # masked entries have A = 0, so they pass no gradient
     dk = dscores.transpose(0, 1, 3, 2) @ q * scale
+    B, H, T, D = q.shape                     # repeating a head G times has a transpose: summing the G copies
+    dk, dv = (d.reshape(B, H // G, G, T, D).sum(axis=2) for d in (dk, dv))
+    return dq, dk, dv
+
+
+def attention_forward(qkv, n_head):
+    """GPT-2's attention: every head has its own K and V (G = 1).   qkv (B,T,3C) = [Q K V] -> y (B,T,C)"""
+    q, k, v = (split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))      # each (B,H,T,D)
+    y, cache = grouped_attention_forward(q, k, v)
+    return merge_heads(y), cache
+
+
+def attention_backward(dy, cache):
+    """grouped_attention_backward on dy's heads; the gradients side by side as [dQ dK dV].   -> dqkv (B,T,3C)"""
+    dq, dk, dv = grouped_attention_backward(split_heads(dy, cache[0].shape[1]), cache)
     return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
 
 
@@ -158,3 +185,64 @@ def cross_entropy_backward(dloss, cache):
     probs, targets = cache
     onehot = np.eye(probs.shape[-1], dtype=probs.dtype)[targets]
     return (probs - onehot) * (dloss / targets.size)
+
+
+# ----------------------------------------------------------------------------- Llama's layers: RMSNorm
+
+
+def rmsnorm_forward(x, w, eps=1e-5):
+    """y = x/√(mean x² + ε) ⊙ w over the last axis: layer norm without removing the mean.   x (..., C), w (C,)"""
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    xhat = x * rstd
+    return xhat * w, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dy, cache):
+    """dx = rstd (g − x̂ mean(g ⊙ x̂)), g = dy ⊙ w;  dw = Σ dy ⊙ x̂.   -> dx, {"w"}"""
+    xhat, rstd, w = cache
+    g = dy * w
+    dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))   # the rms depends on every x in the row
+    return dx, {"w": (dy * xhat).reshape(-1, dy.shape[-1]).sum(axis=0)}
+
+
+# ----------------------------------------------------------------------------- rotary position embeddings
+
+
+def rotate_half(x):
+    """[x₁ x₂] -> [−x₂ x₁], the halves of the last axis: a quarter turn of every pair (j, j + D/2)."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def rope_forward(x, positions, theta=10000.0):
+    """Turn each pair (x_j, x_{j+D/2}) of x[..., t, :] by the angle positions[t]·θ^(−2j/D), j < D/2.
+
+    y = x ⊙ cos + rotate_half(x) ⊙ sin.   x (..., T, D), D even, positions (T,) -> y (..., T, D)
+    A rotation is orthogonal, so (R_m q)·(R_n k) = q·R_{n−m} k: a score depends on the offset n − m only.
+    """
+    D = x.shape[-1]
+    angles = np.outer(positions, theta ** (-np.arange(0, D, 2) / D))   # (T, D/2), computed in float64
+    angles = np.concatenate([angles, angles], axis=-1)                 # pair (j, j + D/2) shares its angle
+    cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
+    return x * cos + rotate_half(x) * sin, (cos, sin)
+
+
+def rope_backward(dy, cache):
+    """dx = Rᵀ dy = dy ⊙ cos − rotate_half(dy) ⊙ sin: Rᵀ is R⁻¹, the turn by −angle (R is orthogonal)."""
+    cos, sin = cache
+    return dy * cos - rotate_half(dy) * sin
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+
+def swiglu_forward(g, u):
+    """y = silu(g) ⊙ u, silu(g) = g σ(g): the gate projection g scales the up projection u.   g, u (..., F)"""
+    s = 0.5 * (1.0 + np.tanh(0.5 * g))       # σ(g), written so that exp cannot overflow
+    return g * s * u, (g, u, s)
+
+
+def swiglu_backward(dy, cache):
+    """dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g)));  du = dy ⊙ silu(g).   -> dg, du"""
+    g, u, s = cache
+    return dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s

@@ -466,3 +466,93 @@ def cross_entropy_backward(dloss, cache):
     dlogits = probs * (dloss / t.size)
     dlogits[np.arange(t.size), t] -= dloss / t.size
     return dlogits.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- Llama's layers
+
+
+def rmsnorm_forward(x, w, eps=1e-5):
+    """y = x/√(mean x² + ε) ⊙ w over the last axis.   x (..., C), w (C,) -> y (..., C)"""
+    rstd = rowdot(x, x)
+    rstd /= x.shape[-1]
+    rstd += eps
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    xhat = x * rstd
+    return xhat * w, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dy, cache):
+    """dx = rstd (g − x̂ mean(g ⊙ x̂)), g = dy ⊙ w;  dw = Σ dy ⊙ x̂."""
+    xhat, rstd, w = cache
+    C = dy.shape[-1]
+    g = dy * w
+    dx = xhat * (rowdot(g, xhat) / C)
+    np.subtract(g, dx, out=dx)
+    dx *= rstd
+    return dx, {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))}
+
+
+@functools.lru_cache(maxsize=64)
+def rope_table(T, D, theta, dtype, start=0):
+    """(cos, sin), each (T, D/2): the angles (start + t)·θ^(−2j/D) of core's rope_forward, one per pair (j, j + D/2),
+    worked out in float64 exactly as core does and cast to dtype. Read-only, kept for the next call."""
+    angles = np.outer(np.arange(start, start + T), theta ** (-np.arange(0, D, 2) / D))
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+def rope_(x, cos, sin):
+    """Turn every pair (x_j, x_{j+D/2}) in place: [x₁ x₂] <- [x₁ cos − x₂ sin, x₂ cos + x₁ sin] (core's rope_forward).
+
+    x (..., T, nh, D): the heads of a position side by side, as a projection's output holds them (a view into
+    it is fine); cos, sin (T, D/2) from rope_table. Returns x."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    cos, sin = cos[:, None, :], sin[:, None, :]        # the same angle for every head of a position
+    a, b = x2 * sin, x1 * sin
+    x1 *= cos
+    x1 -= a
+    x2 *= cos
+    x2 += b
+    return x
+
+
+def rope_backward_(dy, cos, sin):
+    """The transpose, in place: [dy₁ dy₂] <- [dy₁ cos + dy₂ sin, dy₂ cos − dy₁ sin], the turn by −angle. Returns dy."""
+    return rope_(dy, cos, -sin)
+
+
+def swiglu_forward(gu):
+    """y = silu(g) ⊙ u with [g u] = gu side by side (the gate and up projections made as one product).
+
+    gu (..., 2F) -> y (..., F). σ(g) = 1/(1 + e^(−g)): e^(−g) overflows to +inf for very negative g, and σ = 0,
+    the right limit (the overflow is expected)."""
+    F = gu.shape[-1] // 2
+    g, u = gu[..., :F], gu[..., F:]
+    s = np.negative(g)
+    with np.errstate(over="ignore"):
+        np.exp(s, out=s)
+    s += 1.0
+    np.reciprocal(s, out=s)                            # σ(g)
+    y = g * s
+    y *= u
+    return y, (g, u, s)
+
+
+def swiglu_backward(dy, cache):
+    """d[g u] side by side (…, 2F): dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), du = dy ⊙ silu(g)."""
+    g, u, s = cache
+    F = g.shape[-1]
+    dgu = np.empty(g.shape[:-1] + (2 * F,), dtype=dy.dtype)
+    dg, du = dgu[..., :F], dgu[..., F:]
+    np.subtract(1.0, s, out=dg)
+    dg *= g
+    dg += 1.0
+    dg *= s
+    dg *= u
+    dg *= dy
+    np.multiply(g, s, out=du)
+    du *= dy
+    return dgu

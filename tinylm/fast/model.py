@@ -190,8 +190,12 @@ def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.
     return loss, backward(params, config, cache, dloss)
 
 
-def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None):
+def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None,
+                            model_loss_and_grads=None):
     """loss_and_grads computed as `workers` slices of the batch on as many threads (default: one per core).
+
+    model_loss_and_grads is the model's own (params, config, idx, targets, train, rng, dloss) -> (loss, grads):
+    this module's loss_and_grads (GPT-2's) when None; fast/llama.py passes Llama's.
 
     The loss is a mean over the N = B·T positions, so with slices of n_i positions
     loss = Σ (n_i/N) loss_i  and  grads = Σ (n_i/N) grads_i:  the same numbers as
@@ -201,18 +205,19 @@ def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None,
     its masks from a generator seeded by rng, so runs are reproducible but the masks differ
     from loss_and_grads'. Falls back to loss_and_grads where it cannot help.
     """
+    model_loss_and_grads = model_loss_and_grads or loss_and_grads
     parallel.keep_freed_memory()            # reuse the step's freed arrays instead of faulting in fresh pages
     B = idx.shape[0]
     workers = min(workers or parallel.usable_cores(), B)
     if workers < 2 or not parallel.blas_available():
-        return loss_and_grads(params, config, idx, targets, train=train, rng=rng)
+        return model_loss_and_grads(params, config, idx, targets, train=train, rng=rng)
     bounds = np.linspace(0, B, workers + 1).round().astype(int)
     use_rng = train and rng is not None and config.dropout > 0
     seeds = rng.integers(0, 2**63, size=workers) if use_rng else [None] * workers
     weights = [float(w) for w in np.diff(bounds) / B]
     jobs = [(params, config, idx[a:b], targets[a:b], train, np.random.default_rng(s) if use_rng else None, w)
             for a, b, s, w in zip(bounds[:-1], bounds[1:], seeds, weights)]
-    results = parallel.run_parallel(loss_and_grads, jobs)
+    results = parallel.run_parallel(model_loss_and_grads, jobs)
     loss = float(sum(w * l for w, (l, _) in zip(weights, results)))
     grads = results[0][1]
 

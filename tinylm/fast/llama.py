@@ -1,0 +1,189 @@
+"""core/llama.py's forward and backward, made fast for training: the same parameter dict and the same numbers.
+
+What it adds to core, as fast/model.py does for GPT-2:
+- dropout, where GPT-2's fast path has it: on the embedding, the attention weights and each sublayer's output;
+- one matrix product per projection: q, k and v as one product over their weights stacked as rows
+  ([q_proj; k_proj; v_proj], (H·D + 2·Hkv·D, C)), gate and up as another ([gate_proj; up_proj], (2F, C));
+  the stacked weight's gradient is split back into Hugging Face's names;
+- the rotations done in place on that product's q and k columns (fast/layers.py's rope_), with angle tables
+  worked out once (rope_table);
+- GPT-2's fast attention (fast/layers.py: row blocks, in-place passes, dropout), each shared key/value head
+  repeated for the G query heads that read it (nothing to repeat when G = 1), the G copies' gradients summed;
+- the batch split over threads: fast/model.py's loss_and_grads_parallel, handed this module's loss_and_grads.
+The config, the names and shapes, and init are core's (core/llama.py). tests/test_fast_llama.py holds logits,
+loss and every gradient equal to core's in float64, tied and untied, with and without shared heads.
+"""
+import numpy as np
+
+from tinylm.core.llama import block_prefix, head_name
+from tinylm.errors import TinyLMError
+from tinylm.fast import layers as L
+from tinylm.fast import model as M
+
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def stacked(params, pre, names):
+    """The weights of block `pre`'s layers `names`, stacked as the rows of one matrix: one product, all outputs."""
+    return np.concatenate([params[pre + name + ".weight"] for name in names])
+
+
+def unstacked(dW, params, pre, names):
+    """The stacked matrix's gradient dW cut back into its layers' rows, under their names (views into dW)."""
+    grads, row = {}, 0
+    for name in names:
+        rows = params[pre + name + ".weight"].shape[0]
+        grads[pre + name + ".weight"] = dW[row:row + rows]
+        row += rows
+    return grads
+
+
+def heads(qkv, config):
+    """The q and k heads of the stacked projection's output, (B,T,H+Hkv,D): a view, for rotating in place."""
+    B, T, _ = qkv.shape
+    D = config.n_embd // config.n_head
+    return qkv[..., :(config.n_head + config.n_kv_head) * D].reshape(B, T, config.n_head + config.n_kv_head, D)
+
+
+def repeated_kv(qkv, config):
+    """[q k v] (B,T,(H+2Hkv)·D) -> (B,T,3·H·D), each key/value head repeated for its G = H/Hkv query heads.
+
+    Query head h reads key/value head h // G (core's grouped_attention_forward), so the repeated heads
+    sit side by side: [k₀ … k₀ k₁ … k₁ …]. With G = 1 that is qkv itself, no copy."""
+    H, Hkv = config.n_head, config.n_kv_head
+    if H == Hkv:
+        return qkv
+    B, T, _ = qkv.shape
+    D, G = config.n_embd // H, H // Hkv
+    full = np.empty((B, T, 3, Hkv, G, D), dtype=qkv.dtype)
+    full[:, :, 0] = qkv[..., :H * D].reshape(B, T, Hkv, G, D)
+    full[:, :, 1:] = qkv[..., H * D:].reshape(B, T, 2, Hkv, 1, D)            # broadcast over the G copies
+    return full.reshape(B, T, 3 * H * D)
+
+
+def summed_kv(dqkv, config):
+    """repeated_kv's backward: the G copies' gradients of each key/value head added.   -> (B,T,(H+2Hkv)·D)"""
+    H, Hkv = config.n_head, config.n_kv_head
+    if H == Hkv:
+        return dqkv
+    B, T, _ = dqkv.shape
+    D, G = config.n_embd // H, H // Hkv
+    parts = dqkv.reshape(B, T, 3, Hkv, G, D)
+    out = np.empty((B, T, (H + 2 * Hkv) * D), dtype=dqkv.dtype)
+    out[..., :H * D] = parts[:, :, 0].reshape(B, T, H * D)
+    out[..., H * D:] = parts[:, :, 1:].sum(axis=4).reshape(B, T, 2 * Hkv * D)
+    return out
+
+
+def keep_keys_and_values(kv, i, qkv, config):
+    """Layer i's rotated keys and values into the decoder's cache kv (llama_decode.py), from position 0."""
+    B, T, _ = qkv.shape
+    H, Hkv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+    both = qkv[..., H * D:].reshape(B, T, 2, Hkv, D).transpose(2, 0, 3, 1, 4)    # (2, B, Hkv, T, D)
+    kv["k"][i, :, :, :T], kv["v"][i, :, :, :T] = both[0], both[1]
+
+
+def forward(params, config, idx, targets=None, train=False, rng=None, for_backward=True, kv=None):
+    """logits = Llama(idx).   idx (B,T) ints -> (logits (B,T,V), loss or None, cache for backward)
+
+    Dropout is applied only when train is True and an rng (np.random.Generator) is given. With
+    for_backward=False the cache comes back as None. Given kv (llama_decode.new_kv_cache), every layer's
+    rotated keys and values are also written into it, from position 0 (the decoder's prefill).
+    """
+    B, T = idx.shape
+    if T > config.block_size:
+        raise TinyLMError(f"sequence of length {T} is longer than block_size {config.block_size}")
+    p = config.dropout if train else 0.0
+    rng = rng if train else None
+    P = params
+    wte = P["model.embed_tokens.weight"]
+    cos, sin = L.rope_table(T, config.n_embd // config.n_head, float(config.rope_theta), wte.dtype)
+    cache = {"blocks": [], "idx": idx, "rope": (cos, sin)}
+    x, cache["emb_drop"] = L.dropout_forward(wte[idx], p, rng)          # no wpe: positions are rotations
+    for i in range(config.n_layer):
+        pre = block_prefix(i)
+        c = {}
+        # attention sublayer: x + o_proj(attention(rope(q), rope(k), v)), q k v = [q_proj; k_proj; v_proj] norm(x)
+        h, c["input_layernorm"] = L.rmsnorm_forward(x, P[pre + "input_layernorm.weight"], config.norm_eps)
+        qkv, c["qkv"] = L.linear_forward(h, stacked(P, pre, QKV))        # (B,T,(H+2Hkv)·D)
+        L.rope_(heads(qkv, config), cos, sin)
+        if kv is not None:
+            keep_keys_and_values(kv, i, qkv, config)
+        a, c["attn"] = L.attention_forward(repeated_kv(qkv, config), config.n_head, p, rng)
+        a, c["o_proj"] = L.linear_forward(a, P[pre + "self_attn.o_proj.weight"])
+        a, c["attn_drop"] = L.dropout_forward(a, p, rng)
+        x = x + a
+        # MLP sublayer: x + down_proj(silu(g) ⊙ u), [g u] = [gate_proj; up_proj] norm(x)
+        h, c["post_attention_layernorm"] = L.rmsnorm_forward(x, P[pre + "post_attention_layernorm.weight"],
+                                                             config.norm_eps)
+        gu, c["gate_up"] = L.linear_forward(h, stacked(P, pre, GATE_UP))  # (B,T,2F)
+        m, c["swiglu"] = L.swiglu_forward(gu)
+        m, c["down_proj"] = L.linear_forward(m, P[pre + "mlp.down_proj.weight"])
+        m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
+        x += m                                           # x is this block's own array (x + a above)
+        cache["blocks"].append(c)
+    x, cache["norm"] = L.rmsnorm_forward(x, P["model.norm.weight"], config.norm_eps)
+    logits, cache["head"] = L.linear_forward(x, P[head_name(config)])
+    loss = None
+    if targets is not None:
+        loss, cache["loss"] = L.cross_entropy_forward(logits, targets)
+    return logits, loss, cache if for_backward else None
+
+
+def block_backward(params, config, pre, c, dx, rope):
+    """One block's backward.   dx (B,T,C) -> (dx, the block's gradients by parameter name)"""
+    grads = {}
+    dm = L.dropout_backward(dx, c["mlp_drop"])           # x + m passes dx to both x and m
+    dm, g = L.linear_backward(dm, c["down_proj"])
+    grads[pre + "mlp.down_proj.weight"] = g["W"]
+    dh, g = L.linear_backward(L.swiglu_backward(dm, c["swiglu"]), c["gate_up"])
+    grads.update(unstacked(g["W"], params, pre, GATE_UP))
+    dh, g = L.rmsnorm_backward(dh, c["post_attention_layernorm"])
+    grads[pre + "post_attention_layernorm.weight"] = g["w"]
+    dx = dx + dh
+    da = L.dropout_backward(dx, c["attn_drop"])
+    da, g = L.linear_backward(da, c["o_proj"])
+    grads[pre + "self_attn.o_proj.weight"] = g["W"]
+    dqkv = summed_kv(L.attention_backward(da, c["attn"]), config)
+    L.rope_backward_(heads(dqkv, config), *rope)         # in place: dqkv is a new array
+    dh, g = L.linear_backward(dqkv, c["qkv"])
+    grads.update(unstacked(g["W"], params, pre, QKV))
+    dh, g = L.rmsnorm_backward(dh, c["input_layernorm"])
+    grads[pre + "input_layernorm.weight"] = g["w"]
+    return dx + dh, grads
+
+
+def backward(params, config, cache, dloss=1.0):
+    """Gradients of dloss × the mean cross-entropy loss: a dict with params' keys and shapes. (dloss is this
+    loss's weight in a sum of losses, as in fast/model.py's backward.)"""
+    dlogits = L.cross_entropy_backward(dloss, cache["loss"])
+    dx, g = L.linear_backward(dlogits, cache["head"])
+    dhead = g["W"]
+    dx, g = L.rmsnorm_backward(dx, cache["norm"])
+    grads = {"model.norm.weight": g["w"]}
+    for i in reversed(range(config.n_layer)):
+        dx, g = block_backward(params, config, block_prefix(i), cache["blocks"][i], dx, cache["rope"])
+        grads.update(g)
+    dx = L.dropout_backward(dx, cache["emb_drop"])
+    idx, wte = cache["idx"], params["model.embed_tokens.weight"]
+    dwte = L.scatter_add_rows(idx.reshape(-1), dx.reshape(-1, dx.shape[-1]), wte.shape[0])
+    if config.tie_embeddings:
+        dwte += dhead                                    # the embedding is also the head: the two parts add
+    else:
+        grads["lm_head.weight"] = dhead
+    grads["model.embed_tokens.weight"] = dwte
+    return {k: grads[k] for k in params}
+
+
+def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.0):
+    """(loss, grads of dloss × loss) for one batch: the forward then the backward."""
+    _, loss, cache = forward(params, config, idx, targets, train=train, rng=rng)
+    return loss, backward(params, config, cache, dloss)
+
+
+def loss_and_grads_parallel(params, config, idx, targets, train=False, rng=None, workers=None):
+    """loss_and_grads over a thread per core: fast/model.py's loss_and_grads_parallel (its docstring says how),
+    running this model."""
+    return M.loss_and_grads_parallel(params, config, idx, targets, train=train, rng=rng, workers=workers,
+                                     model_loss_and_grads=loss_and_grads)

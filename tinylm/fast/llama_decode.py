@@ -1,0 +1,162 @@
+"""Sampling a Llama fast: a key-value cache that slides instead of refilling, and generation.
+
+The cache holds block_size keys and values per layer. Position p's key and value live in slot
+p mod block_size, so once the cache is full each new position overwrites the oldest: it always holds
+the last block_size positions, and it is never rebuilt. (GPT-2's cache, fast/decode.py, must be refilled
+from a shorter context when it fills: its learned position embedding wpe[p] was added into the residual
+stream at the key's own position p, and p runs out at block_size.)
+
+Why a slid cache still computes the right scores: the rotary angle of a key is set once, by its
+absolute position n, and the query of position m is turned by m's. A rotation is orthogonal and
+R_mᵀ R_n = R_{n−m}, so (R_m q)·(R_n k) = q·R_{n−m} k: a score depends on the offset n − m alone, never
+on where the positions started. The window of positions p − block_size + 1 … p therefore scores the
+same as positions 0 … block_size − 1 would, which is where core's forward (and core.generate, run on
+the last block_size tokens) starts every window. The values are not rotated, and the softmax and its
+weighted sum do not care in which slot each key sits.
+
+What sliding does not give back: from the second layer on, a cached key was computed from its own
+position's residual stream, which attended to the block_size positions before *it*, some of which have
+since left the window. So past the first block, each step is a sliding-window attention over the whole
+text (every position, in every layer, attends to itself and the block_size − 1 positions before it),
+not a fresh forward over the last block_size tokens alone; with one layer the two are the same.
+tests/test_fast_llama.py holds every cached step equal to that sliding-window forward, written out
+in full in the test, to 1e-9 in float64 (and to the fresh forward for one layer).
+
+The per-token step (decode_rows) works on a row per sequence, with the RMSNorm gains and the attention
+scale folded into the next matrix (decoding_weights), one product for q, k and v and one for gate and up.
+"""
+import math
+
+import numpy as np
+
+from tinylm.core.llama import block_prefix, head_name
+from tinylm.errors import TinyLMError
+from tinylm.fast import layers as L
+from tinylm.fast.llama import GATE_UP, QKV, forward, stacked
+
+
+def new_kv_cache(config, batch_size, dtype):
+    """Room for block_size keys and values per layer, k and v (n_layer, B, Hkv, block_size, D), and "len":
+    the number of positions seen so far (unbounded; position p is kept in slot p mod block_size)."""
+    D = config.n_embd // config.n_head
+    shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, D)
+    return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype), "len": 0}
+
+
+def prefill(params, config, idx, kv):
+    """Logits (B, V) of the last position of idx (B, t), t ≤ block_size, at positions 0 … t − 1 of an empty
+    cache, whose keys and values it fills (fast/llama.py's forward, without dropout)."""
+    if kv["len"]:
+        raise TinyLMError("prefill starts an empty cache")
+    logits, _, _ = forward(params, config, idx, for_backward=False, kv=kv)
+    kv["len"] = idx.shape[1]
+    return logits[:, -1]
+
+
+def decoding_weights(params, config):
+    """The weights arranged for decode_rows, each stored transposed (in, out) for the product x @ M.
+
+    RMSNorm's gain is folded into the matrix that follows: (x̂ ⊙ w) Wᵀ = x̂ (W diag(w))ᵀ, and the attention
+    scale 1/√D into the query rows, so a block needs only x's 1/rms beside its products."""
+    D = config.n_embd // config.n_head
+    H, n = config.n_head, config.n_layer
+
+    def folded(W, norm):
+        return np.ascontiguousarray((W * params[norm + ".weight"]).T)
+
+    layers = []
+    for i in range(n):
+        pre = block_prefix(i)
+        W_qkv = folded(stacked(params, pre, QKV), pre + "input_layernorm")
+        W_qkv[:, :H * D] *= 1.0 / math.sqrt(D)
+        layers.append((W_qkv, np.ascontiguousarray(params[pre + "self_attn.o_proj.weight"].T),
+                       folded(stacked(params, pre, GATE_UP), pre + "post_attention_layernorm"),
+                       np.ascontiguousarray(params[pre + "mlp.down_proj.weight"].T)))
+    inv_freq = float(config.rope_theta) ** (-np.arange(0, D, 2) / D)       # as core's rope_forward
+    return {"wte": params["model.embed_tokens.weight"], "layers": layers, "inv_freq": inv_freq,
+            "head": folded(params[head_name(config)], "model.norm"), "config": config}
+
+
+def inverse_rms(x, eps):
+    """1/√(mean x² + ε) of each row of x (B, C), as a (B, 1) column."""
+    r = L.rowdot(x, x)
+    r /= x.shape[-1]
+    r += eps
+    np.sqrt(r, out=r)
+    return np.reciprocal(r, out=r)
+
+
+def decode_rows(dw, kv, tokens):
+    """Logits (B, V) for one more token of each of B sequences in kv, at position kv["len"] (any, the cache
+    slides): the token's q, k, v, its key and value into slot position mod block_size, attention over every
+    slot in use, then the MLP; the same numbers as the sliding-window forward the module docstring describes."""
+    config = dw["config"]
+    pos = kv["len"]
+    T, H, Hkv = config.block_size, config.n_head, config.n_kv_head
+    D, eps = config.n_embd // H, config.norm_eps
+    slot, n = pos % T, min(pos + 1, T)
+    B = len(tokens)
+    x = dw["wte"][np.asarray(tokens)]                                        # (B, C), a new array
+    angles = pos * dw["inv_freq"]                                            # this position's turn, as core's
+    cos, sin = (np.array([f(angles)], dtype=x.dtype) for f in (np.cos, np.sin))   # (1, D/2)
+    for (W_qkv, W_o, W_gu, W_down), K, V in zip(dw["layers"], kv["k"], kv["v"]):
+        qkv = x @ W_qkv
+        qkv *= inverse_rms(x, eps)
+        L.rope_(qkv[:, :(H + Hkv) * D].reshape(B, 1, H + Hkv, D), cos, sin)
+        K[:, :, slot] = qkv[:, H * D:(H + Hkv) * D].reshape(B, Hkv, D)
+        V[:, :, slot] = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, D)
+        q = qkv[:, :H * D].reshape(B, Hkv, H // Hkv, D)                      # query heads grouped by their K/V head
+        s = q @ K[:, :, :n].transpose(0, 1, 3, 2)                            # (B, Hkv, G, n): no mask, all are past
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        x += (s @ V[:, :, :n]).reshape(B, H * D) @ W_o
+        gu = x @ W_gu
+        gu *= inverse_rms(x, eps)
+        x += L.swiglu_forward(gu)[0] @ W_down
+    kv["len"] = pos + 1
+    logits = x @ dw["head"]
+    logits *= inverse_rms(x, eps)
+    return logits
+
+
+def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_cache=True, trace=None):
+    """`rows` sequences drawn side by side from one prompt: yield (rows,) token ids a step, drawn by
+    pick_next(logits (rows, V)) -> (rows,) ints. As fast/decode.py's generate_rows, but the cache slides
+    (no refill). Without the cache each step is a forward over the last block_size tokens, from position 0.
+    If trace is a list, (contexts (rows, t), logits (rows, V)) is appended per step, the contexts being the
+    last block_size tokens. One BLAS thread, as for decode.generate."""
+    prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)
+    if prompt.size == 0:
+        raise TinyLMError("the prompt must contain at least one token")
+    if rows < 1:
+        raise TinyLMError(f"rows must be at least 1, got {rows}")
+    context = np.repeat(prompt[None, -config.block_size:], rows, axis=0)       # (rows, t)
+    if use_cache:
+        dw = decoding_weights(params, config)
+        kv = new_kv_cache(config, rows, params["model.embed_tokens.weight"].dtype)
+        last = prefill(params, config, context, kv)
+    for step in range(max_new_tokens):
+        if not use_cache:
+            last = forward(params, config, context, for_backward=False)[0][:, -1]
+        if trace is not None:
+            trace.append((context.copy(), last))
+        picked = np.asarray(pick_next(last), dtype=np.int64).reshape(rows)
+        yield picked
+        if step == max_new_tokens - 1:
+            break
+        context = np.concatenate([context, picked[:, None]], axis=1)[:, -config.block_size:]
+        if use_cache:
+            last = decode_rows(dw, kv, picked)
+
+
+def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, trace=None):
+    """Yield max_new_tokens token ids one at a time, each pick_next(logits (V,)) -> int: generate_rows for one
+    sequence (fast/decode.py's generate's signature). If trace is a list, (context ids, logits) per step."""
+    rows_trace = [] if trace is not None else None
+    for picked in generate_rows(params, config, prompt, 1, max_new_tokens, lambda z: [pick_next(z[0])],
+                                use_cache, rows_trace):
+        if trace is not None:
+            context, logits = rows_trace[-1]
+            trace.append((context[0].tolist(), logits[0]))
+        yield int(picked[0])

@@ -16,8 +16,9 @@ def train_parser():
     defaults = TrainArgs()
     for field in dataclasses.fields(TrainArgs):
         default = getattr(defaults, field.name)
-        kind = parse_bool if field.type in (bool, "bool") else type(default)
-        help_text = HELP[field.name] if field.name == "data" else f"{HELP[field.name]} (default: {default})"
+        kind = parse_bool if field.type in (bool, "bool") else field.type
+        shown = field.name == "data" or default is None        # their help says what the default is
+        help_text = HELP[field.name] if shown else f"{HELP[field.name]} (default: {default})"
         if kind is parse_bool:      # --flag alone means true; --flag true/false also works
             ap.add_argument(f"--{field.name}", type=kind, nargs="?", const=True, metavar="true|false",
                             help=help_text)

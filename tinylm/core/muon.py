@@ -9,29 +9,32 @@ For each block matrix W (out × in) with gradient g:
 The update has the same direction in each singular subspace as u but equal size in all of them, so
 the few directions a gradient is dominated by no longer drown out the rest (an SVD-level reading of
 "orthogonalized updates"); √max(1, out/in) gives a tall matrix's update the per-entry size of a square
-one. Embeddings and layer-norm gains (and anything not 2-D inside a block) keep AdamW, on its own
-learning rate. fast/optim.py deals the matrices to a thread per core.
+one. Embeddings, the head and the norms' gains (anything not 2-D inside a block) keep AdamW, on its own
+learning rate. Which matrices are inside a block is the model's rule (gpt2's or llama's is_block_matrix):
+for a Llama, the seven of each layer, q, k, v, o, gate, up and down. fast/optim.py deals the matrices to a
+thread per core.
 """
 import math
 
 import numpy as np
 
-from tinylm.core.gpt2 import is_block_matrix
+from tinylm.core import gpt2
 from tinylm.core.optim import adamw_step
 from tinylm.core.polar import orthogonalize
 
 
-def muon_names(params):
-    """The parameters Muon steps: every 2-D array inside a block (or a block matrix's low-rank factors)."""
+def muon_names(params, is_block_matrix=gpt2.is_block_matrix):
+    """The parameters Muon steps: every 2-D array inside a block (or a block matrix's low-rank factors), by the
+    model's rule is_block_matrix(name, shape): GPT-2's by default, core/llama.py's for a Llama."""
     return [k for k, p in params.items() if is_block_matrix(k, p.shape)]
 
 
-def muon_init(params):
+def muon_init(params, is_block_matrix=gpt2.is_block_matrix):
     """Momentum buffers for the block matrices; AdamW's moments for the rest; step 0.
 
     The same dict shape as adamw_init's ('t', 'm', 'v'), plus 'momentum', so checkpoints, resume and
     MPI carry it the same way."""
-    matrices = set(muon_names(params))
+    matrices = set(muon_names(params, is_block_matrix))
     if not matrices:
         raise ValueError("the model has no matrices inside its blocks for Muon to step")
     rest = [k for k in params if k not in matrices]

@@ -33,7 +33,7 @@ import numpy as np
 from tinylm.atomic import atomic_write
 from tinylm.errors import TinyLMError
 from tinylm.lowrank.factorized import factorized_shapes, ranks_of
-from tinylm.core.gpt2 import GPTConfig, is_block_matrix, param_shapes
+from tinylm.core.arch import config_from_dict, model_of
 from tinylm.text.char import tokenizer_from_dict
 from tinylm.lowrank.adapters import AdapterError, adapter_shapes, check_lora_meta, merged_params
 
@@ -66,7 +66,7 @@ def save_checkpoint(path, params, config, tokenizer, opt_state=None, meta=None, 
     """
     meta = dict(meta or {})
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, config=config.to_dict(),
-                tokenizer=tokenizer.to_dict(), dtype=str(params["transformer.wte.weight"].dtype))
+                tokenizer=tokenizer.to_dict(), dtype=str(next(iter(params.values())).dtype))
     meta.pop("lowrank", None)
     if ranks_of(params):               # factorized layers (lowrank.py): their ranks imply the factors' shapes
         meta["lowrank"] = ranks_of(params)
@@ -247,7 +247,8 @@ def _load(path, with_optimizer):
 def _load_from_zip(zf, path, file_size, with_optimizer):
     members = _members(zf, path, file_size)
     meta = _read_meta(zf, members, path, file_size)
-    config = GPTConfig.from_dict(meta.get("config"))
+    config = config_from_dict(meta.get("config"))        # GPT-2's or Llama's, by its "arch" field
+    model = model_of(config)
     try:
         tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
     except ImportError as e:
@@ -261,7 +262,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     ranks = meta.get("lowrank", {})
     if not isinstance(ranks, dict):
         raise CheckpointError(f"checkpoint {path}: metadata field 'lowrank' is not an object")
-    shapes = factorized_shapes(param_shapes(config), ranks)
+    shapes = factorized_shapes(model.param_shapes(config), ranks)
     lora_shapes = {}
     if "lora" in meta:
         try:
@@ -275,7 +276,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     if optimizer not in ("adamw", "muon"):   # the two layouts of optimizer state this format holds
         raise CheckpointError(f"checkpoint {path}: unknown optimizer {optimizer!r} in its metadata")
     # the optimizer's arrays for each trained one: Muon keeps one momentum per block matrix, AdamW two moments
-    state_names = {k: ("momentum",) if optimizer == "muon" and is_block_matrix(k, s) else ("m", "v")
+    state_names = {k: ("momentum",) if optimizer == "muon" and model.is_block_matrix(k, s) else ("m", "v")
                    for k, s in trained.items()}
     expected = set(shapes) | set(lora_shapes) | {META_KEY}
     if has_optimizer:

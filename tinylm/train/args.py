@@ -4,12 +4,20 @@ import dataclasses
 import numpy as np
 
 from tinylm.core import gpt2 as G
+from tinylm.core.arch import ARCHS
+from tinylm.core.llama import LlamaConfig
 from tinylm.core.polar import METHODS
 from tinylm.errors import TinyLMError
 from tinylm.io.checkpoint import CheckpointError
 from tinylm.text.data import DEFAULT_DATA, ENCODING_ERRORS
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size")
+LLAMA_FIELDS = ("n_kv_head", "ffn_hidden", "rope_theta", "tie_embeddings")     # the flags only --arch llama uses
+
+
+def model_fields(arch):
+    """The flags that set the shape of a model of this arch (a resumed or fine-tuned model keeps them)."""
+    return MODEL_FIELDS + LLAMA_FIELDS if arch == "llama" else MODEL_FIELDS
 
 
 @dataclasses.dataclass
@@ -18,12 +26,17 @@ class TrainArgs:
     data: str = DEFAULT_DATA
     out_dir: str = "out"
     init_from: str = "scratch"
+    arch: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
     bias: bool = False
+    n_kv_head: int = None           # None: as many as n_head
+    ffn_hidden: int = None          # None: Llama's rule, core.llama.default_ffn_hidden
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
     batch_size: int = 12
     max_iters: int = 2000
     learning_rate: float = 1e-3
@@ -64,12 +77,22 @@ HELP = {
     "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
     "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file "
                  "or GPT-2 folder to fine-tune (a new run in OUT_DIR; the source is only read)",
+    "arch": "'gpt2' (learned positions, layer norm, GELU) or 'llama' (rotary positions, RMSNorm, SwiGLU, "
+            "shared K/V heads, no biases; Hugging Face's LlamaForCausalLM names); a resumed or fine-tuned run keeps "
+            "its model's",
     "n_layer": "number of transformer blocks",
     "n_head": "attention heads per block (must divide n_embd)",
     "n_embd": "width of the residual stream",
     "block_size": "context length in tokens",
     "dropout": "dropout probability during training, in [0, 1)",
-    "bias": "use biases in linear layers and layer norms (true/false)",
+    "bias": "use biases in linear layers and layer norms (true/false; GPT-2 only: Llama has none)",
+    "n_kv_head": "with --arch llama: key/value heads per block, each shared by n_head/n_kv_head query heads "
+                 "(must divide n_head; default: n_head, no sharing)",
+    "ffn_hidden": "with --arch llama: width of the SwiGLU MLP (default: 2/3 of 4·n_embd rounded up to a "
+                  "multiple of 32)",
+    "rope_theta": "with --arch llama: base of the rotary angles, pair j turning by rope_theta^(-2j/head width) a "
+                  "position",
+    "tie_embeddings": "with --arch llama: the output head is the token embedding, stored once (true/false)",
     "batch_size": "sequences per step",
     "max_iters": "total optimizer steps",
     "learning_rate": "peak learning rate, reached after warmup",
@@ -119,11 +142,16 @@ HELP = {
 
 
 def model_config(a, vocab_size):
-    """The GPTConfig the args describe, validated (its errors name the flag)."""
+    """The GPTConfig or LlamaConfig the args describe, validated (its errors name the flag)."""
+    if a.arch == "llama":
+        return LlamaConfig(block_size=a.block_size, vocab_size=vocab_size, n_layer=a.n_layer, n_head=a.n_head,
+                           n_kv_head=a.n_kv_head, n_embd=a.n_embd, ffn_hidden=a.ffn_hidden, rope_theta=a.rope_theta,
+                           tie_embeddings=a.tie_embeddings, dropout=a.dropout).validate()
     return G.GPTConfig(block_size=a.block_size, vocab_size=vocab_size, n_layer=a.n_layer, n_head=a.n_head,
                        n_embd=a.n_embd, dropout=a.dropout, bias=a.bias).validate()
 
 
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainArgs)}
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -169,11 +197,26 @@ def validate_args(a):
     problem = check_muon_args(a.optimizer, a.muon_lr, a.muon_momentum, a.ns_steps, a.orthogonalize)
     if problem:
         raise TinyLMError(problem)
+    check_arch_args(a)
     if a.optimizer == "muon" and a.lora_rank:
         raise TinyLMError("--optimizer muon does not step adapters; fine-tune with --lora_rank and the default "
                           "--optimizer adamw, or fully (no --lora_rank) with muon")
     if a.init_from == "scratch":
         model_config(a, 1)            # the model's shape, before any folder is made or data read
+
+
+def check_arch_args(a):
+    """--arch, and what a Llama cannot do yet, each refused with one line rather than silently ignored."""
+    if a.arch not in ARCHS:
+        raise TinyLMError(f"--arch must be one of {', '.join(ARCHS)}, got {a.arch!r}")
+    if a.arch != "llama":
+        return
+    if a.bias:
+        raise TinyLMError("--bias true: a Llama has no biases; leave --bias out with --arch llama")
+    if a.lora_rank:
+        raise TinyLMError("--lora_rank: adapters on a Llama are not supported yet; fine-tune it fully (no --lora_rank)")
+    if a.track_spectra:
+        raise TinyLMError("--track_spectra: the spectrum analysis reads GPT-2's matrices; it does not read a Llama yet")
 
 
 def check_saved_args(saved, ckpt_path):
@@ -183,7 +226,10 @@ def check_saved_args(saved, ckpt_path):
     for k, v in saved.items():
         if k not in HELP:
             continue
-        want = type(getattr(defaults, k))
+        want = FIELD_TYPES[k]
+        if v is None and getattr(defaults, k) is None:     # a setting whose default is worked out from others
+            good[k] = None
+            continue
         ok = (isinstance(v, bool) if want is bool else
               isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
               isinstance(v, int) and not isinstance(v, bool) if want is int else isinstance(v, want))
@@ -194,8 +240,14 @@ def check_saved_args(saved, ckpt_path):
 
 
 def unused_flag_notes(a, explicit):
-    """Notes for flags given that this run does not use (Muon's settings under AdamW, Newton-Schulz's under eigh)."""
+    """Notes for flags given that this run does not use (Muon's settings under AdamW, Newton-Schulz's under eigh,
+    Llama's under GPT-2 and GPT-2's under Llama)."""
     notes = []
+    llama_only = [f"--{k}" for k in LLAMA_FIELDS if k in explicit]
+    if a.arch != "llama" and llama_only:
+        notes.append(f"note: {', '.join(llama_only)} only apply with --arch llama; this run is {a.arch}")
+    if a.arch == "llama" and "bias" in explicit:
+        notes.append("note: --bias only applies with --arch gpt2; a Llama has no biases")
     muon_only = [f"--{k}" for k in ("muon_lr", "muon_momentum", "ns_steps", "orthogonalize") if k in explicit]
     if a.optimizer != "muon" and muon_only:
         notes.append(f"note: {', '.join(muon_only)} only apply with --optimizer muon; this run uses {a.optimizer}")

@@ -37,8 +37,8 @@ import time
 
 import numpy as np
 
-from tinylm.fast import model as M
-from tinylm.core import gpt2 as G
+from tinylm.core.arch import config_from_dict
+from tinylm.fast.arch import fast_model
 from tinylm.errors import TinyLMError
 from tinylm.fast.parallel import blas_threads, usable_cores
 from tinylm.io.checkpoint import load_checkpoint
@@ -219,7 +219,7 @@ class Ranks:
                   for k, dt, shape in header["arrays"]}
         tree = _unflatten({**arrays, **header["scalars"]})
         a = dataclasses.replace(type(a)(**header["args"]), progress=False, sample_tokens=0)
-        config = G.GPTConfig.from_dict(header["config"])
+        config = config_from_dict(header["config"])
         train_ids = tree["train"]
         return (a, config, None, tree["params"], tree["opt_state"], header["state"],
                 {"train": train_ids, "val": train_ids[:0]})
@@ -244,8 +244,8 @@ class Ranks:
         use_rng = config.dropout > 0 and rng is not None
         if use_rng:            # every rank draws all N seeds, so the generator moves alike on every rank
             rng = np.random.default_rng(rng.integers(0, 2**63, size=self.size)[self.rank])
-        loss, grads = M.loss_and_grads_parallel(params, config, x[lo:hi], y[lo:hi], train=True,
-                                                rng=rng if use_rng else None, workers=usable_cores())
+        loss, grads = fast_model(config).loss_and_grads_parallel(params, config, x[lo:hi], y[lo:hi], train=True,
+                                                                 rng=rng if use_rng else None, workers=usable_cores())
         if self.buffer is None:
             self._setup_buffer(grads)
         share = (hi - lo) / B       # the loss is a mean over the batch: each rank's part weighs n/B

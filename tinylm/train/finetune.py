@@ -18,7 +18,7 @@ from tinylm.lowrank import adapters as AD
 from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.text.data import iter_code_points
 from tinylm.errors import TinyLMError
-from tinylm.core.gpt2 import param_shapes
+from tinylm.core.arch import arch_of, model_of
 from tinylm.text.char import CharTokenizer, code_points
 from tinylm.io.hf import load_any
 from tinylm.lowrank.factorized import ranks_of
@@ -27,6 +27,8 @@ from tinylm.text.data import read_text
 UNKNOWN_CHARS = ("error", "drop", "replace")
 LORA_FLAGS = ("lora_alpha", "lora_targets", "lora_init")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+LLAMA_SHAPE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings",
+                      "block_size", "vocab_size")
 
 
 def validate_finetune_args(a, explicit):
@@ -122,7 +124,11 @@ def load_source(a, explicit):
     check_not_source(a.init_from, a.out_dir)
     ckpt = load_any(a.init_from)
     config = ckpt["config"]
-    for name in SHAPE_FIELDS:
+    arch = arch_of(config)
+    if "arch" in explicit and a.arch != arch:
+        raise TinyLMError(f"--arch {a.arch} differs from --init_from's {arch}; a fine-tuned model keeps its base's "
+                          f"architecture")
+    for name in LLAMA_SHAPE_FIELDS if arch == "llama" else SHAPE_FIELDS:
         if name in explicit and getattr(a, name) != getattr(config, name):
             raise TinyLMError(f"--{name} {getattr(a, name)} differs from --init_from's {getattr(config, name)}; "
                               f"a fine-tuned model keeps its base's shape")
@@ -149,7 +155,7 @@ def new_adapters(a, config, params, log=print):
     if ranks_of(params):         # the adapters sit on dense weights W; a compressed layer has two factors instead
         raise TinyLMError(f"--lora_rank needs a dense model, and {a.init_from} is compressed (tinylm.compress): "
                           f"fine-tune it without --lora_rank (its factors train), or put adapters on the dense model")
-    shapes = param_shapes(config)
+    shapes = model_of(config).param_shapes(config)
     targets = AD.resolve_targets(a.lora_targets, shapes)
     AD.check_rank(a.lora_rank, targets, shapes)
     lora = {"rank": a.lora_rank, "alpha": float(a.lora_alpha), "targets": targets, "init": a.lora_init}
@@ -178,7 +184,7 @@ def resume_adapters(ckpt, a, explicit, ckpt_path):
             raise TinyLMError(f"--{flag} {getattr(a, flag)} does not match the adapters in {ckpt_path} "
                               f"({flag} {value}); resume with the run's own settings or start a new --out_dir")
     if "lora_targets" in explicit and \
-            AD.resolve_targets(a.lora_targets, param_shapes(ckpt["config"])) != lora["targets"]:
+            AD.resolve_targets(a.lora_targets, model_of(ckpt["config"]).param_shapes(ckpt["config"])) != lora["targets"]:
         raise TinyLMError(f"--lora_targets {a.lora_targets} does not match the adapters in {ckpt_path}")
     digest = meta.get("lora_base_sha256")
     if digest is not None and fingerprint(ckpt["params"]) != digest:

@@ -22,13 +22,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from tinylm.core import gpt2 as G
-from tinylm.core.gpt2 import is_block_matrix
+from tinylm.core.arch import model_of
 from tinylm.core.optim import clip_factor, global_norm, learning_rate_at
 from tinylm.core.sampling import sample_next
 from tinylm.errors import TinyLMError
-from tinylm.fast import decode as D
-from tinylm.fast import model as M
+from tinylm.fast.arch import decoder, fast_model
 from tinylm.fast.optim import adamw_step, muon_step
 from tinylm.fast.parallel import blas_threads
 from tinylm.io.checkpoint import save_checkpoint
@@ -229,19 +227,21 @@ def sample(run, params):
         prompt = np.array([0])
     pick = lambda logits: sample_next(logits, temperature=0.8, top_k=200, rng=rng)
     with blas_threads(1):
-        return run.tokenizer.decode(list(D.generate(params, run.config, prompt, run.a.sample_tokens, pick)))
+        generate = decoder(run.config).generate
+        return run.tokenizer.decode(list(generate(params, run.config, prompt, run.a.sample_tokens, pick)))
 
 
 def estimate_loss(params, config, splits, a, step):
     """Mean loss over eval_iters batches of each split, without dropout; its own RNG, so training's is untouched."""
     out = {}
+    forward = fast_model(config).forward
     with blas_threads(1):     # small products: one BLAS thread is as fast, and far faster on a busy machine
         for name, ids in splits.items():
             rng = np.random.default_rng([a.seed, step, len(name)])
             losses = []
             for _ in range(a.eval_iters):
                 x, y = get_batch(ids, config.block_size, a.batch_size, rng)
-                losses.append(M.forward(params, config, x, y, for_backward=False)[1])
+                losses.append(forward(params, config, x, y, for_backward=False)[1])
             out[name] = float(np.mean(losses))
     return out
 
@@ -253,7 +253,7 @@ def estimate_loss(params, config, splits, a, step):
 class Run:
     """One training run: its settings and model, and the state that moves from step to step (what ckpt.npz keeps)."""
     a: TrainArgs
-    config: G.GPTConfig
+    config: object               # GPTConfig or LlamaConfig (core/arch.py)
     tokenizer: object            # None off rank 0
     params: dict                 # the model's weights; with adapters, the frozen ones
     opt_state: dict
@@ -319,7 +319,7 @@ def choose_pieces(run, dist, stop, tracker):
         opt_step = spectra.wrap(opt_step)
         on_evaluate.append(spectra)
     if dist is None:
-        loss_and_grads = lambda params, x, y, is_eval: M.loss_and_grads_parallel(
+        loss_and_grads = lambda params, x, y, is_eval: fast_model(run.config).loss_and_grads_parallel(
             params, run.config, x, y, train=True, rng=run.dropout_rng)
         stop_signum = lambda: stop.signum
     else:
@@ -391,6 +391,7 @@ class SpectraTracker:
             if (step + 1) % a.eval_interval and step + 1 != a.max_iters:
                 self.update = None
                 return opt_step(step, grads, grad_scale)
+            is_block_matrix = model_of(self.run.config).is_block_matrix
             before = {k: p.copy() for k, p in trained.items() if is_block_matrix(k, p.shape)}
             opt_step(step, grads, grad_scale)
             self.update = {k: w - trained[k] for k, w in before.items()} or None

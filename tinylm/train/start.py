@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 
 from tinylm.atomic import atomic_write, remove_stale_temp_files
-from tinylm.core import gpt2 as G
+from tinylm.core.arch import arch_of, model_of
 from tinylm.core.muon import muon_init
 from tinylm.core.optim import adamw_init
 from tinylm.errors import TinyLMError
@@ -15,7 +15,7 @@ from tinylm.io.checkpoint import CheckpointError, load_checkpoint
 from tinylm.text.bpe import train_bpe
 from tinylm.text.data import check_long_enough, load_ids, read_text, train_val_split
 from tinylm.train import finetune
-from tinylm.train.args import MODEL_FIELDS, TrainArgs, check_saved_args, model_config, validate_args
+from tinylm.train.args import TrainArgs, check_arch_args, check_saved_args, model_config, model_fields, validate_args
 
 LOG_FILES = ("metrics.jsonl", "spectra.jsonl")     # one JSON line per evaluation
 
@@ -104,11 +104,12 @@ def trim_log(path, last_step):
     atomic_write(path, lambda f: f.writelines(keep))
 
 
-def init_optimizer(a, params):
-    """The optimizer state for a new run: AdamW's moments, or Muon's momentum and AdamW for the rest."""
+def init_optimizer(a, params, config):
+    """The optimizer state for a new run: AdamW's moments, or Muon's momentum for the block matrices (by the
+    config's model's rule: GPT-2's or Llama's is_block_matrix) and AdamW for the rest."""
     if a.optimizer == "muon":
         try:
-            return muon_init(params)
+            return muon_init(params, model_of(config).is_block_matrix)
         except ValueError as e:
             raise TinyLMError(f"--optimizer muon: {e}") from None
     return adamw_init(params)
@@ -123,13 +124,15 @@ def setup(a, explicit=(), log=print):
         a, config, tokenizer, params, opt_state, state, ids = resume(a, explicit, log)
     elif a.init_from != "scratch":           # fine-tuning: a new run from another model's weights
         config, tokenizer, params = finetune.load_source(a, explicit)
+        a = dataclasses.replace(a, arch=arch_of(config))          # the source's model, whatever --arch said
+        check_arch_args(a)
         lora, params, adapters = finetune.new_adapters(a, config, params, log)
         ids = finetune.encode_for_model(a, tokenizer, log)
-        opt_state = init_optimizer(a, params) if lora is None else adamw_init(adapters)
+        opt_state = init_optimizer(a, params, config) if lora is None else adamw_init(adapters)
         state = dict(new_state(a), lora=lora, adapters=adapters)
     else:
         config, tokenizer, params, ids = new_model(a)
-        opt_state = init_optimizer(a, params)
+        opt_state = init_optimizer(a, params, config)
         state = dict(new_state(a), lora=None, adapters=None)
     train_ids, val_ids = train_val_split(ids)
     check_long_enough(train_ids, val_ids, config.block_size)
@@ -153,7 +156,7 @@ def new_model(a):
     else:
         tokenizer, ids = load_ids(a.data, a.encoding_errors)
     config = model_config(a, tokenizer.vocab_size)
-    return config, tokenizer, G.init_params(config, seed=a.seed), ids
+    return config, tokenizer, model_of(config).init_params(config, seed=a.seed), ids
 
 
 def resume(a, explicit, log):
@@ -183,7 +186,12 @@ def resumed_args(a, explicit, ckpt, ckpt_path):
     """(args, saved settings): the checkpoint's settings, overridden by the flags given now, validated."""
     meta, config = ckpt["meta"], ckpt["config"]
     saved = check_saved_args(meta.get("train_args", {}), ckpt_path)
-    for name in MODEL_FIELDS:
+    arch = arch_of(config)
+    if "arch" in explicit and a.arch != arch:
+        raise TinyLMError(f"--arch {a.arch} differs from the resumed checkpoint's {arch}; a resumed model keeps "
+                          f"its architecture (start a new run in another --out_dir)")
+    saved["arch"] = arch                   # the model's, whatever the saved settings say
+    for name in model_fields(arch):
         if name in explicit and getattr(a, name) != getattr(config, name):
             raise TinyLMError(f"--{name} {getattr(a, name)} differs from the resumed checkpoint's "
                               f"{getattr(config, name)}; a resumed model keeps its shape")

@@ -8,8 +8,8 @@ For each block matrix W (out × in) with gradient g:
 
 The update has the same direction in each singular subspace as u but equal size in all of them, so
 the few directions a gradient is dominated by no longer drown out the rest (an SVD-level reading of
-"orthogonalized updates"); √max(1, out/in) gives a tall matrix's update the per-entry size of a square
-one. Embeddings and layer-norm gains (and anything not 2-D inside a block) keep AdamW, on its own
+"orthogonalized updates"); with √max(1, out/in) every update's entries have root mean square
+lr/√in, whatever the matrix's shape. Embeddings and layer-norm gains (and anything not 2-D inside a block) keep AdamW, on its own
 learning rate. fast/optim.py deals the matrices to a thread per core.
 """
 import math

@@ -143,25 +143,25 @@ def block_forward(P, config, pre, x):
 def block_backward(dx, c, pre):
     """block_forward's steps in reverse.   dx (B,T,C) -> (dx (B,T,C), the block's grads by parameter name)
 
-    d<name> is the gradient of block_forward's array <name>; pg is one layer's parameter gradients.
+    d<name> is the gradient of block_forward's array <name>.
     """
     grads = {}
-    # x + m passes dx unchanged to both x and m
-    dg, pg = L.linear_backward(dx, c["mlp.c_proj"])
-    grads.update(grads_by_name(pre + "mlp.c_proj", pg))
+
+    def back(name, dy, layer_backward=L.linear_backward):
+        """The layer `name`'s backward: returns its input's gradient, keeps its parameters' under their names."""
+        d_in, layer_grads = layer_backward(dy, c[name])
+        grads.update(grads_by_name(pre + name, layer_grads))
+        return d_in
+
+    dg = back("mlp.c_proj", dx)                  # x + m passes dx unchanged to both x and m
     df = L.gelu_backward(dg, c["gelu"])
-    dh, pg = L.linear_backward(df, c["mlp.c_fc"])
-    grads.update(grads_by_name(pre + "mlp.c_fc", pg))
-    dh, pg = L.layernorm_backward(dh, c["ln_2"])
-    grads.update(grads_by_name(pre + "ln_2", pg))
+    dh = back("mlp.c_fc", df)
+    dh = back("ln_2", dh, L.layernorm_backward)
     dx = dx + dh                                 # x reached the output two ways: straight on, and through the MLP
-    da, pg = L.linear_backward(dx, c["attn.c_proj"])
-    grads.update(grads_by_name(pre + "attn.c_proj", pg))
+    da = back("attn.c_proj", dx)
     dqkv = L.attention_backward(da, c["attn"])
-    dh, pg = L.linear_backward(dqkv, c["attn.c_attn"])
-    grads.update(grads_by_name(pre + "attn.c_attn", pg))
-    dh, pg = L.layernorm_backward(dh, c["ln_1"])
-    grads.update(grads_by_name(pre + "ln_1", pg))
+    dh = back("attn.c_attn", dqkv)
+    dh = back("ln_1", dh, L.layernorm_backward)
     return dx + dh, grads
 
 

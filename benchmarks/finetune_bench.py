@@ -4,7 +4,7 @@
     python -m benchmarks.finetune_bench              # fine-tune it on the bundled KJV Genesis+Exodus (~10 min)
     python -m benchmarks.finetune_bench --quick      # a tiny base and a few steps: checks that it runs
 
-Every run is `training.train` itself (fresh folder, same seed, same batches, same evaluation
+Every run is `tinylm.train.loop.train` itself (fresh folder, same seed, same batches, same evaluation
 batches at each step), so the runs differ only in what is trained and its learning rate. For each
 method the sweep runs every learning rate of its list; the one with the lowest final validation
 loss is the method's. Printed:
@@ -54,7 +54,7 @@ def run_args(base, data, out_dir, rank, init, lr, steps, eval_interval, eval_ite
 
 
 def quiet_train(args, explicit):
-    """training.train with its log and per-evaluation lines kept off the bench's table."""
+    """tinylm.train.loop.train with its log and per-evaluation lines kept off the bench's table."""
     with contextlib.redirect_stdout(io.StringIO()):
         return train(args, explicit=explicit, log=lambda *_: None)
 

@@ -312,7 +312,7 @@ def test_files_look_like_gpt2s(tokenizer, tmp_path):
 
 
 def gpt2_reference_encode(vocab_path, merges_path, text):
-    """GPT-2's published algorithm, re-stated independently of tinylm.bpe: read the
+    """GPT-2's published algorithm, re-stated independently of tinylm.text.bpe: read the
     files, split with the regex, map bytes, merge the lowest-ranked pair until none."""
     regex = pytest.importorskip("regex")
     encoder = json.loads(open(vocab_path, encoding="utf-8").read())

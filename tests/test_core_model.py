@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tinylm.core import gpt2 as core
+from tinylm.core import llama as core_llama
 from tinylm.fast import decode
 from tinylm.fast import model as fast
 from tinylm.lowrank import adapters as adapters_module
@@ -189,3 +190,17 @@ def test_greedy_generation_same_as_fast_path(bias):
     assert ours[:n] == uncached[:n]
     # past block_size, core and the fast path without its cache both run on the last block_size tokens
     assert ours == uncached
+
+
+@pytest.mark.parametrize("module_name", ["gpt2", "llama"])
+def test_core_keeps_float32_in_float32(module_name):
+    """No float64 scalar sneaks in: float32 parameters give float32 logits and gradients (the dtype is a
+    parameter, never a global)."""
+    module = {"gpt2": core, "llama": core_llama}[module_name]
+    config = (core.GPTConfig(block_size=6, vocab_size=7, n_layer=1, n_head=2, n_embd=8) if module is core else
+              core_llama.LlamaConfig(block_size=6, vocab_size=7, n_layer=1, n_head=2, n_kv_head=1, n_embd=8))
+    params = module.init_params(config, seed=0, dtype=np.float32)
+    idx, targets = batch(config, B=2, T=6)
+    logits, loss, cache = module.forward(params, config, idx, targets)
+    assert logits.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in module.backward(params, config, cache).values())

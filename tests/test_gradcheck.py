@@ -54,7 +54,7 @@ def test_core_llama_gradient_matches_finite_differences(n_kv_head, tie):
     ("rope", "core rope", lambda real: lambda dy, c: real(dy, (c[0], -c[1]))),       # the forward turn, not its inverse
     ("swiglu", "core swiglu", lambda real: lambda dy, c: (dy * c[1] * c[2], real(dy, c)[1])),       # silu's slope as σ
     ("grouped_attention", "core attention, G=2",                                     # dv averaged over the group, not summed
-     lambda real: lambda dy, c: (lambda dq, dk, dv: (dq, dk, dv / c[5]))(*real(dy, c)))])
+     lambda real: lambda dy, c: (lambda dq, dk, dv: (dq, dk, dv / c[1]))(*real(dy, c)))])
 def test_checker_catches_a_wrong_llama_backward(monkeypatch, layer, row, wrong):
     """Each of Llama's backwards, broken, is flagged as a layer and through the whole core Llama."""
     monkeypatch.setattr(core_layers, layer + "_backward", wrong(getattr(core_layers, layer + "_backward")))

@@ -55,6 +55,21 @@ def test_the_applied_update_has_every_singular_value_equal_to_lr_times_the_shape
         assert np.vdot(before[k] - params[k], grads[k]) > 0, k
 
 
+def test_the_threaded_muon_is_cores_muon():
+    """fast/optim.py's Muon (threads, folded AdamW) moves every parameter as core/muon.py's does, to rounding."""
+    params, g1 = params_and_grads(seed=5)
+    params = {k: v.astype(np.float64) for k, v in params.items()}
+    mine = {k: v.copy() for k, v in params.items()}
+    state, fast_state = core_muon.muon_init(params), core_muon.muon_init(mine)
+    for seed in (6, 7):
+        _, g = params_and_grads(seed=seed)
+        g = {k: v.astype(np.float64) for k, v in g.items()}
+        core_muon.muon_step(params, g, state, lr=1e-3, muon_lr=0.02, method="eigh", grad_scale=0.7)
+        muon.muon_step(mine, g, fast_state, lr=1e-3, muon_lr=0.02, method="eigh", grad_scale=0.7, workers=2)
+    for k in params:
+        np.testing.assert_allclose(mine[k], params[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 def test_adamw_part_is_exactly_adamw_and_the_momentum_is_nesterovs():
     params, g1 = params_and_grads(seed=3)
     _, g2 = params_and_grads(seed=4)
@@ -65,7 +80,7 @@ def test_adamw_part_is_exactly_adamw_and_the_momentum_is_nesterovs():
     for g in (g1, g2):
         muon.muon_step(params, g, state, lr=1e-3, muon_lr=0.02, momentum=0.9, method="svd", weight_decay=0.1,
                        grad_scale=0.5)
-        adamw_step(ref_params, g, ref_state, 1e-3, weight_decay=0.1, grad_scale=0.5)
+        muon.adamw_step(ref_params, g, ref_state, 1e-3, weight_decay=0.1, grad_scale=0.5)    # the same kernel
     for k in rest:
         assert np.array_equal(params[k], ref_params[k]), k
     assert state["t"] == 2

@@ -70,3 +70,23 @@ def test_clipping_scales_to_the_max_norm_and_leaves_small_gradients_alone():
     small = {"a": np.array([0.1, 0.2])}
     clip_by_global_norm(small, 1.0)
     assert np.array_equal(small["a"], [0.1, 0.2])
+
+
+def test_the_fast_adamw_is_cores_adamw():
+    """fast/optim.py's folded, threaded AdamW moves θ, m and v as core's textbook AdamW does (float64, to
+    rounding), with and without clipping's factor and weight decay, over steps where the bias corrections matter."""
+    from tinylm.fast import optim as fast_optim
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((6, 5)), "b": rng.standard_normal(5), "e": rng.standard_normal((4, 3))}
+    mine = {k: v.copy() for k, v in params.items()}
+    state, fast_state = adamw_init(params), adamw_init(mine)
+    for step in range(5):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        scale = 0.5 if step % 2 else 1.0
+        adamw_step(params, grads, state, 0.01, weight_decay=0.1, grad_scale=scale)
+        fast_optim.adamw_step(mine, grads, fast_state, 0.01, weight_decay=0.1, grad_scale=scale, workers=2)
+        for k in params:
+            np.testing.assert_allclose(mine[k], params[k], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(fast_state["m"][k], state["m"][k], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(fast_state["v"][k], state["v"][k], rtol=1e-12, atol=1e-14)
+    assert fast_state["t"] == state["t"] == 5

@@ -12,7 +12,7 @@
 
 The forward here is tinylm/core/gpt2.py's, cut at the blocks so a run can start at any layer and with
 the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for speed);
-tests/test_interventions.py holds it equal to model.forward when no edit is given.
+tests/test_interventions.py holds it equal to core/gpt2.py's forward when no edit is given.
 Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
 """
 import re

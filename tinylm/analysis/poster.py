@@ -1,4 +1,4 @@
-"""The poster: one picture of the seven concepts of DESIGN.md's table, each panel drawn from the user's own model.
+"""The poster: one picture of the seven concepts of the README's table, each panel drawn from the user's own model.
 
 `poster_data` computes every number with the analysis modules (no matplotlib needed);
 `draw_panel` draws one concept into a matplotlib axis; `draw_poster` puts the seven
@@ -22,7 +22,7 @@ from tinylm.analysis.weights import weight_matrices
 from tinylm.analysis.textdata import fixed_windows, resolve_data_path, validation_ids
 from tinylm.fast.decode import trace_forward
 
-# The seven concepts, in DESIGN.md's order; every panel title starts with one of these.
+# The seven concepts, in the README's order; every panel title starts with one of these.
 CONCEPTS = ("1 vectors", "2 matrices", "3 linear maps", "4 inner products", "5 orthogonality",
             "6 linear systems", "7 SVD")
 # The matrix of panel 3 (layer 0's query projection W_Q (C, C)); panel 2 shows the c_attn it is cut from.

@@ -18,7 +18,7 @@ from tinylm.atomic import atomic_write_text
 from tinylm.analysis.embeddings import token_label
 from tinylm.analysis.interventions import ABLATION_HEADER, ablation_rows
 
-# Each section: title, the concepts of DESIGN.md's table it demonstrates, and where it is computed.
+# Each section: title, the concepts of the README's table it demonstrates, and where it is computed.
 SECTIONS = {
     "spectra": ("Spectra of every weight matrix", "3 linear transformations, 7 eigendecomposition and SVD",
                 "tinylm/analysis/weight_spectra.py: analyze_spectra (metrics in spectra.py: matrix_metrics)"),

@@ -1,6 +1,6 @@
 """Which matrices the analysis looks at: every linear weight, c_attn split into Q, K, V, and per-head blocks.
 
-Conventions (see model.forward and layers.attention_forward): a linear layer
+Conventions (see core/gpt2.py's forward and core/layers.py's attention_forward): a linear layer
 computes y = x Wᵀ with W (out, in). c_attn (3C, C) stacks W_Q, W_K, W_V by rows,
 and head h owns rows h·D .. (h+1)·D of each (D = C / n_head). c_proj (C, C) maps
 the concatenated head outputs back to the residual stream, so head h owns its

@@ -1,1 +1,1 @@
-"""The reading path in plain NumPy: layers, gpt2 (the model), optim (AdamW), muon, polar, sampling."""
+"""The reading path in plain NumPy: layers, gpt2 and llama (the models), optim (AdamW), muon, polar, sampling."""

@@ -25,7 +25,7 @@ class GPTConfig:
     n_layer: int = 4          # transformer blocks
     n_head: int = 4           # attention heads per block
     n_embd: int = 128         # width of the residual stream, C
-    dropout: float = 0.0      # applied in training only
+    dropout: float = 0.0      # applied in training, by the fast path (tinylm/fast/model.py)
     bias: bool = False        # biases in the linear layers and layer norms
 
     def validate(self):
@@ -64,11 +64,6 @@ def block_prefix(i):
     return f"transformer.h.{i}."
 
 
-def is_block_matrix(name, shape):
-    """A 2-D array inside a block: the attention and MLP weights (or their low-rank factors). Muon steps these."""
-    return name.startswith("transformer.h.") and len(shape) == 2
-
-
 def param_shapes(config):
     """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
     C = config.n_embd
@@ -89,30 +84,6 @@ def param_shapes(config):
         add(p + "mlp.c_proj", (C, 4 * C))
     add("transformer.ln_f", (C,))
     return shapes
-
-
-def count_params(config, include_positions=True):
-    """Number of parameters (the tied head is counted once, as the token embedding)."""
-    n = sum(math.prod(s) for s in param_shapes(config).values())
-    return n if include_positions else n - config.block_size * config.n_embd
-
-
-def matmul_flops(config, batch_size):
-    """Floating-point operations of one training step, counting matrix products only.   -> dict
-
-    A product (m, n) @ (n, k) costs 2·m·n·k (a multiply and an add per term). Per token, the
-    forward pass multiplies by every block weight and by the tied head (2 per weight), and
-    each attention layer forms QKᵀ and AV over T positions (2·2·T·C: the whole T×T square,
-    as nanoGPT and PaLM count it, although for T > 128 the fast path's attention skips the
-    blocks above the diagonal). The backward pass costs twice the forward (one product for
-    dX, one for dW), so a step is 3 forwards over batch_size·block_size tokens.
-    """
-    C, T, L = config.n_embd, config.block_size, config.n_layer
-    weights = L * 12 * C * C + config.vocab_size * C          # c_attn 3C², c_proj C², c_fc 4C², mlp c_proj 4C²; head
-    forward_per_token = 2 * weights + L * 4 * T * C
-    tokens = batch_size * T
-    return {"forward_per_token": forward_per_token, "tokens_per_step": tokens,
-            "per_step": 3 * forward_per_token * tokens}
 
 
 def init_params(config, seed=0, dtype=np.float32):
@@ -146,7 +117,7 @@ def layernorm(P, name, x):
     return L.layernorm_forward(x, P[name + ".weight"], P.get(name + ".bias"))
 
 
-def named(name, grads):
+def grads_by_name(name, grads):
     """A layer's gradients ({"W" or "w", "b"}) under its parameters' names: name.weight, name.bias."""
     out = {name + ".weight": grads["W"] if "W" in grads else grads["w"]}
     if "b" in grads:
@@ -170,24 +141,27 @@ def block_forward(P, config, pre, x):
 
 
 def block_backward(dx, c, pre):
-    """block_forward's steps in reverse.   dx (B,T,C) -> (dx (B,T,C), the block's grads by parameter name)"""
+    """block_forward's steps in reverse.   dx (B,T,C) -> (dx (B,T,C), the block's grads by parameter name)
+
+    d<name> is the gradient of block_forward's array <name>.
+    """
     grads = {}
-    # x + m passes dx unchanged to both x and m
-    dg, g = L.linear_backward(dx, c["mlp.c_proj"])
-    grads.update(named(pre + "mlp.c_proj", g))
+
+    def back(name, dy, layer_backward=L.linear_backward):
+        """The layer `name`'s backward: returns its input's gradient, keeps its parameters' under their names."""
+        d_in, layer_grads = layer_backward(dy, c[name])
+        grads.update(grads_by_name(pre + name, layer_grads))
+        return d_in
+
+    dg = back("mlp.c_proj", dx)                  # x + m passes dx unchanged to both x and m
     df = L.gelu_backward(dg, c["gelu"])
-    dh, g = L.linear_backward(df, c["mlp.c_fc"])
-    grads.update(named(pre + "mlp.c_fc", g))
-    dh, g = L.layernorm_backward(dh, c["ln_2"])
-    grads.update(named(pre + "ln_2", g))
+    dh = back("mlp.c_fc", df)
+    dh = back("ln_2", dh, L.layernorm_backward)
     dx = dx + dh                                 # x reached the output two ways: straight on, and through the MLP
-    da, g = L.linear_backward(dx, c["attn.c_proj"])
-    grads.update(named(pre + "attn.c_proj", g))
+    da = back("attn.c_proj", dx)
     dqkv = L.attention_backward(da, c["attn"])
-    dh, g = L.linear_backward(dqkv, c["attn.c_attn"])
-    grads.update(named(pre + "attn.c_attn", g))
-    dh, g = L.layernorm_backward(dh, c["ln_1"])
-    grads.update(named(pre + "ln_1", g))
+    dh = back("attn.c_attn", dqkv)
+    dh = back("ln_1", dh, L.layernorm_backward)
     return dx + dh, grads
 
 
@@ -215,16 +189,16 @@ def backward(params, config, cache):
     if "loss" not in cache:
         raise TinyLMError("backward needs the cache of a forward given targets")
     dlogits = L.cross_entropy_backward(1.0, cache["loss"])
-    dx, g = L.linear_backward(dlogits, cache["head"])
-    dwte_head = g["W"]                           # wte is also the head: this part joins the embedding's below
-    dx, g = L.layernorm_backward(dx, cache["ln_f"])
-    grads = named("transformer.ln_f", g)
+    dx, pg = L.linear_backward(dlogits, cache["head"])
+    dwte_head = pg["W"]                           # wte is also the head: this part joins the embedding's below
+    dx, pg = L.layernorm_backward(dx, cache["ln_f"])
+    grads = grads_by_name("transformer.ln_f", pg)
     for i in reversed(range(config.n_layer)):
-        dx, g = block_backward(dx, cache["blocks"][i], block_prefix(i))
-        grads.update(g)
-    g = L.embedding_backward(dx, cache["emb"])
-    grads["transformer.wte.weight"] = g["wte"] + dwte_head
-    grads["transformer.wpe.weight"] = g["wpe"]
+        dx, block_grads = block_backward(dx, cache["blocks"][i], block_prefix(i))
+        grads.update(block_grads)
+    pg = L.embedding_backward(dx, cache["emb"])
+    grads["transformer.wte.weight"] = pg["wte"] + dwte_head
+    grads["transformer.wpe.weight"] = pg["wpe"]
     return {k: grads[k] for k in params}
 
 
@@ -244,3 +218,35 @@ def generate(params, config, prompt, max_new_tokens, pick_next):
         logits, _, _ = forward(params, config, np.array([tokens[-config.block_size:]]))
         tokens.append(int(pick_next(logits[0, -1])))
         yield tokens[-1]
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def is_block_matrix(name, shape):
+    """A 2-D array inside a block: the attention and MLP weights (or their low-rank factors). Muon steps these."""
+    return name.startswith("transformer.h.") and len(shape) == 2
+
+
+def count_params(config, include_positions=True):
+    """Number of parameters (the tied head is counted once, as the token embedding)."""
+    n = sum(math.prod(s) for s in param_shapes(config).values())
+    return n if include_positions else n - config.block_size * config.n_embd
+
+
+def matmul_flops(config, batch_size):
+    """Floating-point operations of one training step, counting matrix products only.   -> dict
+
+    A product (m, n) @ (n, k) costs 2·m·n·k (a multiply and an add per term). Per token, the
+    forward pass multiplies by every block weight and by the tied head (2 per weight), and
+    each attention layer forms QKᵀ and AV over T positions (2·2·T·C: the whole T×T square,
+    as nanoGPT and PaLM count it, although for T > 128 the fast path's attention skips the
+    blocks above the diagonal). The backward pass costs twice the forward (one product for
+    dX, one for dW), so a step is 3 forwards over batch_size·block_size tokens.
+    """
+    C, T, n_layer = config.n_embd, config.block_size, config.n_layer
+    weights = n_layer * 12 * C * C + config.vocab_size * C          # c_attn 3C², c_proj C², c_fc 4C², mlp c_proj 4C²; head
+    forward_per_token = 2 * weights + n_layer * 4 * T * C
+    tokens = batch_size * T
+    return {"forward_per_token": forward_per_token, "tokens_per_step": tokens,
+            "per_step": 3 * forward_per_token * tokens}

@@ -7,6 +7,8 @@ V tokens in the vocabulary, H heads of width D = C/H. Plain NumPy in any float d
 (tinylm/fast/layers.py) computes GPT-2's layers faster, and tests hold the two equal. The layers only
 Llama uses (RMSNorm, rotary embeddings, SwiGLU) come last; attention with shared K/V heads serves both.
 """
+import math
+
 import numpy as np
 
 # ----------------------------------------------------------------------------- embedding
@@ -86,7 +88,7 @@ def layernorm_backward(dy, cache):
 
 # ----------------------------------------------------------------------------- GELU
 
-GELU_SCALE = np.sqrt(2.0 / np.pi)
+GELU_SCALE = math.sqrt(2.0 / math.pi)      # a Python float: float32 inputs stay float32
 GELU_CUBIC = 0.044715
 
 
@@ -124,48 +126,41 @@ def softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def grouped_attention_forward(q, k, v):
-    """y = softmax(Q Kᵀ/√D + causal mask) V per query head.   q (B,H,T,D), k and v (B,Hkv,T,D) -> y (B,H,T,D)
+def causal_attention_forward(q, k, v):
+    """y = softmax(Q Kᵀ/√D + causal mask) V, each head on its own.   q, k, v (B,H,T,D) -> y (B,H,T,D)
 
-    Grouped-query attention: H = G·Hkv, and K/V head j serves the G query heads j·G … j·G + G − 1.
-    G = 1 is plain multi-head attention, GPT-2's. The cache holds (Q, K, V, A, 1/√D, G), K and V with
-    each head repeated G times, A (B,H,T,T) the attention weights, each row summing to 1.
+    The cache holds (Q, K, V, A, 1/√D), A (B,H,T,T) the attention weights, each row summing to 1.
     """
-    G = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)            # (B,H,T,D): one copy per query head
-    T = q.shape[2]
-    scale = 1.0 / np.sqrt(q.shape[-1])       # keeps the scores' spread independent of D
+    T, D = q.shape[-2:]
+    scale = 1.0 / math.sqrt(D)               # keeps the scores' spread independent of D
     future = np.triu(np.ones((T, T), dtype=bool), k=1)                        # key j > query i
     scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) * scale)   # exp(−∞) = 0: no look ahead
     att = softmax(scores)
-    return att @ v, (q, k, v, att, scale, G)
+    return att @ v, (q, k, v, att, scale)
 
 
-def grouped_attention_backward(dy, cache):
-    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D;
-    then dK and dV summed over the G query heads that share each K/V head.
-    dy (B,H,T,D) -> dq (B,H,T,D), dk and dv (B,Hkv,T,D)"""
-    q, k, v, att, scale, G = cache
+def causal_attention_backward(dy, cache):
+    """dV = Aᵀ dY;  dA = dY Vᵀ;  dS = A ⊙ (dA − Σ_j dA ⊙ A);  dQ = dS K/√D;  dK = dSᵀ Q/√D.   -> dq, dk, dv"""
+    q, k, v, att, scale = cache
     dv = att.transpose(0, 1, 3, 2) @ dy
     datt = dy @ v.transpose(0, 1, 3, 2)
     dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))   # softmax's backward, row by row
     dq = dscores @ k * scale                 # masked entries have A = 0, so they pass no gradient
     dk = dscores.transpose(0, 1, 3, 2) @ q * scale
-    B, H, T, D = q.shape                     # repeating a head G times has a transpose: summing the G copies
-    dk, dv = (d.reshape(B, H // G, G, T, D).sum(axis=2) for d in (dk, dv))
     return dq, dk, dv
 
 
 def attention_forward(qkv, n_head):
-    """GPT-2's attention: every head has its own K and V (G = 1).   qkv (B,T,3C) = [Q K V] -> y (B,T,C)"""
+    """GPT-2's attention: the fused projection split into H heads of Q, K and V.   qkv (B,T,3C) = [Q K V] -> y (B,T,C)"""
     q, k, v = (split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))      # each (B,H,T,D)
-    y, cache = grouped_attention_forward(q, k, v)
+    y, cache = causal_attention_forward(q, k, v)
     return merge_heads(y), cache
 
 
 def attention_backward(dy, cache):
-    """grouped_attention_backward on dy's heads; the gradients side by side as [dQ dK dV].   -> dqkv (B,T,3C)"""
-    dq, dk, dv = grouped_attention_backward(split_heads(dy, cache[0].shape[1]), cache)
+    """causal_attention_backward on dy's heads; the gradients side by side as [dQ dK dV].   -> dqkv (B,T,3C)"""
+    n_head = cache[0].shape[1]               # the cache's Q is (B,H,T,D)
+    dq, dk, dv = causal_attention_backward(split_heads(dy, n_head), cache)
     return np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
 
 
@@ -183,7 +178,7 @@ def cross_entropy_forward(logits, targets):
 def cross_entropy_backward(dloss, cache):
     """dlogits = (softmax(logits) − onehot(target)) · dloss / N.   -> (B,T,V)"""
     probs, targets = cache
-    onehot = np.eye(probs.shape[-1], dtype=probs.dtype)[targets]
+    onehot = np.arange(probs.shape[-1]) == targets[..., None]       # (B,T,V) booleans, 1 at the target
     return (probs - onehot) * (dloss / targets.size)
 
 
@@ -231,6 +226,29 @@ def rope_backward(dy, cache):
     """dx = Rᵀ dy = dy ⊙ cos − rotate_half(dy) ⊙ sin: Rᵀ is R⁻¹, the turn by −angle (R is orthogonal)."""
     cos, sin = cache
     return dy * cos - rotate_half(dy) * sin
+
+
+# ----------------------------------------------------------------------------- grouped-query attention
+
+
+def grouped_attention_forward(q, k, v):
+    """Causal attention where K/V head j serves the G query heads j·G … j·G + G − 1.   q (B,H,T,D), k, v (B,H/G,T,D)
+
+    It is plain causal attention on K and V with each head repeated G times (G = 1: multi-head attention).
+    """
+    G = q.shape[1] // k.shape[1]
+    y, cache = causal_attention_forward(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1))
+    return y, (cache, G)
+
+
+def grouped_attention_backward(dy, cache):
+    """causal_attention_backward, then dK and dV summed over the G query heads that share each K/V head
+    (the transpose of repeating a head G times is summing its G copies).   -> dq (B,H,T,D), dk, dv (B,H/G,T,D)"""
+    attention_cache, G = cache
+    dq, dk, dv = causal_attention_backward(dy, attention_cache)
+    B, H, T, D = dq.shape
+    dk, dv = (d.reshape(B, H // G, G, T, D).sum(axis=2) for d in (dk, dv))
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- SwiGLU

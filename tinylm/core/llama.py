@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from tinylm.core import layers as L
-from tinylm.core.gpt2 import linear, named
+from tinylm.core.gpt2 import grads_by_name, linear
 from tinylm.errors import TinyLMError
 
 
@@ -192,7 +192,7 @@ def block_backward(dx, c, pre, config):
     def back(name, dy, layer_backward=L.linear_backward):
         """dy back through the layer `name` of this block; its weight's gradient is kept in grads."""
         d, g = layer_backward(dy, c[name])
-        grads.update(named(pre + name, g))
+        grads.update(grads_by_name(pre + name, g))
         return d
 
     # x + m passes dx unchanged to both x and m
@@ -239,7 +239,7 @@ def backward(params, config, cache):
     dx, g = L.linear_backward(dlogits, cache["head"])
     dhead = g["W"]
     dx, g = L.rmsnorm_backward(dx, cache["norm"])
-    grads = named("model.norm", g)
+    grads = grads_by_name("model.norm", g)
     for i in reversed(range(config.n_layer)):
         dx, g = block_backward(dx, cache["blocks"][i], block_prefix(i), config)
         grads.update(g)

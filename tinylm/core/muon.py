@@ -8,11 +8,11 @@ For each block matrix W (out × in) with gradient g:
 
 The update has the same direction in each singular subspace as u but equal size in all of them, so
 the few directions a gradient is dominated by no longer drown out the rest (an SVD-level reading of
-"orthogonalized updates"); √max(1, out/in) gives a tall matrix's update the per-entry size of a square
-one. Embeddings, the head and the norms' gains (anything not 2-D inside a block) keep AdamW, on its own
-learning rate. Which matrices are inside a block is the model's rule (gpt2's or llama's is_block_matrix):
-for a Llama, the seven of each layer, q, k, v, o, gate, up and down. fast/optim.py deals the matrices to a
-thread per core.
+"orthogonalized updates"); with √max(1, out/in) every update's entries have root mean square
+lr/√in, whatever the matrix's shape. Embeddings, the head and the norms' gains (anything not 2-D inside
+a block) keep AdamW, on its own learning rate. Which matrices are inside a block is the model's rule
+(gpt2's or llama's is_block_matrix): for a Llama, the seven of each layer, q, k, v, o, gate, up and down.
+fast/optim.py deals the matrices to a thread per core.
 """
 import math
 

@@ -46,49 +46,28 @@ def adamw_init(params):
             "t": 0}
 
 
-def decays(name, p):
-    """Weight decay applies to matrices (linear weights and embeddings), not to biases or layer-norm gains."""
+def decays(p):
+    """Weight decay applies to matrices (linear weights and embeddings), not to biases or norm gains."""
     return p.ndim >= 2
 
 
-def adamw_constants(t, lr, beta1, beta2, eps, weight_decay, grad_scale):
-    """The numbers adamw_update needs at step t (1, 2, …), worked out once for every parameter.
-
-    With b₁ = 1 − β₁ᵗ, b₂ = 1 − β₂ᵗ, m̂/(√v̂ + ε) = (m/b₁)/(√v/√b₂ + ε) = (√b₂/b₁)·m/(√v + ε√b₂): the bias
-    corrections become one step size and one ε. g is grad_scale × grads (clipping's factor), folded into
-    the moments' constants: c₁ = (1 − β₁)·s, c₂ = (1 − β₂)·s².
-    """
-    bias1 = 1.0 - beta1 ** t
-    root_bias2 = math.sqrt(1.0 - beta2 ** t)
-    return dict(beta1=beta1, beta2=beta2, c1=(1.0 - beta1) * grad_scale, c2=(1.0 - beta2) * grad_scale ** 2,
-                eps=eps * root_bias2, step_size=lr * root_bias2 / bias1, decay=1.0 - lr * weight_decay)
-
-
 def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_scale=1.0):
-    """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m, v the moving moments of g and g².
+    """One AdamW step, in place: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε), m and v the moving means of g and g².
 
-    g is grad_scale × grads (grads are not changed). fast/optim.py runs the same update on a thread per core.
+    g is grad_scale × grads (clipping's factor; grads are not changed). fast/optim.py computes the same
+    update with fewer passes over memory, on a thread per core.
     """
     state["t"] += 1
-    constants = adamw_constants(state["t"], lr, beta1, beta2, eps, weight_decay, grad_scale)
-    for name in params:
-        adamw_update(params[name], grads[name], state["m"][name], state["v"][name], decays(name, params[name]),
-                     **constants)
-
-
-def adamw_update(p, g, m, v, decay_it, beta1, beta2, c1, c2, eps, step_size, decay):
-    """One parameter's AdamW update, in place, with adamw_constants' numbers (one scratch array, no other temporaries)."""
-    scratch = np.multiply(g, c1)
-    m *= beta1
-    m += scratch                            # m ← β₁ m + (1 − β₁) g
-    np.multiply(g, g, out=scratch)
-    scratch *= c2
-    v *= beta2
-    v += scratch                            # v ← β₂ v + (1 − β₂) g²
-    if decay != 1.0 and decay_it:
-        p *= decay                          # decoupled: shrinks θ, not added to g
-    np.sqrt(v, out=scratch)
-    scratch += eps
-    np.divide(m, scratch, out=scratch)
-    scratch *= step_size
-    p -= scratch                            # θ ← θ − lr·m̂/(√v̂ + ε)
+    t = state["t"]
+    for name, p in params.items():
+        g = grads[name] * grad_scale
+        m, v = state["m"][name], state["v"][name]
+        m *= beta1
+        m += (1.0 - beta1) * g                   # m ← β₁ m + (1 − β₁) g
+        v *= beta2
+        v += (1.0 - beta2) * g * g               # v ← β₂ v + (1 − β₂) g²
+        m_hat = m / (1.0 - beta1 ** t)           # both means start at 0: divide out that bias
+        v_hat = v / (1.0 - beta2 ** t)
+        if decays(p):
+            p *= 1.0 - lr * weight_decay         # decoupled: shrinks θ, not added to g
+        p -= lr * m_hat / (np.sqrt(v_hat) + eps)

@@ -4,13 +4,14 @@ Q is the orthogonal matrix nearest to G (in Frobenius norm, and in every unitari
 update Muon applies (core/muon.py). Each way is a test oracle for the others (tests/test_polar.py):
 
 - `polar_svd`: Q = U Vᵀ from np.linalg.svd. Exact, and the slowest.
-- `polar_eigh`: from the small Gram matrix. For G (m × n), m ≥ n: GᵀG = V Λ Vᵀ = V Σ² Vᵀ, so
-  Q = G V Λ^{-1/2} Vᵀ = U Σ Vᵀ V Σ⁻¹ Vᵀ = U Vᵀ. One n × n eigendecomposition and two products.
+- `polar_eigh`: from the small Gram matrix. For G (m × n), m ≤ n: GGᵀ = U Λ Uᵀ = U Σ² Uᵀ, so
+  Q = U Λ^{-1/2} Uᵀ G = U Σ⁻¹ Uᵀ U Σ Vᵀ = U Vᵀ. One m × m eigendecomposition and two products (a tall G
+  is transposed first).
 - `polar_newton_schulz`: no factorization at all, only products: X ← a X + (b A + c A²) X with A = X Xᵀ,
   an odd polynomial p(σ) = aσ + bσ³ + cσ⁵ applied to every singular value at once (U and V untouched).
-  After X ← G/‖G‖_F every σ is in (0, 1]; the quintic's coefficients (3.4445, −4.7750, 2.0315) push small
-  σ up fast and leave each σ in a band around 1 (about 0.7 to 1.2 after five steps), not at 1 exactly:
-  a cheap, approximate Q, enough for an optimizer.
+  After X ← G/‖G‖_F every σ is in [0, 1]; the quintic's coefficients (3.4445, −4.7750, 2.0315) push small
+  σ up fast and leave each σ in a band around 1 (about 0.7 to 1.2 after five steps for σ above about
+  0.002·‖G‖_F; σ = 0.001·‖G‖_F ends near 0.5), not at 1 exactly: a cheap, approximate Q, enough for an optimizer.
 
 Where G lacks a direction (σ = 0) the polar factor is not unique: the SVD sets that σ to 1 along an
 arbitrary pair of singular vectors, the Gram way and Newton–Schulz leave it near 0. Every block
@@ -20,7 +21,7 @@ inputs orthogonal to 1/g, as x̂ sums to zero; both without biases, the default)
 the methods agree on the directions G has, which is what the tests hold them to.
 
 Every function takes one matrix (m, n) or a stack of them (..., m, n) and works on the short side, so
-the square matrix it forms (XXᵀ or GᵀG) is min(m, n) wide.
+the square matrix it forms (XXᵀ or GGᵀ of the wide form) is min(m, n) wide.
 """
 import numpy as np
 

@@ -186,3 +186,21 @@ def test_a_checkpoint_without_an_arch_field_is_gpt2(tmp_path):
     save_checkpoint(path, gpt2.init_params(config), config, CharTokenizer("abc"), None, {})
     ckpt = load_checkpoint(path)
     assert "arch" not in ckpt["meta"]["config"] and ckpt["config"] == config
+
+
+def test_sample_py_samples_a_llama_with_and_without_the_cache_and_side_by_side(llama_run):
+    """Within the first block the cache changes nothing: greedy text with and without it is the same."""
+    texts = {}
+    for extra in ([], ["--no_cache"]):
+        for n in ("1", "3"):
+            proc = run_script("sample.py", "--out_dir", llama_run["dir"], "--max_new_tokens", "12", "--num_samples", n,
+                              "--temperature", "0", "--start", "ab", *extra)
+            assert proc.returncode == 0, proc.stderr
+            samples = proc.stdout.split("\n---------------\n")[:-1]
+            assert len(samples) == int(n) and all(s.startswith("ab") and len(s) > 2 for s in samples)
+            texts[tuple(extra), n] = samples
+    assert len({s for group in texts.values() for s in group}) == 1          # greedy: one text, every way
+    proc = run_script("sample.py", "--init_from", os.path.join(llama_run["dir"], "best.npz"), "--max_new_tokens", "40")
+    assert proc.returncode == 0, proc.stderr
+    for flag in (["--rank", "0.5"], ["--steer", "case"]):
+        one_line_refusal(run_script("sample.py", "--out_dir", llama_run["dir"], *flag), [flag[0], "Llama"])

@@ -11,7 +11,8 @@ from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.analysis.interventions import steer, steering_direction
 from tinylm.core.sampling import check_sampling_args, sample_next
-from tinylm.fast.decode import generate, generate_rows
+from tinylm.core.arch import arch_of
+from tinylm.fast.arch import decoder
 from tinylm.fast.parallel import blas_threads
 from tinylm.io.hf import load_any
 from tinylm.lowrank.compress import compress_on_the_fly, parse_rank
@@ -78,6 +79,7 @@ def _sample(argv):
         rank = parse_rank(a.rank)
     ckpt = load_any(path)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
+    refuse_what_a_llama_cannot_do_yet(a, config)
     if rank is not None:
         params, line = compress_on_the_fly(params, config, rank)
         print(line, file=sys.stderr)
@@ -98,11 +100,12 @@ def _sample(argv):
     separator = "\n---------------\n"
     with blas_threads(1):        # one token at a time: tiny products, one BLAS thread is fastest
         if a.num_samples == 1:
-            steps = ([token] for token in generate(params, config, prompt, a.max_new_tokens, pick,
-                                                   use_cache=not a.no_cache))
+            steps = ([token] for token in decoder(config).generate(params, config, prompt, a.max_new_tokens, pick,
+                                                                   use_cache=not a.no_cache))
         else:                    # side by side: a step's NumPy calls shared by every sample
-            steps = generate_rows(params, config, prompt, a.num_samples, a.max_new_tokens,
-                                  lambda rows: [pick(logits) for logits in rows], use_cache=not a.no_cache)
+            steps = decoder(config).generate_rows(params, config, prompt, a.num_samples, a.max_new_tokens,
+                                                  lambda rows: [pick(logits) for logits in rows],
+                                                  use_cache=not a.no_cache)
         new = [[] for _ in range(a.num_samples)]
         out.write(start)
         shown = ""
@@ -118,3 +121,12 @@ def _sample(argv):
             out.write(start + tok.decode(tokens) + separator)
         out.flush()
     return 0
+
+
+def refuse_what_a_llama_cannot_do_yet(a, config):
+    """--rank and --steer read GPT-2's matrices: one line for a Llama, instead of a failure half way."""
+    if arch_of(config) != "llama":
+        return
+    for flag, given in (("--rank", a.rank is not None), ("--steer", a.steer is not None)):
+        if given:
+            raise TinyLMError(f"{flag} is not supported for a Llama yet; sample it without {flag}")

@@ -204,3 +204,11 @@ def test_sample_py_samples_a_llama_with_and_without_the_cache_and_side_by_side(l
     assert proc.returncode == 0, proc.stderr
     for flag in (["--rank", "0.5"], ["--steer", "case"]):
         one_line_refusal(run_script("sample.py", "--out_dir", llama_run["dir"], *flag), [flag[0], "Llama"])
+
+
+def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
+    ckpt = os.path.join(llama_run["dir"], "ckpt.npz")
+    one_line_refusal(run_script("analyze.py", ckpt), ["is a Llama", "analyze.py"])
+    one_line_refusal(run_script("tinylm/compress.py", ckpt, tmp_path / "c.npz", "--rank", "0.5"),
+                     ["is a Llama", "compression"])
+    assert not (tmp_path / "c.npz").exists()

@@ -8,6 +8,7 @@ import time
 from tinylm.cli.common import OneLineParser, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.io.hf import CONFIG_FILE, load_any
+from tinylm.core.arch import arch_of
 from tinylm.core.gpt2 import count_params
 from tinylm.analysis import report as R
 from tinylm.analysis import scale
@@ -236,6 +237,8 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_any(path, with_optimizer="curvature" in sections)
+    if arch_of(ckpt["config"]) == "llama":
+        raise TinyLMError(f"{path} is a Llama; analyze.py reads GPT-2's matrices and does not read a Llama yet")
     if ranks_of(ckpt["params"]):      # a compressed model (tinylm.compress): the analysis reads the products A B
         sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
                          f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")

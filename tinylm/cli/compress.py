@@ -14,6 +14,7 @@ from tinylm.fast.model import forward
 from tinylm.core.gpt2 import param_shapes
 from tinylm.io.checkpoint import save_checkpoint
 from tinylm.io.hf import load_any
+from tinylm.core.arch import arch_of
 from tinylm.lowrank.compress import (DEFAULT_CALIB_TOKENS, METHODS, CompressError, calibration_ids, calibration_windows,
                                      check_not_lower, compress_model, parse_params_fraction, parse_rank, ranks_for)
 from tinylm.text.data import DEFAULT_DATA, encode_file, train_val_split
@@ -89,6 +90,9 @@ def _compress(argv):
         raise CompressError(f"{a.out} exists; pass --force to replace it")
     ckpt = load_any(a.checkpoint)
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"] or {}
+    if arch_of(config) == "llama":
+        raise CompressError(f"{a.checkpoint} is a Llama; compression reads GPT-2's matrices and does not read a "
+                            f"Llama yet")
     ranks = ranks_for(config, rank, fraction)
     check_not_lower(params, ranks)
     calib = None

@@ -49,6 +49,15 @@ def test_core_llama_gradient_matches_finite_differences(n_kv_head, tie):
     assert max(e for _, e in results) < gradcheck.TOLERANCE
 
 
+@pytest.mark.parametrize("n_kv_head,tie,dropout", [(1, False, 0.0), (2, True, 0.2)])
+def test_fast_llama_gradient_matches_finite_differences(n_kv_head, tie, dropout):
+    config = llama.LlamaConfig(block_size=4, vocab_size=7, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=8,
+                               ffn_hidden=12, tie_embeddings=tie, dropout=dropout)
+    results = gradcheck.model_check(config, seed=2, train=dropout > 0)
+    assert [name for name, _ in results] == list(llama.param_shapes(config))
+    assert max(e for _, e in results) < gradcheck.TOLERANCE
+
+
 @pytest.mark.parametrize("layer,row,wrong", [
     ("rmsnorm", "core rmsnorm", lambda real: lambda dy, c: (real(dy, c)[0] + dy, real(dy, c)[1])),   # a term too many
     ("rope", "core rope", lambda real: lambda dy, c: real(dy, (c[0], -c[1]))),       # the forward turn, not its inverse
@@ -93,3 +102,4 @@ def test_gradcheck_command_passes(capsys):
     assert "PASS" in out and "attention" in out and "transformer.wte.weight" in out
     assert "core attention" in out and "whole model, core" in out
     assert "core rope" in out and "whole model, core Llama" in out and "model.layers.1.mlp.down_proj.weight" in out
+    assert "rope, in place" in out and "swiglu, [g u]" in out and "whole model, fast Llama" in out

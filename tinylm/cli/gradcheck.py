@@ -3,7 +3,8 @@
     python -m tinylm.gradcheck          # a table of relative errors, layer by layer and for the whole model
 
 It checks the reading path (core/layers.py, core/gpt2.py, core/llama.py) and what training runs (fast/: its layers,
-dropout, row blocks, factorized and adapter layers, the whole fast model), each against its own finite differences.
+dropout, row blocks, factorized and adapter layers, the whole fast GPT-2 and Llama), each against its own finite
+differences.
 
 For a layer y = f(x, θ) we take the scalar L = Σ y ⊙ R with a fixed random R, so that
 dL/dy = R: the backward fed R must give the same dL/dx and dL/dθ as
@@ -20,6 +21,7 @@ from tinylm.fast import layers as FAST_LAYERS
 from tinylm.fast import linears as FL
 from tinylm.lowrank import factorized as LR
 from tinylm.fast import model as M
+from tinylm.fast import llama as FAST_LLAMA
 from tinylm.core import gpt2 as G
 from tinylm.core import llama as LLAMA
 from tinylm.fast.linears import lora_linear_backward, lora_linear_forward
@@ -120,7 +122,9 @@ def layer_checks(seed=0, layers=FAST_LAYERS):
         {"qkv": randn(B, T, 3 * C)}))
     if fast:
         fast_only_attention_checks(record, randn, B, T, C, H)
-    if hasattr(L, "rmsnorm_forward"):
+    if fast:
+        fast_llama_layer_checks(record, randn, B, T, C)
+    else:
         llama_layer_checks(record, randn, L, B, T, C)
     targets = rng.integers(0, V, size=(B, T))
     record("cross_entropy", check_function(
@@ -146,6 +150,22 @@ def llama_layer_checks(record, randn, L, B, T, C):
     record("attention, G=2", check_function(      # 4 query heads, 2 K/V heads
         L.grouped_attention_forward, lambda d, c: dict(zip("qkv", L.grouped_attention_backward(d, c))),
         {"q": randn(B, 4, T, 3), "k": randn(B, 2, T, 3), "v": randn(B, 2, T, 3)}))
+
+
+def fast_llama_layer_checks(record, randn, B, T, C):
+    """The fast path's Llama layers: RMSNorm, the rotation done in place (on a copy here), SwiGLU on [g u]."""
+    L = FAST_LAYERS
+
+    def rms_back(d, c):
+        dx, g = L.rmsnorm_backward(d, c)
+        return {"x": dx, "w": g["w"]}
+    record("rmsnorm", check_function(L.rmsnorm_forward, rms_back, {"x": randn(B, T, C), "w": randn(C)}))
+    cos, sin = L.rope_table(T, 4, 100.0, np.dtype(np.float64), 3)           # positions 3 … T + 2
+    record("rope, in place", check_function(lambda x: (L.rope_(x.copy(), cos, sin), None),
+                                            lambda d, c: {"x": L.rope_backward_(d.copy(), cos, sin)},
+                                            {"x": randn(B, T, 2, 4)}))
+    record("swiglu, [g u]", check_function(L.swiglu_forward, lambda d, c: {"gu": L.swiglu_backward(d, c)},
+                                           {"gu": 2 * randn(B, T, 2 * C)}))
 
 
 def fast_only_layer_checks(record, randn, B, T, C):
@@ -200,11 +220,10 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
 
     ranks {layer name: r} stores those linear layers as random factorized layers of rank r (lowrank/).
     With core, the model checked is core/gpt2.py's (dense, no dropout), or core/llama.py's for a LlamaConfig;
-    else the fast path's.
+    else the fast path's (fast/model.py, or fast/llama.py for a LlamaConfig).
     """
     model = LLAMA if isinstance(config, LLAMA.LlamaConfig) else G
-    if model is LLAMA and not core:
-        raise ValueError("the fast path has no Llama: check core's (core=True)")
+    fast = FAST_LLAMA if model is LLAMA else M
     rng = np.random.default_rng(seed)
     params = model.init_params(config, seed=seed, dtype=np.float64)
     for name, r in (ranks or {}).items():
@@ -219,10 +238,10 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
     def run():
         if core:
             return model.forward(params, config, idx, targets)
-        return M.forward(params, config, idx, targets, train=train, rng=np.random.default_rng(seed + 1))
+        return fast.forward(params, config, idx, targets, train=train, rng=np.random.default_rng(seed + 1))
 
     _, _, cache = run()
-    grads = (model.backward if core else M.backward)(params, config, cache)
+    grads = (model.backward if core else fast.backward)(params, config, cache)
     results = []
     for name, p in params.items():
         numeric = numerical_gradient(lambda: run()[1], p, max_entries=max_entries, rng=rng)
@@ -280,6 +299,12 @@ def main(argv=None):
         for name, err in model_check(config, args.seed, train=dropout > 0):
             worst = max(worst, err)
             print(f"  {name:<48}{err:>16.2e}")
+    config = LLAMA.LlamaConfig(block_size=4, vocab_size=7, n_layer=2, n_head=4, n_kv_head=2, n_embd=8,
+                               ffn_hidden=12, dropout=0.1)
+    print("\nwhole model, fast Llama, n_kv_head=2 of n_head=4, dropout=0.1")
+    for name, err in model_check(config, args.seed, train=True):
+        worst = max(worst, err)
+        print(f"  {name:<48}{err:>16.2e}")
     config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, bias=True)
     print("\nwhole model, bias=True, every linear layer of block 0 and h.1.mlp.c_fc factorized (rank 3)")
     for name, err in model_check(config, args.seed, ranks=FACTORIZED_CHECK):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinylm.core import layers as L
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief, shorten
 
 
 @dataclasses.dataclass
@@ -33,13 +33,13 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise TinyLMError(f"--{name} must be a positive integer, got {value!r}")
+                raise TinyLMError(f"--{name} must be a positive integer, got {brief(value)}")
         if self.n_embd % self.n_head:
             raise TinyLMError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise TinyLMError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+            raise TinyLMError(f"--dropout must be in [0, 1), got {brief(self.dropout)}")
         if not isinstance(self.bias, bool):
-            raise TinyLMError(f"bias must be true or false, got {self.bias!r}")
+            raise TinyLMError(f"bias must be true or false, got {brief(self.bias)}")
         return self
 
     def to_dict(self):
@@ -53,7 +53,7 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise TinyLMError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+            raise TinyLMError(f"unknown model config field(s): {shorten(', '.join(sorted(map(str, unknown))))}")
         missing = names - set(d)
         if missing:
             raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
@@ -69,26 +69,38 @@ def is_block_matrix(name, shape):
     return name.startswith("transformer.h.") and len(shape) == 2
 
 
-def param_shapes(config):
-    """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
+def iter_param_shapes(config):
+    """(name, shape) of every parameter, in nanoGPT's state_dict order, one at a time (see param_shapes)."""
     C = config.n_embd
-    shapes = {"transformer.wte.weight": (config.vocab_size, C), "transformer.wpe.weight": (config.block_size, C)}
+    yield "transformer.wte.weight", (config.vocab_size, C)
+    yield "transformer.wpe.weight", (config.block_size, C)
 
-    def add(name, shape):
-        shapes[name + ".weight"] = shape
+    def layer(name, shape):
+        yield name + ".weight", shape
         if config.bias:
-            shapes[name + ".bias"] = shape[:1]
+            yield name + ".bias", shape[:1]
 
     for i in range(config.n_layer):
         p = block_prefix(i)
-        add(p + "ln_1", (C,))
-        add(p + "attn.c_attn", (3 * C, C))
-        add(p + "attn.c_proj", (C, C))
-        add(p + "ln_2", (C,))
-        add(p + "mlp.c_fc", (4 * C, C))
-        add(p + "mlp.c_proj", (C, 4 * C))
-    add("transformer.ln_f", (C,))
-    return shapes
+        yield from layer(p + "ln_1", (C,))
+        yield from layer(p + "attn.c_attn", (3 * C, C))
+        yield from layer(p + "attn.c_proj", (C, C))
+        yield from layer(p + "ln_2", (C,))
+        yield from layer(p + "mlp.c_fc", (4 * C, C))
+        yield from layer(p + "mlp.c_proj", (C, 4 * C))
+    yield from layer("transformer.ln_f", (C,))
+
+
+def param_shapes(config):
+    """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
+    return dict(iter_param_shapes(config))
+
+
+def count_tensors(config):
+    """len(param_shapes(config)), from the config alone: a loader compares it with what a file holds before it
+    builds the list, so a config claiming 10⁸ layers costs nothing to refuse."""
+    per_linear_or_norm = 2 if config.bias else 1
+    return 2 + (6 * config.n_layer + 1) * per_linear_or_norm
 
 
 def count_params(config, include_positions=True):

@@ -31,9 +31,10 @@ import zlib
 import numpy as np
 
 from tinylm.atomic import atomic_write
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
+from tinylm.files import open_regular
 from tinylm.lowrank.factorized import factorized_shapes, ranks_of
-from tinylm.core.gpt2 import GPTConfig, is_block_matrix, param_shapes
+from tinylm.core.gpt2 import GPTConfig, count_tensors, is_block_matrix, param_shapes
 from tinylm.text.char import tokenizer_from_dict
 from tinylm.lowrank.adapters import AdapterError, adapter_shapes, check_lora_meta, merged_params
 
@@ -147,11 +148,11 @@ def _read_meta(zf, members, path, file_size):
         raise CheckpointError(f"not a tinylm checkpoint: {path}")
     version = meta.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"checkpoint {path} has an invalid format version {version!r}")
+        raise CheckpointError(f"checkpoint {path} has an invalid format version {brief(version, 20)}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}; this tinylm reads "
+        raise CheckpointError(f"checkpoint {path} has format version {brief(version, 20)}; this tinylm reads "
                               f"version {FORMAT_VERSION} (upgrade tinylm to read newer files)")
-    _check_meta_fields(meta, path)
+    check_meta_fields(meta, path)
     return meta
 
 
@@ -159,7 +160,7 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_meta_fields(meta, path):
+def check_meta_fields(meta, path):
     """The fields training and sampling rely on, when present, have the types they need."""
     def bad(field, why):
         raise CheckpointError(f"checkpoint {path}: metadata field {field!r} {why}")
@@ -184,18 +185,35 @@ def _check_meta_fields(meta, path):
                 bad("rng", f"holds an invalid {key} random state")
 
 
+def check_finite(arrays, where):
+    """CheckpointError naming the first array (in order) that holds NaN or inf: such a model computes nothing.
+
+    Training never saves one (it stops at the first non-finite loss); a stranger's file may hold one.
+    Checked a slice at a time, so the check costs no copy of a large array.
+    """
+    for name, array in arrays.items():
+        flat = np.asarray(array).reshape(-1)
+        for start in range(0, flat.size, 1 << 20):
+            part = flat[start:start + (1 << 20)]
+            if not np.isfinite(part).all():
+                bad = np.flatnonzero(~np.isfinite(flat))
+                what = "NaN" if np.isnan(flat[bad[0]]) else "inf"
+                raise CheckpointError(f"{where}: weight {name!r} holds {what} ({bad.size:,} of {flat.size:,} values "
+                                      "are not finite); a model with non-finite weights computes nothing")
+
+
 def _members(zf, path, file_size):
     """{array name: ZipInfo} for a zip of stored, unencrypted .npy members that lie inside the file."""
     members = {}
     for info in zf.infolist():
         name = info.filename
         if not name.endswith(".npy") or name[:-4] in members:
-            raise CheckpointError(f"checkpoint {path} has an unexpected entry {name!r}")
+            raise CheckpointError(f"checkpoint {path} has an unexpected entry {brief(name)}")
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            raise CheckpointError(f"checkpoint {path}: entry {name!r} is compressed or encrypted; "
+            raise CheckpointError(f"checkpoint {path}: entry {brief(name)} is compressed or encrypted; "
                                   f"tinylm writes and reads only stored arrays")
         if info.compress_size != info.file_size or info.header_offset + info.file_size > file_size:
-            raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} claims {info.file_size} bytes "
+            raise CheckpointError(f"damaged checkpoint {path}: entry {brief(name)} claims {info.file_size} bytes "
                                   f"that the file does not hold")
         members[name[:-4]] = info
     return members
@@ -216,6 +234,7 @@ def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
         ckpt = _load(path, with_optimizer)
+        check_finite({**ckpt["params"], **(ckpt["adapters"] or {})}, f"checkpoint {path}")
         if merge_adapters and ckpt["adapters"] is not None:
             meta = dict(ckpt["meta"])
             meta.pop("lora_base_sha256", None)
@@ -234,7 +253,7 @@ def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
 
 
 def _load(path, with_optimizer):
-    with open(path, "rb") as raw:
+    with open_regular(path, "checkpoint") as raw:       # not a FIFO or /dev/zero: they would hang or never end
         file_size = os.fstat(raw.fileno()).st_size
         try:
             zf = zipfile.ZipFile(raw)
@@ -248,6 +267,10 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     members = _members(zf, path, file_size)
     meta = _read_meta(zf, members, path, file_size)
     config = GPTConfig.from_dict(meta.get("config"))
+    # Compare the claim with the file before building anything that grows with it (param_shapes loops n_layer).
+    if count_tensors(config) > len(members) - 1:
+        raise CheckpointError(f"checkpoint {path}: its config (n_layer={config.n_layer:,}) implies "
+                              f"{count_tensors(config):,} arrays, but the file holds {len(members) - 1:,}")
     try:
         tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
     except ImportError as e:
@@ -257,7 +280,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
                               f"but the model expects {config.vocab_size}")
     dtype = FLOAT_DTYPES.get(meta.get("dtype"))
     if dtype is None:
-        raise CheckpointError(f"checkpoint {path}: unsupported dtype {meta.get('dtype')!r}")
+        raise CheckpointError(f"checkpoint {path}: unsupported dtype {brief(meta.get('dtype'))}")
     ranks = meta.get("lowrank", {})
     if not isinstance(ranks, dict):
         raise CheckpointError(f"checkpoint {path}: metadata field 'lowrank' is not an object")
@@ -273,7 +296,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     has_optimizer = "optim_t" in meta
     optimizer = meta.get("optimizer", "adamw")
     if optimizer not in ("adamw", "muon"):   # the two layouts of optimizer state this format holds
-        raise CheckpointError(f"checkpoint {path}: unknown optimizer {optimizer!r} in its metadata")
+        raise CheckpointError(f"checkpoint {path}: unknown optimizer {brief(optimizer)} in its metadata")
     # the optimizer's arrays for each trained one: Muon keeps one momentum per block matrix, AdamW two moments
     state_names = {k: ("momentum",) if optimizer == "muon" and is_block_matrix(k, s) else ("m", "v")
                    for k, s in trained.items()}
@@ -284,7 +307,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
     if extra:
-        raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(sorted(extra)[:3])}")
+        raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(brief(n) for n in sorted(extra)[:3])}")
     # Bound every allocation before making it: the arrays the config implies must fit in the file.
     itemsize = np.dtype(dtype).itemsize
     implied = (sum(math.prod(s) for s in shapes.values()) + sum(math.prod(s) for s in lora_shapes.values())

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from tinylm.errors import TinyLMError
+from tinylm.files import open_regular
 from tinylm.text.char import CharTokenizer
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tinyshakespeare.txt")
@@ -21,12 +22,13 @@ CR, LF = 13, 10
 
 
 def _open_data(path):
+    """The text file, opened only if it is a regular file: a FIFO would hang the read and /dev/zero never end."""
     if not os.path.exists(path):
         raise TinyLMError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise TinyLMError(f"data path is a directory, not a text file: {path}")
     try:
-        return open(path, "rb")
+        return open_regular(path, "data file")
     except OSError as e:
         raise TinyLMError(f"cannot read data file {path}: {e.strerror}") from None
 

@@ -15,11 +15,13 @@ the edits as arguments. It computes in the parameters' dtype (float64 to check, 
 tests/test_interventions.py holds it equal to model.forward when no edit is given.
 Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
 """
+import os
 import re
 
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief, shorten
+from tinylm.files import open_regular
 from tinylm.core import layers as CL
 from tinylm.core.layers import softmax
 from tinylm.analysis.scale import token_labels
@@ -238,20 +240,29 @@ def steer(params, config, direction, layer, scale):
 
 
 def steering_direction(spec, params, config, tok):
-    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is)."""
-    import os
+    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is).
+
+    The file is read only when it is a regular file (a FIFO would hang the read), never unpickled, and its numbers
+    must be finite (a NaN direction would make every logit NaN).
+    """
     if spec == "case":
         d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
         return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
-    if spec.endswith(".npy") and os.path.isfile(spec):
+    if spec.endswith(".npy") and os.path.lexists(spec):
         try:
-            d = np.load(spec, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({e})") from None
+            with open_regular(spec, "--steer file") as f:
+                d = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({shorten(str(e))})") from None
         if d.dtype.kind not in "fiu" or d.shape != (config.n_embd,):
-            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} {d.shape}")
-        return d.astype(np.float64), f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
-    raise TinyLMError(f"--steer {spec!r}: expected 'case' or a .npy file holding an n_embd vector")
+            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} "
+                              f"{brief(d.shape)}")
+        d = d.astype(np.float64)
+        if not np.isfinite(d).all():
+            bad = int(np.flatnonzero(~np.isfinite(d))[0])
+            raise TinyLMError(f"--steer {spec}: entry {bad} is {d[bad]}; a steering direction must be finite")
+        return d, f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
+    raise TinyLMError(f"--steer {brief(spec)}: expected 'case' or a .npy file holding an n_embd vector")
 
 
 def uppercase_fraction(text):

@@ -140,10 +140,11 @@ def section_summaries(results):
     if "spectra" in results:
         sp = results["spectra"]["trained"]
         alphas = [m["alpha"] for n, m in sp.items() if ".head" not in n and m.get("alpha") is not None]
-        line = f"spectra: {len(sp)} matrices (per-head blocks in metrics.json); median alpha of whole matrices {np.median(alphas):.2f}"
+        median = lambda xs: f"{np.median(xs):.2f}" if xs else "- (no power law could be fitted)"   # e.g. zero weights
+        line = f"spectra: {len(sp)} matrices (per-head blocks in metrics.json); median alpha of whole matrices {median(alphas)}"
         if results["spectra"].get("init"):
             ia = [m["alpha"] for n, m in results["spectra"]["init"].items() if ".head" not in n and m.get("alpha") is not None]
-            line += f" (at init {np.median(ia):.2f})"
+            line += f" (at init {median(ia)})"
         out.append(line)
     if "circuits" in results:
         c = results["circuits"]

@@ -22,6 +22,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import time
 
 
@@ -138,6 +139,21 @@ def atomic_write(path, write):
 def atomic_write_text(path, text):
     """atomic_write of a str, as UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_writable_folder(folder, what):
+    """Create folder if need be and prove it takes a file now (written and fsynced, then gone), before any long
+    work whose result would go there. OSError (read-only, not a folder, no space) for the caller to word."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, "a file is there, not a folder", folder)
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".tinylm-probe-", dir=folder)
+    try:
+        os.write(fd, b"tinylm")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 # ----------------------------------------------------------------------------- folders

@@ -23,8 +23,8 @@ def kind_of(mode):
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def not_regular(path, what, mode):
-    return TinyLMError(f"{what} {path} is {kind_of(mode)}, not a regular file; tinylm reads {what}s "
+def not_regular(path, what, mode, error=TinyLMError):
+    return error(f"{what} {path} is {kind_of(mode)}, not a regular file; tinylm reads {what}s "
                        "only from regular files")
 
 
@@ -36,27 +36,29 @@ def is_regular(path):
         return False
 
 
-def check_regular(path, what):
-    """TinyLMError unless path is a regular file (after following links); an OSError (not found) passes through."""
+def check_regular(path, what, error=TinyLMError):
+    """error (TinyLMError or a subclass) unless path is a regular file (after following links); an OSError (not
+    found, no permission) passes through."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise not_regular(path, what, mode)
+        raise not_regular(path, what, mode, error)
 
 
-def open_regular(path, what):
+def open_regular(path, what, error=TinyLMError):
     """The file at path, opened for reading in binary, if it is a regular file (after following links).
 
     what names the file in the message ('checkpoint', 'data file', …). A FIFO, a device, a socket or a
-    folder is a TinyLMError; a missing or unreadable file raises the OSError, for the caller to word.
+    folder is `error` (TinyLMError or a subclass); a missing or unreadable file raises the OSError, for the
+    caller to word.
     """
     path = os.fspath(path)
-    check_regular(path, what)
+    check_regular(path, what, error)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)                   # non-blocking: a FIFO swapped in since the check does not hang here
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise not_regular(path, what, mode)
+            raise not_regular(path, what, mode, error)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

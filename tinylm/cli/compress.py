@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from tinylm.atomic import check_writable_folder
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.core.optim import adamw_init
 from tinylm.errors import TinyLMError
@@ -80,6 +81,12 @@ def _compress(argv):
         raise CompressError("OUT.npz is the input checkpoint; write the compressed model to another file")
     if os.path.exists(a.out) and not a.force:
         raise CompressError(f"{a.out} exists; pass --force to replace it")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    try:                            # before the work, not after it: created if missing, as training does
+        check_writable_folder(folder, "OUT.npz's folder")
+    except OSError as e:
+        raise CompressError(f"cannot write {a.out}: its folder {folder} cannot be created or written "
+                            f"({e.strerror or e})") from None
     ckpt = load_any(a.checkpoint)
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"] or {}
     ranks = ranks_for(config, rank, fraction)

@@ -252,8 +252,26 @@ def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
                               f"({type(e).__name__}: {e})") from e
 
 
+def load_meta(path):
+    """The metadata of a checkpoint alone (config, tokenizer, step, training settings), checked as load_checkpoint
+    checks it, without reading any array. CheckpointError for a file that is not a readable tinylm checkpoint."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    try:
+        with open_regular(path, "checkpoint", CheckpointError) as raw:
+            file_size = os.fstat(raw.fileno()).st_size
+            with zipfile.ZipFile(raw) as zf:
+                return _read_meta(zf, _members(zf, path, file_size), path, file_size)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, struct.error, ValueError,
+            NotImplementedError, RuntimeError, OverflowError, UnicodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"not a readable checkpoint (damaged, truncated or not a .npz file): {path} "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def _load(path, with_optimizer):
-    with open_regular(path, "checkpoint") as raw:       # not a FIFO or /dev/zero: they would hang or never end
+    with open_regular(path, "checkpoint", CheckpointError) as raw:       # not a FIFO or /dev/zero: they would hang or never end
         file_size = os.fstat(raw.fileno()).st_size
         try:
             zf = zipfile.ZipFile(raw)

@@ -31,7 +31,7 @@ import numpy as np
 
 from tinylm.atomic import atomic_write_text, replace_folder
 from tinylm.files import parse_json, read_json
-from tinylm.io.checkpoint import check_finite, check_meta_fields, load_checkpoint
+from tinylm.io.checkpoint import check_finite, check_meta_fields, load_checkpoint, load_meta
 from tinylm.errors import TinyLMError, brief
 from tinylm.core.gpt2 import GPTConfig, count_tensors, iter_param_shapes, param_shapes
 from tinylm.io.safetensors import load_file, save_file
@@ -468,6 +468,18 @@ def import_hf(folder, dtype=np.float32, mmap=True):
             "best_val_loss": info.get("best_val_loss"), "train_args": info.get("train_args") or {},
             "config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
     return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": None, "meta": meta}
+
+
+def tokenizer_kind(path):
+    """'char' or 'bpe': the kind of tokenizer of a checkpoint (read from its metadata alone) or of a GPT-2 folder
+    (a tinylm_tokenizer.json means a character model), without loading any weight."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG_FILE, WEIGHTS_FILE):
+        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "char" if _exists(os.path.join(path, TINYLM_TOKENIZER_FILE)) else "bpe"
+    kind = (load_meta(path).get("tokenizer") or {}).get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True):

@@ -239,6 +239,20 @@ def steer(params, config, direction, layer, scale):
     return dict(params, **{name: (base + scale * direction).astype(dtype)})
 
 
+def read_vector(f, n, spec):
+    """n numbers from an open .npy file, as float64: its header is read first and must say (n,) numbers, so a
+    header claiming 2⁴⁰ of them is refused before anything is allocated; exactly those bytes are then read."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or dtype.kind not in "fiu" or tuple(shape) != (n,):
+        raise TinyLMError(f"--steer {spec}: expected {n} numbers (n_embd), got {dtype} {brief(tuple(shape))}")
+    data = f.read(n * dtype.itemsize)
+    if len(data) != n * dtype.itemsize:
+        raise TinyLMError(f"--steer {spec}: the file ends before its {n} numbers do")
+    return np.frombuffer(data, dtype=dtype).astype(np.float64)
+
+
 def steering_direction(spec, params, config, tok):
     """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is).
 
@@ -251,13 +265,9 @@ def steering_direction(spec, params, config, tok):
     if spec.endswith(".npy") and os.path.lexists(spec):
         try:
             with open_regular(spec, "--steer file") as f:
-                d = np.load(f, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
+                d = read_vector(f, config.n_embd, spec)
+        except (OSError, ValueError, EOFError, SyntaxError) as e:
             raise TinyLMError(f"--steer {spec}: not a readable .npy file ({shorten(str(e))})") from None
-        if d.dtype.kind not in "fiu" or d.shape != (config.n_embd,):
-            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} "
-                              f"{brief(d.shape)}")
-        d = d.astype(np.float64)
         if not np.isfinite(d).all():
             bad = int(np.flatnonzero(~np.isfinite(d))[0])
             raise TinyLMError(f"--steer {spec}: entry {bad} is {d[bad]}; a steering direction must be finite")

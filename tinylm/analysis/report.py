@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -235,7 +236,9 @@ def _png(fig):
     plt = _plt()
     buf = io.BytesIO()
     # Grids of many panels skip bbox_inches="tight": it draws the figure twice, and drawing is the cost.
-    fig.savefig(buf, format="png", dpi=72, bbox_inches=None if getattr(fig, "_many_panels", False) else "tight")
+    with warnings.catch_warnings():     # a log axis of all-zero values (a model of zero weights) stays empty
+        warnings.filterwarnings("ignore", message="Data has no positive values")
+        fig.savefig(buf, format="png", dpi=72, bbox_inches=None if getattr(fig, "_many_panels", False) else "tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 

@@ -26,7 +26,8 @@ def compress_parser():
                        "A (out, r) and B (r, in), W ≈ A B, run as y = (x Bᵀ) Aᵀ. The output is a checkpoint that "
                        "sample.py, analyze.py, tinylm.export and train.py --init_from resume read.")
     ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz) or a GPT-2 folder")
-    ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically)")
+    ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically; its folder "
+                    "is created if missing, and checked before any work)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--rank", default=None,
                       help="each matrix's rank: a fraction of its full rank min(out, in) written with a point, such as 0.375 or 1.0, or an integer "

@@ -69,38 +69,26 @@ def is_block_matrix(name, shape):
     return name.startswith("transformer.h.") and len(shape) == 2
 
 
-def iter_param_shapes(config):
-    """(name, shape) of every parameter, in nanoGPT's state_dict order, one at a time (see param_shapes)."""
+def param_shapes(config):
+    """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
     C = config.n_embd
-    yield "transformer.wte.weight", (config.vocab_size, C)
-    yield "transformer.wpe.weight", (config.block_size, C)
+    shapes = {"transformer.wte.weight": (config.vocab_size, C), "transformer.wpe.weight": (config.block_size, C)}
 
-    def layer(name, shape):
-        yield name + ".weight", shape
+    def add(name, shape):
+        shapes[name + ".weight"] = shape
         if config.bias:
-            yield name + ".bias", shape[:1]
+            shapes[name + ".bias"] = shape[:1]
 
     for i in range(config.n_layer):
         p = block_prefix(i)
-        yield from layer(p + "ln_1", (C,))
-        yield from layer(p + "attn.c_attn", (3 * C, C))
-        yield from layer(p + "attn.c_proj", (C, C))
-        yield from layer(p + "ln_2", (C,))
-        yield from layer(p + "mlp.c_fc", (4 * C, C))
-        yield from layer(p + "mlp.c_proj", (C, 4 * C))
-    yield from layer("transformer.ln_f", (C,))
-
-
-def param_shapes(config):
-    """Every parameter name -> shape, in nanoGPT's state_dict order (the tied head appears once, as wte)."""
-    return dict(iter_param_shapes(config))
-
-
-def count_tensors(config):
-    """len(param_shapes(config)), from the config alone: a loader compares it with what a file holds before it
-    builds the list, so a config claiming 10⁸ layers costs nothing to refuse."""
-    per_linear_or_norm = 2 if config.bias else 1
-    return 2 + (6 * config.n_layer + 1) * per_linear_or_norm
+        add(p + "ln_1", (C,))
+        add(p + "attn.c_attn", (3 * C, C))
+        add(p + "attn.c_proj", (C, C))
+        add(p + "ln_2", (C,))
+        add(p + "mlp.c_fc", (4 * C, C))
+        add(p + "mlp.c_proj", (C, 4 * C))
+    add("transformer.ln_f", (C,))
+    return shapes
 
 
 def count_params(config, include_positions=True):
@@ -256,3 +244,29 @@ def generate(params, config, prompt, max_new_tokens, pick_next):
         logits, _, _ = forward(params, config, np.array([tokens[-config.block_size:]]))
         tokens.append(int(pick_next(logits[0, -1])))
         yield tokens[-1]
+
+
+# ----------------------------------------------------------------------------- counting before building
+
+
+def count_tensors(config):
+    """len(param_shapes(config)), from the config alone: a loader compares it with what a file holds before it
+    builds the list, so a config claiming 10⁸ layers costs nothing to refuse. (Built from param_shapes of
+    0 and 1 layers, so the two cannot disagree.)"""
+    outside = len(param_shapes(dataclasses.replace(config, n_layer=0)))
+    per_block = len(param_shapes(dataclasses.replace(config, n_layer=1))) - outside
+    return outside + config.n_layer * per_block
+
+
+def iter_param_shapes(config):
+    """(name, shape) of param_shapes(config), in its order, one at a time: the first names come at once even for a
+    config that claims 10⁸ layers (a loader names what a file lacks this way). Block i is block 0 renamed."""
+    one = param_shapes(dataclasses.replace(config, n_layer=1))
+    first = block_prefix(0)
+    outside = [(k, s) for k, s in one.items() if not k.startswith(first)]
+    yield from outside[:2]                                   # wte, wpe
+    for i in range(config.n_layer):
+        for k, s in one.items():
+            if k.startswith(first):
+                yield block_prefix(i) + k[len(first):], s
+    yield from outside[2:]                                   # ln_f

@@ -160,6 +160,13 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# Saved training settings that analysis, compression and export read: (type, least value). The rest are
+# read by training alone, which checks every one of them when it resumes (train.loop.check_saved_args).
+READ_SETTINGS = {"seed": (int, 0), "batch_size": (int, 1), "warmup_iters": (int, 0), "lr_decay_iters": (int, 0),
+                 "learning_rate": (float, None), "min_lr": (float, None), "beta1": (float, None),
+                 "beta2": (float, None), "data": (str, None), "encoding_errors": (str, None)}
+
+
 def check_meta_fields(meta, path):
     """The fields training and sampling rely on, when present, have the types they need."""
     def bad(field, why):
@@ -174,6 +181,16 @@ def check_meta_fields(meta, path):
         bad("elapsed_s", "is not a number")
     if "train_args" in meta and not isinstance(meta["train_args"], dict):
         bad("train_args", "is not an object")
+    for key, (kind, low) in READ_SETTINGS.items():        # training checks every setting again when it resumes
+        value = (meta.get("train_args") or {}).get(key)
+        if value is None:
+            continue
+        ok = (isinstance(value, str) if kind is str else _is_int(value) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok or (low is not None and value < low):
+            raise CheckpointError(f"checkpoint {path}: saved setting {key!r} is {brief(value)}, not "
+                                  + ({int: "an integer", float: "a finite number", str: "a string"}[kind] if not ok
+                                     else f"at least {low}"))
     if "rng" in meta:
         rng = meta["rng"]
         if not isinstance(rng, dict) or set(rng) != {"batch", "dropout"}:

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
 from tinylm.files import open_regular
 from tinylm.text.char import CharTokenizer
 
@@ -42,7 +42,7 @@ def iter_code_points(path, errors="strict", chunk_bytes=CHUNK_BYTES):
     (U+0000..U+00FF, the Latin-1 mapping), which never fails.
     """
     if errors not in ENCODING_ERRORS:
-        raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
+        raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {brief(errors)}")
     with _open_data(path) as f:
         try:
             head = f.read(65536)

@@ -702,3 +702,14 @@ def test_saved_settings_that_analysis_reads_are_type_checked(model, tmp_path, ca
     path.write_bytes(with_meta(raw, lambda m: m["train_args"].update(setting)))
     code = analyze_main([str(path), "--compare-init", "--only", "curvature", "--no-progress"])
     one_line(capsys, "saved setting", *words, code=code)
+
+
+def test_a_linear_algebra_failure_is_one_line(capsys):
+    """The last guard: numbers a routine cannot handle (NaN weights are refused before any) name the routine."""
+    from tinylm.cli.common import run_cli
+
+    def fails(argv):
+        np.linalg.svd(np.full((3, 3), np.nan))
+
+    assert run_cli(fails, []) == 1
+    one_line(capsys, "linear-algebra routine failed", "SVD did not converge")

@@ -5,6 +5,8 @@ import signal
 import sys
 import traceback
 
+import numpy as np
+
 from tinylm.errors import TinyLMError
 
 
@@ -75,6 +77,12 @@ def _run(main, argv, debug):
             return 143
         print("interrupted", file=sys.stderr)
         return 130
+    except np.linalg.LinAlgError as e:     # the numbers of a model, not a file's form: named, in one line
+        if debug:
+            traceback.print_exc()
+        print(f"error: a linear-algebra routine failed on this model's numbers ({e}); rerun with --debug for "
+              "the traceback", file=sys.stderr)
+        return 1
     except MemoryError:
         if debug:
             traceback.print_exc()

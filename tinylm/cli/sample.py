@@ -134,7 +134,7 @@ def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out
     else:                    # side by side: a step's NumPy calls shared by every sample
         steps = generate_rows(params, config, prompt, rows, a.max_new_tokens,
                               lambda logits: [pick(z) for z in logits], use_cache=not a.no_cache)
-    others = np.empty((rows - 1, a.max_new_tokens), dtype=np.int64)
+    others = np.empty((rows - 1, a.max_new_tokens), dtype=np.int32)     # 4 bytes a token, as group_size counts
     stream = TextStream(tok, out)
     for i, picked in enumerate(steps):
         if i == 0:

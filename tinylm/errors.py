@@ -8,8 +8,8 @@ class TinyLMError(Exception):
 def brief(value, limit=80):
     """repr(value), cut to about `limit` characters: a value quoted from a stranger's file cannot make the line long.
 
-    brief("x" * 5000) == "'xxx…' (5,002 characters)"; short values are their repr. Line breaks
-    inside the repr are escaped by repr itself, so the message stays on one line.
+    brief("x" * 5000) is its first 80 characters, "'xxx…x", then "… (5,002 characters)"; a short value is
+    its repr. Line breaks inside the repr are escaped by repr itself, so the message stays on one line.
     """
     return shorten(repr(value), limit)
 

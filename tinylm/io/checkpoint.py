@@ -206,17 +206,20 @@ def check_finite(arrays, where):
     """CheckpointError naming the first array (in order) that holds NaN or inf: such a model computes nothing.
 
     Training never saves one (it stops at the first non-finite loss); a stranger's file may hold one.
-    Checked a slice at a time, so the check costs no copy of a large array.
+    Checked about a million numbers at a time, in slices of rows (views, also of a transposed or
+    memory-mapped array), so the check copies nothing.
     """
     for name, array in arrays.items():
-        flat = np.asarray(array).reshape(-1)
-        for start in range(0, flat.size, 1 << 20):
-            part = flat[start:start + (1 << 20)]
-            if not np.isfinite(part).all():
-                bad = np.flatnonzero(~np.isfinite(flat))
-                what = "NaN" if np.isnan(flat[bad[0]]) else "inf"
-                raise CheckpointError(f"{where}: weight {name!r} holds {what} ({bad.size:,} of {flat.size:,} values "
-                                      "are not finite); a model with non-finite weights computes nothing")
+        a = np.asarray(array)
+        a = a.reshape(1) if a.ndim == 0 else a
+        rows = max(1, (1 << 20) // max(1, a[0].size)) if len(a) else 1
+        for start in range(0, len(a), rows):
+            if np.isfinite(a[start:start + rows]).all():
+                continue
+            bad = ~np.isfinite(a)
+            what = "NaN" if np.isnan(a[bad]).any() else "inf"
+            raise CheckpointError(f"{where}: weight {name!r} holds {what} ({int(bad.sum()):,} of {a.size:,} values "
+                                  "are not finite); a model with non-finite weights computes nothing")
 
 
 def _members(zf, path, file_size):

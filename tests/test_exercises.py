@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -257,3 +258,63 @@ def test_the_page_has_every_exercise_its_command_and_its_functions():
         for name in ex["functions"]:
             assert f"{name}(" in text, name
         assert f"solutions/ex{n}.py" in text and f"starters/ex{n}.py" in text
+
+
+# ----------------------------------------------------------------------------- code that does not return
+
+
+SOFTMAX = ("import numpy as np\n\n\ndef softmax(z):\n    e = np.exp(z - z.max(axis=-1, keepdims=True))\n"
+           "    return e / e.sum(axis=-1, keepdims=True)\n\n\n")
+
+
+def test_code_that_never_returns_is_stopped_after_the_time_limit(tmp_path, capsys):
+    path = tmp_path / "ex1.py"
+    path.write_text(SOFTMAX + "def softmax_backward(dy, y):\n    while True:\n        pass\n")
+    t0 = time.monotonic()
+    code, out, err = check(1, path, capsys, "--timeout", "2")
+    assert time.monotonic() - t0 < 30
+    one_line_exit_2(code, err)
+    assert "more than 2 s" in err and "--timeout" in err
+    assert len(lines(out, "PASS")) == 3          # the checks before it had their verdicts
+
+
+@pytest.mark.parametrize("body, words", [
+    ("    import os\n    os._exit(0)\n", ["exit status 0", "3 did", "without a verdict fails"]),
+    ("    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n", ["signal SIGKILL"]),
+    ("    print('PASS  every check: error 0.00e+00, tolerance 1e-12')\n    import os\n    os._exit(0)\n",
+     ["exit status 0"]),
+])
+def test_code_that_ends_the_process_gets_no_success(tmp_path, capsys, body, words):
+    """Without a verdict for every check, check never exits 0, whatever the learner's code prints."""
+    path = tmp_path / "ex1.py"
+    path.write_text(SOFTMAX + "def softmax_backward(dy, y):\n" + body)
+    code, out, err = check(1, path, capsys)
+    one_line_exit_2(code, err)
+    for w in words:
+        assert w in err, (w, err)
+    assert "all 5 checks pass" not in out
+
+
+def test_code_that_exits_while_loading_gets_no_success(tmp_path, capsys):
+    path = tmp_path / "ex1.py"
+    path.write_text("import os\nos._exit(0)\n")
+    code, _, err = check(1, path, capsys)
+    one_line_exit_2(code, err)
+    assert "0 did" in err
+
+
+def test_any_file_name_is_graded_and_what_the_code_prints_is_shown(tmp_path, capsys):
+    with open(solution(1), encoding="utf-8") as f:
+        source = f.read()
+    path = tmp_path / "good.txt"
+    path.write_text(source + "\nprint('hello from the learner')\n", encoding="utf-8")
+    code, out, err = check(1, path, capsys)
+    assert code == 0 and "all 5 checks pass" in out and not err, out + err
+    assert "hello from the learner" in out
+    fifo = tmp_path / "ex1.fifo"
+    os.mkfifo(fifo)
+    code, _, err = check(1, fifo, capsys)
+    one_line_exit_2(code, err)
+    assert "FIFO" in err
+    code = main(["check", "1", "--file", str(path), "--timeout", "0"])
+    one_line_exit_2(code, capsys.readouterr()[1])

@@ -15,7 +15,7 @@ from test_reliability_process import flags, same_state, start, wait_for_line
 from tinylm.core import llama
 from tinylm.core.muon import muon_init, muon_names
 from tinylm.fast import llama as fast
-from tinylm.io.checkpoint import load_checkpoint, save_checkpoint
+from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinylm.text.char import CharTokenizer
 from tinylm.train.args import TrainArgs
 from tinylm.train.loop import train
@@ -212,3 +212,22 @@ def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
     one_line_refusal(run_script("tinylm/compress.py", ckpt, tmp_path / "c.npz", "--rank", "0.5"),
                      ["is a Llama", "compression"])
     assert not (tmp_path / "c.npz").exists()
+    one_line_refusal(run_script("tinylm/export.py", ckpt, tmp_path / "hf"), ["is a Llama", "export"])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_llama_checkpoint_claiming_more_layers_than_it_holds_is_one_line(llama_run, tmp_path):
+    for tie in (False, True):
+        for n_layer in (1, 3):
+            config = llama.LlamaConfig(n_layer=n_layer, tie_embeddings=tie)
+            assert llama.count_tensors(config) == len(llama.param_shapes(config))
+    with np.load(os.path.join(llama_run["dir"], "ckpt.npz"), allow_pickle=False) as f:
+        arrays = dict(f)
+    meta = json.loads(arrays["meta.json"].tobytes())
+    meta["config"]["n_layer"] = 10 ** 8
+    arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path = str(tmp_path / "claims.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert "implies" in str(e.value) and "100,000,000" in str(e.value)

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tinylm.analysis import linalg
+from tinylm.errors import TinyLMError
 from tinylm.fast.model import loss_and_grads
 from tinylm.core.optim import learning_rate_at
 
@@ -87,7 +88,14 @@ def analyze_curvature(params, config, x, y, train_args, step, opt_state=None, k=
     of stability"); it is computed when the checkpoint holds Adam's second moments.
     """
     theta, names, grad = model_grad_fn(params, config, x, y)
-    vals, _ = top_eigenvalues(grad, theta, k, n_iter, progress=progress, desc="hessian")
+    try:
+        vals, _ = top_eigenvalues(grad, theta, k, n_iter, progress=progress, desc="hessian")
+    except ValueError as e:       # the Krylov space closed early: every Hessian-vector product was (nearly) zero
+        largest = float(np.max(np.abs(theta)))
+        why = (f"its finite differences take steps of 1e-4, lost beside weights as large as {largest:.3g}"
+               if largest * 1e-15 > 1e-4 * 1e-3 else "the loss is flat along every direction tried")
+        raise TinyLMError(f"curvature: the Hessian has fewer than {k} directions of curvature to measure on this "
+                          f"batch ({e}): {why}; leave curvature out of --only") from None
     peak = float(train_args.get("learning_rate", math.nan))
     lr_now = math.nan
     if all(key in train_args for key in ("min_lr", "warmup_iters", "lr_decay_iters")) and step is not None:

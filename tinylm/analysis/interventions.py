@@ -15,11 +15,13 @@ the edits as arguments. It computes in the parameters' dtype (float64 to check, 
 tests/test_interventions.py holds it equal to core/gpt2.py's forward when no edit is given.
 Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
 """
+import os
 import re
 
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief, shorten
+from tinylm.files import open_regular
 from tinylm.core import layers as CL
 from tinylm.core.layers import softmax
 from tinylm.analysis.scale import token_labels
@@ -237,21 +239,40 @@ def steer(params, config, direction, layer, scale):
     return dict(params, **{name: (base + scale * direction).astype(dtype)})
 
 
+def read_vector(f, n, spec):
+    """n numbers from an open .npy file, as float64: its header is read first and must say (n,) numbers, so a
+    header claiming 2⁴⁰ of them is refused before anything is allocated; exactly those bytes are then read."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or dtype.kind not in "fiu" or tuple(shape) != (n,):
+        raise TinyLMError(f"--steer {spec}: expected {n} numbers (n_embd), got {dtype} {brief(tuple(shape))}")
+    data = f.read(n * dtype.itemsize)
+    if len(data) != n * dtype.itemsize:
+        raise TinyLMError(f"--steer {spec}: the file ends before its {n} numbers do")
+    return np.frombuffer(data, dtype=dtype).astype(np.float64)
+
+
 def steering_direction(spec, params, config, tok):
-    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is)."""
-    import os
+    """sample.py's --steer: 'case' or a .npy file of n_embd numbers -> (direction (C,), a few words saying what it is).
+
+    The file is read only when it is a regular file (a FIFO would hang the read), never unpickled, and its numbers
+    must be finite (a NaN direction would make every logit NaN).
+    """
     if spec == "case":
         d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
         return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
-    if spec.endswith(".npy") and os.path.isfile(spec):
+    if spec.endswith(".npy") and os.path.lexists(spec):
         try:
-            d = np.load(spec, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({e})") from None
-        if d.dtype.kind not in "fiu" or d.shape != (config.n_embd,):
-            raise TinyLMError(f"--steer {spec}: expected {config.n_embd} numbers (n_embd), got {d.dtype} {d.shape}")
-        return d.astype(np.float64), f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
-    raise TinyLMError(f"--steer {spec!r}: expected 'case' or a .npy file holding an n_embd vector")
+            with open_regular(spec, "--steer file") as f:
+                d = read_vector(f, config.n_embd, spec)
+        except (OSError, ValueError, EOFError, SyntaxError) as e:
+            raise TinyLMError(f"--steer {spec}: not a readable .npy file ({shorten(str(e))})") from None
+        if not np.isfinite(d).all():
+            bad = int(np.flatnonzero(~np.isfinite(d))[0])
+            raise TinyLMError(f"--steer {spec}: entry {bad} is {d[bad]}; a steering direction must be finite")
+        return d, f"the direction in {spec} (norm {np.linalg.norm(d):.3g})"
+    raise TinyLMError(f"--steer {brief(spec)}: expected 'case' or a .npy file holding an n_embd vector")
 
 
 def uppercase_fraction(text):

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from tinylm.fast.model import forward
 from tinylm.fast.decode import generate
 from tinylm.analysis.weights import linear_weight_names
-from tinylm.core.sampling import sample_next
+from tinylm.core.sampling import NonFiniteLogits, sample_next
 from tinylm.fast.parallel import blas_threads
 from tinylm.lowrank import compress as C
 
@@ -104,10 +104,13 @@ def lowrank_samples(params, config, prompt, decode, calib=None, fractions=SAMPLE
         if white is not None:
             models.append(("whitened", f, whitened_params(params, config, white, f)))
     out = []
-    with blas_threads(1):
+    with blas_threads(1), np.errstate(over="ignore", invalid="ignore"):    # an overflow is caught as NonFiniteLogits
         for name, f, p in models:
             rng = np.random.default_rng(seed)
             pick = lambda logits: sample_next(logits, temperature, 200, None, rng)
-            ids = list(generate(p, config, prompt, n_tokens, pick))
-            out.append({"model": name, "rank_fraction": f, "text": decode(ids)})
+            try:
+                text = decode(list(generate(p, config, prompt, n_tokens, pick)))
+            except NonFiniteLogits:         # weights so large that float32 overflows: no sample, and no warnings
+                text = "(no sample: the model's logits overflowed float32)"
+            out.append({"model": name, "rank_fraction": f, "text": text})
     return out

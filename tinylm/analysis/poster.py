@@ -7,6 +7,7 @@ per file for the tour, so the docs show exactly what `analyze.py CKPT --poster F
 """
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -262,7 +263,9 @@ def draw_poster(d, path, dpi=80, source=""):
                  fontsize=15, x=0.01, ha="left")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with warnings.catch_warnings():     # a log axis of all-zero values (a model of zero weights) stays empty
+        warnings.filterwarnings("ignore", message="Data has no positive values")
+        fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return titles
 

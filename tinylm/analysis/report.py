@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -141,10 +142,11 @@ def section_summaries(results):
     if "spectra" in results:
         sp = results["spectra"]["trained"]
         alphas = [m["alpha"] for n, m in sp.items() if ".head" not in n and m.get("alpha") is not None]
-        line = f"spectra: {len(sp)} matrices (per-head blocks in metrics.json); median alpha of whole matrices {np.median(alphas):.2f}"
+        median = lambda xs: f"{np.median(xs):.2f}" if xs else "- (no power law could be fitted)"   # e.g. zero weights
+        line = f"spectra: {len(sp)} matrices (per-head blocks in metrics.json); median alpha of whole matrices {median(alphas)}"
         if results["spectra"].get("init"):
             ia = [m["alpha"] for n, m in results["spectra"]["init"].items() if ".head" not in n and m.get("alpha") is not None]
-            line += f" (at init {np.median(ia):.2f})"
+            line += f" (at init {median(ia)})"
         out.append(line)
     if "circuits" in results:
         c = results["circuits"]
@@ -235,7 +237,9 @@ def _png(fig):
     plt = _plt()
     buf = io.BytesIO()
     # Grids of many panels skip bbox_inches="tight": it draws the figure twice, and drawing is the cost.
-    fig.savefig(buf, format="png", dpi=72, bbox_inches=None if getattr(fig, "_many_panels", False) else "tight")
+    with warnings.catch_warnings():     # a log axis of all-zero values (a model of zero weights) stays empty
+        warnings.filterwarnings("ignore", message="Data has no positive values")
+        fig.savefig(buf, format="png", dpi=72, bbox_inches=None if getattr(fig, "_many_panels", False) else "tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 

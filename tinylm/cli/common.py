@@ -1,26 +1,67 @@
 """What every command line shares: one line on stderr for an error, a parser that says what to do, true/false flags."""
 import argparse
 import os
+import signal
 import sys
 import traceback
+
+import numpy as np
 
 from tinylm.errors import TinyLMError
 
 
-def run_cli(main, argv):
-    """Run main(argv); a TinyLMError, Ctrl-C or OS error becomes one line on stderr and an exit status.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a shutdown, `kill`), raised where the program is, as Ctrl-C is: every clean-up that runs for Ctrl-C
+    (a temporary file removed, a half-written export folder dropped) runs for it too. Exit status 143."""
 
-    --debug (or TINYLM_DEBUG=1) shows the full traceback instead.
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class _TermAsException:
+    """While inside: SIGTERM raises Terminated (in the main thread; elsewhere signals are left alone). Training
+    installs its own handler within (it saves first), and this one is back when it returns."""
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except (ValueError, AttributeError):        # not the main thread, or no SIGTERM on this system
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def run_cli(main, argv):
+    """Run main(argv); a TinyLMError, Ctrl-C, SIGTERM or OS error becomes one line on stderr and an exit status.
+
+    --debug (or TINYLM_DEBUG=1) shows the full traceback instead. A line is cut to MAX_LINE characters (a
+    value from a stranger's file is already cut short where it is quoted; this is the last guard).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TINYLM_DEBUG", "") not in ("", "0")
     argv = [x for x in argv if x != "--debug"]
+    with _TermAsException():
+        return _run(main, argv, debug)
+
+
+MAX_LINE = 2000
+
+
+def _run(main, argv, debug):
     try:
         return main(argv) or 0
     except TinyLMError as e:
         if debug:
             traceback.print_exc()
-        print(f"{getattr(e, 'prefix', 'error: ')}{e}", file=sys.stderr)
+        text = " ".join(str(e).split("\n"))
+        if len(text) > MAX_LINE:
+            text = f"{text[:MAX_LINE // 2]} … {text[-MAX_LINE // 4:]}"
+        print(f"{getattr(e, 'prefix', 'error: ')}{text}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except BrokenPipeError:       # e.g. `python sample.py | head`: the reader has all it wanted
         try:
@@ -28,11 +69,20 @@ def run_cli(main, argv):
         except OSError:
             pass
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
+        if isinstance(e, Terminated):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("interrupted", file=sys.stderr)
         return 130
+    except np.linalg.LinAlgError as e:     # the numbers of a model, not a file's form: named, in one line
+        if debug:
+            traceback.print_exc()
+        print(f"error: a linear-algebra routine failed on this model's numbers ({e}); rerun with --debug for "
+              "the traceback", file=sys.stderr)
+        return 1
     except MemoryError:
         if debug:
             traceback.print_exc()

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from tinylm.atomic import check_writable_folder
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.core.optim import adamw_init
 from tinylm.errors import TinyLMError
@@ -26,7 +27,8 @@ def compress_parser():
                        "A (out, r) and B (r, in), W ≈ A B, run as y = (x Bᵀ) Aᵀ. The output is a checkpoint that "
                        "sample.py, analyze.py, tinylm.export and train.py --init_from resume read.")
     ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz) or a GPT-2 folder")
-    ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically)")
+    ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically; its folder "
+                    "is created if missing, and checked before any work)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--rank", default=None,
                       help="each matrix's rank: a fraction of its full rank min(out, in) written with a point, such as 0.375 or 1.0, or an integer "
@@ -88,6 +90,12 @@ def _compress(argv):
         raise CompressError("OUT.npz is the input checkpoint; write the compressed model to another file")
     if os.path.exists(a.out) and not a.force:
         raise CompressError(f"{a.out} exists; pass --force to replace it")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    try:                            # before the work, not after it: created if missing, as training does
+        check_writable_folder(folder, "OUT.npz's folder")
+    except OSError as e:
+        raise CompressError(f"cannot write {a.out}: its folder {folder} cannot be created or written "
+                            f"({e.strerror or e})") from None
     ckpt = load_any(a.checkpoint)
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"] or {}
     if arch_of(config) == "llama":

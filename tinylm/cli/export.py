@@ -8,6 +8,7 @@ import sys
 
 from tinylm.cli.common import OneLineParser, run_cli
 from tinylm.errors import TinyLMError
+from tinylm.io.checkpoint import load_meta
 from tinylm.io.hf import export_hf
 
 
@@ -37,6 +38,10 @@ def _export(argv):
             raise TinyLMError("the source and the target are the same folder")
         if os.listdir(a.folder) and not a.force:
             raise TinyLMError(f"{a.folder} is not empty; pass --force to write into it anyway")
+    if os.path.isfile(a.checkpoint) and a.checkpoint.endswith(".npz"):
+        config = load_meta(a.checkpoint).get("config")
+        if isinstance(config, dict) and config.get("arch") == "llama":
+            raise TinyLMError(f"{a.checkpoint} is a Llama; export writes GPT-2 folders and does not write a Llama yet")
     result = export_hf(a.checkpoint, a.folder, dtype=a.dtype)
     print(f"wrote {a.folder}: {', '.join(result['files'])}")
     for note in result["notes"]:

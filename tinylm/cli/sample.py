@@ -10,7 +10,7 @@ import numpy as np
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.analysis.interventions import steer, steering_direction
-from tinylm.core.sampling import check_sampling_args, sample_next
+from tinylm.core.sampling import NonFiniteLogits, check_sampling_args, sample_next
 from tinylm.core.arch import arch_of
 from tinylm.fast.arch import decoder
 from tinylm.fast.parallel import blas_threads
@@ -18,7 +18,8 @@ from tinylm.io.hf import load_any
 from tinylm.lowrank.compress import compress_on_the_fly, parse_rank
 from tinylm.text.data import read_text
 
-
+# The memory the samples drawn side by side may take; more samples than fit are drawn in groups (group_size).
+SAMPLE_MEMORY = 256 << 20
 
 
 def sample_parser():
@@ -33,7 +34,8 @@ def sample_parser():
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
                     "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "
-                    "the one --num_samples 1 draws)")
+                    "the one --num_samples 1 draws); more than fit in 256 MiB are drawn in groups of that many, one group after "
+                    "another, from the same seeded generator")
     ap.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the most likely token")
     ap.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 or less is refused)")
@@ -96,31 +98,86 @@ def _sample(argv):
     prompt = tok.encode(start)
     rng = np.random.default_rng(a.seed)
     pick = lambda logits: sample_next(logits, a.temperature, a.top_k, a.top_p, rng)
+    group = group_size(config, a.num_samples, a.max_new_tokens, not a.no_cache,
+                       next(iter(params.values())).dtype.itemsize)
     out = sys.stdout
     separator = "\n---------------\n"
-    with blas_threads(1):        # one token at a time: tiny products, one BLAS thread is fastest
-        if a.num_samples == 1:
-            steps = ([token] for token in decoder(config).generate(params, config, prompt, a.max_new_tokens, pick,
-                                                                   use_cache=not a.no_cache))
-        else:                    # side by side: a step's NumPy calls shared by every sample
-            steps = decoder(config).generate_rows(params, config, prompt, a.num_samples, a.max_new_tokens,
-                                                  lambda rows: [pick(logits) for logits in rows],
-                                                  use_cache=not a.no_cache)
-        new = [[] for _ in range(a.num_samples)]
-        out.write(start)
-        shown = ""
-        for picked in steps:
-            for tokens, token in zip(new, picked):
-                tokens.append(int(token))
-            text = tok.decode(new[0])            # the first sample is shown as it is written
-            out.write(text[len(shown):])         # decode the whole tail: a multi-byte token may complete later
-            out.flush()
-            shown = text
-        out.write(separator)
-        for tokens in new[1:]:                   # the others are complete at the same moment
-            out.write(start + tok.decode(tokens) + separator)
-        out.flush()
+    # one token at a time: tiny products, one BLAS thread is fastest. An overflow is caught as NonFiniteLogits,
+    # so NumPy's warnings about it would only be noise.
+    with blas_threads(1), np.errstate(over="ignore", invalid="ignore"):
+        left = a.num_samples
+        while left:
+            rows = min(group, left)
+            try:
+                draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out)
+            except NonFiniteLogits as e:
+                name, value = largest_weight(params)
+                raise TinyLMError(f"{e} (the largest |weight| is {value:.3g}, in {name}); nothing more was "
+                                  "sampled") from None
+            left -= rows
     return 0
+
+
+def group_size(config, num_samples, max_new_tokens, use_cache, itemsize):
+    """How many samples are drawn side by side: all of them when they fit in SAMPLE_MEMORY bytes, else as many as
+    fit (at least one), group after group. Per sample: its KV cache, a prefill's activations (attention scores
+    H·T², the block's 12·T·C, the logits), and the tokens kept until the group's first sample has ended."""
+    T, C, H, L, V = config.block_size, config.n_embd, config.n_head, config.n_layer, config.vocab_size
+    numbers = H * T * T + 12 * T * C + V + (2 * L * T * C if use_cache else T * V)
+    per_sample = itemsize * numbers + 8 * V + 4 * max_new_tokens
+    return max(1, min(num_samples, SAMPLE_MEMORY // per_sample))
+
+
+def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out):
+    """rows samples side by side: the first written as it is drawn, the others when it ends."""
+    if rows == 1:
+        steps = ([token] for token in decoder(config).generate(params, config, prompt, a.max_new_tokens, pick,
+                                                               use_cache=not a.no_cache))
+    else:                    # side by side: a step's NumPy calls shared by every sample
+        steps = decoder(config).generate_rows(params, config, prompt, rows, a.max_new_tokens,
+                                              lambda logits: [pick(z) for z in logits], use_cache=not a.no_cache)
+    others = np.empty((rows - 1, a.max_new_tokens), dtype=np.int32)     # 4 bytes a token, as group_size counts
+    stream = TextStream(tok, out)
+    for i, picked in enumerate(steps):
+        if i == 0:
+            out.write(start)             # once the first step has shown that the model's logits are finite
+        stream.add(int(picked[0]))
+        others[:, i] = picked[1:]
+    if a.max_new_tokens == 0:
+        out.write(start)
+    stream.close()
+    out.write(separator)
+    for tokens in others:                # the others are complete at the same moment
+        out.write(start + tok.decode(tokens) + separator)
+    out.flush()
+
+
+class TextStream:
+    """A sample's text written as its tokens come. Only the tokens not yet written are decoded, so a long sample
+    costs time in proportion to its length; a token whose text ends inside a multi-byte character (its
+    decoding ends in U+FFFD) waits for the next one, up to four, a UTF-8 character's most bytes."""
+
+    def __init__(self, tok, out):
+        self.tok, self.out, self.pending = tok, out, []
+
+    def add(self, token):
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if not text.endswith("\ufffd") or len(self.pending) >= 4:
+            self.out.write(text)
+            self.out.flush()
+            self.pending = []
+
+    def close(self):
+        if self.pending:
+            self.out.write(self.tok.decode(self.pending))
+            self.pending = []
+
+
+def largest_weight(params):
+    """(name, value): the parameter holding the largest magnitude |w|, and that magnitude."""
+    best = max(params, key=lambda k: float(np.max(np.abs(params[k]))) if np.size(params[k]) else 0.0)
+    return best, float(np.max(np.abs(params[best])))
 
 
 def refuse_what_a_llama_cannot_do_yet(a, config):

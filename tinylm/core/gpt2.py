@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinylm.core import layers as L
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief, shorten
 
 
 @dataclasses.dataclass
@@ -33,13 +33,13 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise TinyLMError(f"--{name} must be a positive integer, got {value!r}")
+                raise TinyLMError(f"--{name} must be a positive integer, got {brief(value)}")
         if self.n_embd % self.n_head:
             raise TinyLMError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise TinyLMError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+            raise TinyLMError(f"--dropout must be in [0, 1), got {brief(self.dropout)}")
         if not isinstance(self.bias, bool):
-            raise TinyLMError(f"bias must be true or false, got {self.bias!r}")
+            raise TinyLMError(f"bias must be true or false, got {brief(self.bias)}")
         return self
 
     def to_dict(self):
@@ -53,7 +53,7 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise TinyLMError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+            raise TinyLMError(f"unknown model config field(s): {shorten(', '.join(sorted(map(str, unknown))))}")
         missing = names - set(d)
         if missing:
             raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
@@ -250,3 +250,26 @@ def matmul_flops(config, batch_size):
     tokens = batch_size * T
     return {"forward_per_token": forward_per_token, "tokens_per_step": tokens,
             "per_step": 3 * forward_per_token * tokens}
+
+
+def count_tensors(config):
+    """len(param_shapes(config)), from the config alone: a loader compares it with what a file holds before it
+    builds the list, so a config claiming 10⁸ layers costs nothing to refuse. (Built from param_shapes of
+    0 and 1 layers, so the two cannot disagree.)"""
+    outside = len(param_shapes(dataclasses.replace(config, n_layer=0)))
+    per_block = len(param_shapes(dataclasses.replace(config, n_layer=1))) - outside
+    return outside + config.n_layer * per_block
+
+
+def iter_param_shapes(config):
+    """(name, shape) of param_shapes(config), in its order, one at a time: the first names come at once even for a
+    config that claims 10⁸ layers (a loader names what a file lacks this way). Block i is block 0 renamed."""
+    one = param_shapes(dataclasses.replace(config, n_layer=1))
+    first = block_prefix(0)
+    outside = [(k, s) for k, s in one.items() if not k.startswith(first)]
+    yield from outside[:2]                                   # wte, wpe
+    for i in range(config.n_layer):
+        for k, s in one.items():
+            if k.startswith(first):
+                yield block_prefix(i) + k[len(first):], s
+    yield from outside[2:]                                   # ln_f

@@ -122,6 +122,12 @@ def param_shapes(config):
     return shapes
 
 
+def count_tensors(config):
+    """len(param_shapes(config)) from the config alone, as gpt2.count_tensors: nine a block, the embedding, the final
+    norm, and the head unless it is tied (a loader refuses a config claiming 10⁸ layers before building any list)."""
+    return 9 * config.n_layer + 2 + (not config.tie_embeddings)
+
+
 def count_params(config, include_positions=True):
     """Number of parameters (a tied head counted once). Rotary positions have no parameters, so
     include_positions, kept for gpt2.count_params' signature, changes nothing."""

@@ -4,6 +4,14 @@ import numpy as np
 from tinylm.errors import TinyLMError
 
 
+class NonFiniteLogits(TinyLMError):
+    """The logits hold NaN or +inf: the model's arithmetic overflowed, so there is no distribution to draw from."""
+
+    def __init__(self):
+        super().__init__("the model's logits are not finite (NaN or inf): its arithmetic overflowed, so "
+                         "there is nothing to sample from")
+
+
 def check_sampling_args(temperature, top_k, top_p):
     """Refuse settings that cannot work, naming the flag."""
     if temperature is None or not np.isfinite(temperature) or temperature < 0:
@@ -21,7 +29,13 @@ def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
     if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z[z < kth] = -np.inf
-    z -= np.maximum.reduce(z)                      # ufunc reductions: no Python-level wrapper per call
+    top = np.maximum.reduce(z)                     # ufunc reductions: no Python-level wrapper per call
+    if not np.isfinite(top):                       # NaN propagates to the maximum, and so does +inf
+        if np.isfinite(logits).all():
+            raise TinyLMError(f"--temperature {temperature:g} is so small that logits / temperature overflow; "
+                              "use --temperature 0 for the most likely token")
+        raise NonFiniteLogits()
+    z -= top
     p = np.exp(z, out=z)
     p /= np.add.reduce(p)
     if top_p is not None and top_p < 1.0:
@@ -36,7 +50,10 @@ def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
     """Draw one token id from the logits (V,); temperature 0 means the most likely token."""
     if temperature == 0:
-        return int(np.argmax(logits))
+        i = int(np.argmax(logits))                 # the first NaN, if there is one
+        if not np.isfinite(logits[i]):
+            raise NonFiniteLogits()
+        return i
     p = next_token_distribution(logits, temperature, top_k, top_p)
     return draw(p, rng or np.random.default_rng())
 

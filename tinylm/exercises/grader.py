@@ -4,23 +4,34 @@
     python -m tinylm.exercises start N              # copy the starter to exercises/exN.py (never over a file)
     python -m tinylm.exercises check N [--file P]   # grade exercises/exN.py (or P)
 
-`check` loads the learner's file from its path with importlib (their own code, nothing unpickled), calls
-the functions the exercise names on random float64 inputs drawn from a fixed seed, and compares each
-result with a reference: tinylm's layers (core's and the fast path's), the analysis' linear algebra, or
-numpy.linalg computed here. One line per check: PASS or FAIL, the measured error and the tolerance.
-Exit status 0 when every check passes, 1 when one fails, 2 (with one line on stderr) for a missing file
-or function, an exception raised in the learner's code (its name and line), or an exercise that does
-not exist.
+`check` runs the learner's code in a child process (a fresh Python), never in its own: there it loads the
+file from its path with importlib (any file name; their own code, nothing unpickled), calls the functions
+the exercise names on random float64 inputs drawn from a fixed seed, and compares each result with a
+reference: tinylm's layers (core's and the fast path's), the analysis' linear algebra, or numpy.linalg
+computed here. The child sends each verdict to this process over a pipe of its own, and this process
+prints one line per check: PASS or FAIL, the measured error and the tolerance. Exit status 0 only when
+the child sent a verdict for every check and each passed; 1 when one fails; 2 (with one line on stderr)
+for a missing file or function, an exception raised in the learner's code (its name and line), code that
+runs past the time limit (--timeout, 60 s by default: `while True: pass`) or ends the child before its
+last verdict (`os._exit(0)`), or an exercise that does not exist. What the child prints is shown as it
+comes; it cannot print a verdict, only send one.
 
 Each checker is a generator of results (ok, what was checked, error, tolerance, note), so a line is
 printed as soon as its check is done.
 """
 import argparse
+import importlib.machinery
 import importlib.util
+import io
+import json
 import math
 import os
+import selectors
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import traceback
 import warnings
 
@@ -34,6 +45,7 @@ from tinylm.fast import decode as D
 from tinylm.analysis.interventions import gelu, layer_norm, linear
 from tinylm.core.layers import softmax
 from tinylm.errors import TinyLMError
+from tinylm.files import check_regular
 from tinylm.analysis.embeddings import head_subspace_overlaps
 from tinylm.analysis.linalg import principal_angles, ridge_least_squares, truncate_rank
 from tinylm.analysis.textdata import fixed_windows, resolve_data_path, validation_ids
@@ -81,12 +93,19 @@ def describe_exception(e, path):
     return text
 
 
-def load_learner(n, path):
-    """The learner's file as a module, loaded from its path; its folder is on sys.path while it loads."""
-    if not os.path.isfile(path):
+def check_learner_file(n, path):
+    """ExerciseError unless path is a regular file (a FIFO would hang the load, a folder cannot be run)."""
+    if not os.path.exists(path):
         hint = f"python -m tinylm.exercises start {n}" + ("" if path == default_file(n) else f" --file {path}")
         raise ExerciseError(f"no file {path}: write exercise {n} there, or copy the starter with: {hint}")
-    spec = importlib.util.spec_from_file_location(f"tinylm_exercise_{n}", path)
+    check_regular(path, "exercise file", ExerciseError)
+
+
+def load_learner(n, path):
+    """The learner's file as a module, loaded from its path; its folder is on sys.path while it loads."""
+    check_learner_file(n, path)
+    name = f"tinylm_exercise_{n}"       # any file name: the loader is given, not guessed from a .py suffix
+    spec = importlib.util.spec_from_file_location(name, path, loader=importlib.machinery.SourceFileLoader(name, path))
     module = importlib.util.module_from_spec(spec)
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)
@@ -522,15 +541,19 @@ def exercise(n):
 # ----------------------------------------------------------------------------- the command line
 
 
+DEFAULT_TIMEOUT = 60.0
+
+
 def run_check(n, path, opts):
-    """Grade one file. Returns 0 (every check passes) or 1; raises ExerciseError (exit 2) when it cannot grade."""
+    """Grade one file. Returns 0 (every check passes) or 1; raises ExerciseError (exit 2) when it cannot grade.
+
+    The learner's code runs in a child process (run_child) with a time limit of opts.timeout seconds; only
+    the verdicts it sends over its own pipe count, and success needs one for every check the child ran
+    and its word that it finished."""
     ex = exercise(n)
-    module = load_learner(n, path)
-    print(f"exercise {n}: {ex['title']} ({path})")
-    call = learner_caller(module, path)
-    rng = np.random.default_rng(opts.seed)
+    check_learner_file(n, path)
     results = []
-    for ok, what, err, tol, note in ex["check"](call, rng, opts):
+    for ok, what, err, tol, note in child_verdicts(n, path, opts):
         results.append(ok)
         extra = f"  ({note})" if note else ""
         print(f"{'PASS' if ok else 'FAIL'}  {what}: error {err:.2e}, tolerance {tol:.2g}{extra}")
@@ -538,6 +561,180 @@ def run_check(n, path, opts):
     print(f"\nexercise {n}: " + (f"all {len(results)} checks pass" if not failed
                                  else f"{failed} of {len(results)} checks FAIL"))
     return 0 if failed == 0 else 1
+
+
+# ----------------------------------------------------------------------------- the child process
+
+
+def child_verdicts(n, path, opts):
+    """Yield (ok, what, error, tolerance, note) as the child process sends them; raise ExerciseError when the
+    child cannot be graded (its one line), runs past opts.timeout, or ends without saying it finished.
+
+    The child (a fresh Python importing this same tinylm) writes JSON lines to a pipe of its own: text to
+    show ("out"), a verdict, an error line, or "done" with its count of verdicts. Its standard output and
+    error are a second pipe, shown as they come; nothing written there counts as a verdict.
+    """
+    timeout = getattr(opts, "timeout", DEFAULT_TIMEOUT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path[0] = {root!r}; from tinylm.exercises.grader import child_main; "
+            "child_main(sys.argv[1:])")
+    msg_r, msg_w = os.pipe()
+    try:
+        args = [str(msg_w), str(n), path, str(opts.seed), opts.ckpt or ""]
+        child = subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=(msg_w,), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    except BaseException:
+        os.close(msg_r)
+        raise
+    finally:
+        os.close(msg_w)
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    messages = os.fdopen(msg_r, "rb")
+    sel.register(messages, selectors.EVENT_READ, "messages")
+    sel.register(child.stdout, selectors.EVENT_READ, "raw")
+    pending, count, done, last = b"", 0, None, None
+    try:
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExerciseError(f"exercise {n}: {path} ran for more than {timeout:g} s, "
+                                    + (f"in the check after '{one_line(last)}'" if last else "in its first check")
+                                    + " (a loop that never ends?); stopped it. Allow longer with --timeout SECONDS")
+            for key, _ in sel.select(min(left, 1.0)):
+                data = os.read(key.fileobj.fileno(), 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                if key.data == "raw":           # the child's own stdout/stderr: shown, never a verdict
+                    sys.stdout.write(data.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+                    continue
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    kind, value = _message(line)
+                    if kind == "out":
+                        sys.stdout.write(value)
+                    elif kind == "verdict":
+                        count += 1
+                        last = value[1]
+                        yield value
+                    elif kind == "error":
+                        err = ExerciseError(value["text"])
+                        err.exit_code = value["code"]
+                        raise err
+                    elif kind == "done":
+                        done = value
+                    else:
+                        raise ExerciseError(f"exercise {n}: the grading process sent something that is not a "
+                                            "verdict; your code wrote into the grader's pipe?")
+        status = child.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise ExerciseError(f"exercise {n}: {path} did not end within {timeout:g} s after its last check; "
+                            "stopped it. Allow longer with --timeout SECONDS") from None
+    finally:
+        sel.close()
+        messages.close()
+        _stop(child)
+    if done is None or done != count:
+        how = f"exit status {status}" if status >= 0 else f"signal {_signal_name(-status)}"
+        raise ExerciseError(f"exercise {n}: your code ended the grading process ({how}) before every check had a "
+                            f"verdict ({count} did"
+                            + (f"; the last: '{one_line(last)}'" if last else "")
+                            + "); a check without a verdict fails")
+
+
+def _message(line):
+    """(kind, value) of one line from the child, ('bad', None) for anything that is not one of its messages."""
+    try:
+        m = json.loads(line)
+    except (ValueError, RecursionError):
+        return "bad", None
+    if not isinstance(m, dict) or len(m) != 1:
+        return "bad", None
+    kind, value = next(iter(m.items()))
+    if kind == "out" and isinstance(value, str):
+        return kind, value
+    if kind == "done" and isinstance(value, int) and not isinstance(value, bool):
+        return kind, value
+    if kind == "error" and isinstance(value, dict) and isinstance(value.get("text"), str) \
+            and value.get("code") in (1, 2):
+        return kind, value
+    if kind == "verdict" and isinstance(value, list) and len(value) == 5:
+        ok, what, err, tol, note = value
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if isinstance(ok, bool) and isinstance(what, str) and number(err) and number(tol) \
+                and (note is None or isinstance(note, str)):
+            return kind, (ok, what, float(err), float(tol), note)
+    return "bad", None
+
+
+def _stop(child):
+    """End the child and whatever it started (its own session), if it still runs."""
+    if child.poll() is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AttributeError):
+            child.kill()
+        child.wait()
+    if child.stdout is not None:
+        child.stdout.close()
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+class _Forward(io.TextIOBase):
+    """sys.stdout and sys.stderr of the child: what the grader and the learner's code print goes to the parent
+    as text to show, in order with the verdicts."""
+
+    def __init__(self, send):
+        self.send = send
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if text:
+            self.send(out=str(text))
+        return len(text)
+
+
+def child_main(argv):
+    """The child process: load the learner's file, run the exercise's checks, send each verdict, then 'done'."""
+    fd, n, path, seed, ckpt = argv
+    channel = os.fdopen(int(fd), "w", encoding="utf-8")
+
+    def send(**message):
+        channel.write(json.dumps(message) + "\n")
+        channel.flush()
+
+    sys.stdout = sys.stderr = _Forward(send)
+    status = 0
+    try:
+        n = int(n)
+        ex = exercise(n)
+        opts = argparse.Namespace(seed=int(seed), ckpt=ckpt or None)
+        module = load_learner(n, path)
+        print(f"exercise {n}: {ex['title']} ({path})")
+        call = learner_caller(module, path)
+        count = 0
+        for ok, what, err, tol, note in ex["check"](call, np.random.default_rng(opts.seed), opts):
+            send(verdict=[bool(ok), str(what), float(err), float(tol), None if note is None else str(note)])
+            count += 1
+        send(done=count)
+    except TinyLMError as e:
+        send(error={"text": str(e), "code": getattr(e, "exit_code", 1)})
+    except BaseException as e:          # the grader's own fault, or the learner's escaping the caller
+        send(error={"text": f"the grader failed: {type(e).__name__}: {one_line(e)}", "code": 2})
+        status = 1
+    finally:
+        os._exit(status)                # no atexit handler of the learner's runs after the last verdict
 
 
 def list_exercises():
@@ -577,13 +774,16 @@ def exercises_parser():
     st.add_argument("n", type=int, metavar="N", help="the exercise's number (see: list)")
     st.add_argument("--file", metavar="PATH", help=file_help)
     ck = sub.add_parser("check", help="grade your file for exercise N",
-                        description="Load your file by its path, call its functions on random float64 inputs "
-                        "(fixed seed), compare with the reference and print PASS/FAIL per check with the error "
-                        "and the tolerance. Exit 0 when every check passes, 1 when one fails, 2 when the file "
-                        "cannot be graded (missing file or function, your code raised, no such exercise).")
+                        description="Load your file by its path in a child process, call its functions on random "
+                        "float64 inputs (fixed seed), compare with the reference and print PASS/FAIL per check with "
+                        "the error and the tolerance. Exit 0 when every check passes, 1 when one fails, 2 when the "
+                        "file cannot be graded (missing file or function, your code raised, ran past --timeout or "
+                        "ended the process, no such exercise).")
     ck.add_argument("n", type=int, metavar="N", help="the exercise's number (see: list)")
     ck.add_argument("--file", metavar="PATH", help=file_help)
     ck.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    ck.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help=f"stop your code after this many seconds and fail (default: {DEFAULT_TIMEOUT:g})")
     ck.add_argument("--ckpt", metavar="CKPT", default=None,
                     help="exercises 5 and 8: also run on this trained checkpoint (e.g. out/ckpt.npz): "
                     "5 compresses its block matrices and samples, 8 ablates its heads on its validation text")
@@ -598,6 +798,8 @@ def _main(argv):
     path = args.file or default_file(args.n)
     if args.command == "start":
         return start(args.n, path)
+    if args.command == "check" and not args.timeout > 0:
+        raise ExerciseError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     if args.ckpt and args.n not in (5, 8):
         exercise(args.n)
         raise ExerciseError(f"--ckpt is for exercises 5 and 8; exercise {args.n} runs on its own random inputs")

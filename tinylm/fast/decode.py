@@ -334,19 +334,19 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
     sample and the bench do): one token's products are far too small to split, and a second
     BLAS thread waiting for a busy core stalls every call.
     """
-    tokens = [int(t) for t in prompt]
-    if not tokens:
+    context = [int(t) for t in prompt][-config.block_size:]     # only the context is kept: memory stays bounded
+    if not context:                                              # however many tokens are drawn
         raise TinyLMError("the prompt must contain at least one token")
     dtype = params["transformer.wte.weight"].dtype
     if not use_cache:
         for _ in range(max_new_tokens):
-            context = tokens[-config.block_size:]
             logits, _, _ = forward(params, config, np.array([context]), for_backward=False)
             last = logits[0, -1]
             if trace is not None:
-                trace.append((context, last))
-            tokens.append(int(pick_next(last)))
-            yield tokens[-1]
+                trace.append((list(context), last))
+            token = int(pick_next(last))
+            yield token
+            context = (context + [token])[-config.block_size:]
         return
 
     def prefill(context):
@@ -354,21 +354,20 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
         return kv, forward_cached(params, config, np.array([context]), kv, last_only=True)[0, -1]
 
     dw = decoding_weights(params, config)
-    context = tokens[-config.block_size:]
     kv, last = prefill(context)
     for step in range(max_new_tokens):
         if trace is not None:
             trace.append((list(context), last))
-        tokens.append(int(pick_next(last)))
-        yield tokens[-1]
+        token = int(pick_next(last))
+        yield token
         if step == max_new_tokens - 1:
             break
-        context.append(tokens[-1])
+        context.append(token)
         if len(context) > config.block_size:
             context = context[-refill_window(config):]
             kv, last = prefill(context)
         else:
-            last = decode_next(dw, kv, tokens[-1])
+            last = decode_next(dw, kv, token)
 
 
 def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_cache=True, trace=None):

@@ -31,7 +31,8 @@ import zlib
 import numpy as np
 
 from tinylm.atomic import atomic_write
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
+from tinylm.files import open_regular
 from tinylm.lowrank.factorized import factorized_shapes, ranks_of
 from tinylm.core.arch import config_from_dict, model_of
 from tinylm.text.char import tokenizer_from_dict
@@ -147,11 +148,11 @@ def _read_meta(zf, members, path, file_size):
         raise CheckpointError(f"not a tinylm checkpoint: {path}")
     version = meta.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"checkpoint {path} has an invalid format version {version!r}")
+        raise CheckpointError(f"checkpoint {path} has an invalid format version {brief(version, 20)}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}; this tinylm reads "
+        raise CheckpointError(f"checkpoint {path} has format version {brief(version, 20)}; this tinylm reads "
                               f"version {FORMAT_VERSION} (upgrade tinylm to read newer files)")
-    _check_meta_fields(meta, path)
+    check_meta_fields(meta, path)
     return meta
 
 
@@ -159,7 +160,14 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_meta_fields(meta, path):
+# Saved training settings that analysis, compression and export read: (type, least value). The rest are
+# read by training alone, which checks every one of them when it resumes (train.loop.check_saved_args).
+READ_SETTINGS = {"seed": (int, 0), "batch_size": (int, 1), "warmup_iters": (int, 0), "lr_decay_iters": (int, 0),
+                 "learning_rate": (float, None), "min_lr": (float, None), "beta1": (float, None),
+                 "beta2": (float, None), "data": (str, None), "encoding_errors": (str, None)}
+
+
+def check_meta_fields(meta, path):
     """The fields training and sampling rely on, when present, have the types they need."""
     def bad(field, why):
         raise CheckpointError(f"checkpoint {path}: metadata field {field!r} {why}")
@@ -173,6 +181,16 @@ def _check_meta_fields(meta, path):
         bad("elapsed_s", "is not a number")
     if "train_args" in meta and not isinstance(meta["train_args"], dict):
         bad("train_args", "is not an object")
+    for key, (kind, low) in READ_SETTINGS.items():        # training checks every setting again when it resumes
+        value = (meta.get("train_args") or {}).get(key)
+        if value is None:
+            continue
+        ok = (isinstance(value, str) if kind is str else _is_int(value) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok or (low is not None and value < low):
+            raise CheckpointError(f"checkpoint {path}: saved setting {key!r} is {brief(value)}, not "
+                                  + ({int: "an integer", float: "a finite number", str: "a string"}[kind] if not ok
+                                     else f"at least {low}"))
     if "rng" in meta:
         rng = meta["rng"]
         if not isinstance(rng, dict) or set(rng) != {"batch", "dropout"}:
@@ -184,18 +202,38 @@ def _check_meta_fields(meta, path):
                 bad("rng", f"holds an invalid {key} random state")
 
 
+def check_finite(arrays, where):
+    """CheckpointError naming the first array (in order) that holds NaN or inf: such a model computes nothing.
+
+    Training never saves one (it stops at the first non-finite loss); a stranger's file may hold one.
+    Checked about a million numbers at a time, in slices of rows (views, also of a transposed or
+    memory-mapped array), so the check copies nothing.
+    """
+    for name, array in arrays.items():
+        a = np.asarray(array)
+        a = a.reshape(1) if a.ndim == 0 else a
+        rows = max(1, (1 << 20) // max(1, a[0].size)) if len(a) else 1
+        for start in range(0, len(a), rows):
+            if np.isfinite(a[start:start + rows]).all():
+                continue
+            bad = ~np.isfinite(a)
+            what = "NaN" if np.isnan(a[bad]).any() else "inf"
+            raise CheckpointError(f"{where}: weight {name!r} holds {what} ({int(bad.sum()):,} of {a.size:,} values "
+                                  "are not finite); a model with non-finite weights computes nothing")
+
+
 def _members(zf, path, file_size):
     """{array name: ZipInfo} for a zip of stored, unencrypted .npy members that lie inside the file."""
     members = {}
     for info in zf.infolist():
         name = info.filename
         if not name.endswith(".npy") or name[:-4] in members:
-            raise CheckpointError(f"checkpoint {path} has an unexpected entry {name!r}")
+            raise CheckpointError(f"checkpoint {path} has an unexpected entry {brief(name)}")
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            raise CheckpointError(f"checkpoint {path}: entry {name!r} is compressed or encrypted; "
+            raise CheckpointError(f"checkpoint {path}: entry {brief(name)} is compressed or encrypted; "
                                   f"tinylm writes and reads only stored arrays")
         if info.compress_size != info.file_size or info.header_offset + info.file_size > file_size:
-            raise CheckpointError(f"damaged checkpoint {path}: entry {name!r} claims {info.file_size} bytes "
+            raise CheckpointError(f"damaged checkpoint {path}: entry {brief(name)} claims {info.file_size} bytes "
                                   f"that the file does not hold")
         members[name[:-4]] = info
     return members
@@ -216,6 +254,7 @@ def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
         ckpt = _load(path, with_optimizer)
+        check_finite({**ckpt["params"], **(ckpt["adapters"] or {})}, f"checkpoint {path}")
         if merge_adapters and ckpt["adapters"] is not None:
             meta = dict(ckpt["meta"])
             meta.pop("lora_base_sha256", None)
@@ -233,8 +272,26 @@ def load_checkpoint(path, with_optimizer=True, merge_adapters=True):
                               f"({type(e).__name__}: {e})") from e
 
 
+def load_meta(path):
+    """The metadata of a checkpoint alone (config, tokenizer, step, training settings), checked as load_checkpoint
+    checks it, without reading any array. CheckpointError for a file that is not a readable tinylm checkpoint."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    try:
+        with open_regular(path, "checkpoint", CheckpointError) as raw:
+            file_size = os.fstat(raw.fileno()).st_size
+            with zipfile.ZipFile(raw) as zf:
+                return _read_meta(zf, _members(zf, path, file_size), path, file_size)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, struct.error, ValueError,
+            NotImplementedError, RuntimeError, OverflowError, UnicodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"not a readable checkpoint (damaged, truncated or not a .npz file): {path} "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def _load(path, with_optimizer):
-    with open(path, "rb") as raw:
+    with open_regular(path, "checkpoint", CheckpointError) as raw:       # not a FIFO or /dev/zero: they would hang or never end
         file_size = os.fstat(raw.fileno()).st_size
         try:
             zf = zipfile.ZipFile(raw)
@@ -249,6 +306,10 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     meta = _read_meta(zf, members, path, file_size)
     config = config_from_dict(meta.get("config"))        # GPT-2's or Llama's, by its "arch" field
     model = model_of(config)
+    # Compare the claim with the file before building anything that grows with it (param_shapes loops n_layer).
+    if model.count_tensors(config) > len(members) - 1:
+        raise CheckpointError(f"checkpoint {path}: its config (n_layer={config.n_layer:,}) implies "
+                              f"{model.count_tensors(config):,} arrays, but the file holds {len(members) - 1:,}")
     try:
         tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
     except ImportError as e:
@@ -258,7 +319,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
                               f"but the model expects {config.vocab_size}")
     dtype = FLOAT_DTYPES.get(meta.get("dtype"))
     if dtype is None:
-        raise CheckpointError(f"checkpoint {path}: unsupported dtype {meta.get('dtype')!r}")
+        raise CheckpointError(f"checkpoint {path}: unsupported dtype {brief(meta.get('dtype'))}")
     ranks = meta.get("lowrank", {})
     if not isinstance(ranks, dict):
         raise CheckpointError(f"checkpoint {path}: metadata field 'lowrank' is not an object")
@@ -274,7 +335,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     has_optimizer = "optim_t" in meta
     optimizer = meta.get("optimizer", "adamw")
     if optimizer not in ("adamw", "muon"):   # the two layouts of optimizer state this format holds
-        raise CheckpointError(f"checkpoint {path}: unknown optimizer {optimizer!r} in its metadata")
+        raise CheckpointError(f"checkpoint {path}: unknown optimizer {brief(optimizer)} in its metadata")
     # the optimizer's arrays for each trained one: Muon keeps one momentum per block matrix, AdamW two moments
     state_names = {k: ("momentum",) if optimizer == "muon" and model.is_block_matrix(k, s) else ("m", "v")
                    for k, s in trained.items()}
@@ -285,7 +346,7 @@ def _load_from_zip(zf, path, file_size, with_optimizer):
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing array(s): {', '.join(sorted(missing)[:3])}")
     if extra:
-        raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(sorted(extra)[:3])}")
+        raise CheckpointError(f"checkpoint {path} has unexpected array(s): {', '.join(brief(n) for n in sorted(extra)[:3])}")
     # Bound every allocation before making it: the arrays the config implies must fit in the file.
     itemsize = np.dtype(dtype).itemsize
     implied = (sum(math.prod(s) for s in shapes.values()) + sum(math.prod(s) for s in lora_shapes.values())

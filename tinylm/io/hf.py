@@ -23,15 +23,17 @@ The public functions: `export_hf`, `import_hf`, `load_any`, `hf_config`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 
 import numpy as np
 
-from tinylm.atomic import atomic_write_text
-from tinylm.io.checkpoint import load_checkpoint
-from tinylm.errors import TinyLMError
-from tinylm.core.gpt2 import GPTConfig, param_shapes
+from tinylm.atomic import atomic_write_text, replace_folder
+from tinylm.files import parse_json, read_json
+from tinylm.io.checkpoint import check_finite, check_meta_fields, load_checkpoint, load_meta
+from tinylm.errors import TinyLMError, brief
+from tinylm.core.gpt2 import GPTConfig, count_tensors, iter_param_shapes, param_shapes
 from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.char import CharTokenizer, tokenizer_from_dict
 from tinylm.lowrank.factorized import dense_params, ranks_of
@@ -151,12 +153,13 @@ def export_hf(source, folder, dtype=np.float32):
     source: a checkpoint path, a GPT-2 folder, or the dict that load_checkpoint/import_hf return.
     dtype: of the stored weights, float32 (default, as GPT-2's files), float16 or float64.
 
-    Writes the tokenizer files, model.safetensors and, last, config.json (so an interrupted
-    export is not mistaken for a model folder). Tokenizer: a BPE model gets GPT-2's
+    The files are written into a new folder beside `folder`, which then takes its place in one step,
+    so an interrupt at any moment leaves the earlier export there or the new one, each whole
+    (atomic.replace_folder). Tokenizer: a BPE model gets GPT-2's
     vocab.json + merges.txt. A character model gets tinylm_tokenizer.json (which tinylm's
     importer prefers), plus, when all its characters are ASCII, a vocab.json + merges.txt
     with no merges that make transformers' GPT2Tokenizer give the same ids.
-    Files of an earlier export in the folder that this one does not write are removed.
+    Other files in the folder are kept; files of an earlier export that this one does not write are dropped.
     "notes" lists, one line each, what a user should know (zero biases, no HF tokenizer).
     """
     ckpt = source if isinstance(source, dict) else load_any(source)
@@ -169,7 +172,11 @@ def export_hf(source, folder, dtype=np.float32):
         raise TinyLMError(f"export dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype.name}")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TinyLMError(f"export folder {folder} exists and is not a folder")
-    os.makedirs(folder, exist_ok=True)
+    parent = os.path.dirname(os.path.realpath(folder))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise TinyLMError(f"cannot create the folder {parent} for the export: {e.strerror or e}") from None
     notes = []
     if ranks_of(params):              # GPT-2 has no factorized layers: write what they compute
         notes.append(f"{len(ranks_of(params))} factorized (low-rank) layers were written as their dense products "
@@ -209,17 +216,20 @@ def export_hf(source, folder, dtype=np.float32):
             tok_config.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
         written[TOKENIZER_CONFIG_FILE] = json.dumps(tok_config, indent=2)
 
-    for name in OWNED_FILES:    # leftovers of an earlier export would contradict this one
-        path = os.path.join(folder, name)
-        if name not in written and name not in (CONFIG_FILE, WEIGHTS_FILE) and os.path.isfile(path):
-            os.remove(path)
-    config_path = os.path.join(folder, CONFIG_FILE)
-    if os.path.isfile(config_path):
-        os.remove(config_path)
-    for name, text in written.items():
-        atomic_write_text(os.path.join(folder, name), text)
-    save_file(_hf_tensors(params, config, dtype), os.path.join(folder, WEIGHTS_FILE), metadata)
-    atomic_write_text(config_path, json.dumps(hf_config(config, tok, dtype.name), indent=2) + "\n")
+    def fill(new):
+        for name, text in written.items():
+            atomic_write_text(os.path.join(new, name), text)
+        save_file(_hf_tensors(params, config, dtype), os.path.join(new, WEIGHTS_FILE), metadata)
+        atomic_write_text(os.path.join(new, CONFIG_FILE), json.dumps(hf_config(config, tok, dtype.name), indent=2) + "\n")
+
+    # The new folder is written beside the old one and takes its place in one step (atomic.replace_folder): an
+    # interrupt leaves the old export or the new one. The old folder's other files come along; its model and
+    # tokenizer files (OWNED_FILES) do not, since a leftover one would contradict the new model.
+    try:
+        replace_folder(folder, fill, keep=lambda name: name not in OWNED_FILES)
+    except OSError as e:
+        raise TinyLMError(f"cannot write the export {folder}: {e.strerror or e}; any earlier export there "
+                          "is unchanged") from None
     files = sorted([CONFIG_FILE, WEIGHTS_FILE, *written])
     return {"folder": folder, "files": files, "notes": notes}
 
@@ -227,55 +237,68 @@ def export_hf(source, folder, dtype=np.float32):
 # ----------------------------------------------------------------------------- import
 
 
-def _read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise TinyLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyLMError(f"{what} {path} is not valid JSON ({e})") from None
-
-
 def _check_int(cfg, key, path):
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TinyLMError(f"{path}: {key} must be a positive integer, got {value!r}")
+        raise TinyLMError(f"{path}: {key} must be a positive integer, got {brief(value)}")
+    return value
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_flag(cfg, key, path):
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise TinyLMError(f"{path}: {key} must be true or false, got {brief(value)}")
     return value
 
 
 def config_from_hf(cfg, path="config.json"):
-    """GPTConfig (bias=True, as every GPT-2) from a config.json dict; TinyLMError for what tinylm cannot run."""
+    """GPTConfig (bias=True, as every GPT-2) from a config.json dict; TinyLMError for what tinylm cannot run.
+
+    Every field tinylm reads is checked for its type before it is used, and a value quoted in a
+    message is cut short (errors.brief): a stranger's config.json is only data.
+    """
     if not isinstance(cfg, dict):
         raise TinyLMError(f"{path}: must hold a JSON object")
     model_type = cfg.get("model_type")
-    archs = cfg.get("architectures") or []
     if model_type != "gpt2":
-        raise TinyLMError(f"{path}: model_type is {model_type!r}; tinylm reads only GPT-2 (model_type 'gpt2')")
-    if not isinstance(archs, list) or any(a not in GPT2_ARCHITECTURES for a in archs):
-        raise TinyLMError(f"{path}: unsupported architecture {archs!r}; tinylm reads GPT2LMHeadModel or GPT2Model")
+        raise TinyLMError(f"{path}: model_type is {brief(model_type)}; tinylm reads only GPT-2 (model_type 'gpt2')")
+    archs = cfg.get("architectures")
+    if archs is None:
+        archs = []
+    if not isinstance(archs, list) or not all(isinstance(a, str) and a in GPT2_ARCHITECTURES for a in archs):
+        raise TinyLMError(f"{path}: unsupported architecture {brief(archs)}; tinylm reads GPT2LMHeadModel or GPT2Model")
     cfg = {**GPT2_DEFAULTS, **cfg}
     dims = {k: _check_int(cfg, k, path) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")}
     n_inner = cfg["n_inner"]
-    if n_inner is not None and n_inner != 4 * dims["n_embd"]:
-        raise TinyLMError(f"{path}: n_inner is {n_inner!r}; tinylm's MLP is 4 * n_embd = {4 * dims['n_embd']} wide")
+    if n_inner is not None and (isinstance(n_inner, bool) or n_inner != 4 * dims["n_embd"]):
+        raise TinyLMError(f"{path}: n_inner is {brief(n_inner)}; tinylm's MLP is 4 * n_embd = {4 * dims['n_embd']} wide")
     act = cfg["activation_function"]
-    if act not in TANH_GELUS:
-        raise TinyLMError(f"{path}: activation_function {act!r} is not supported; tinylm computes GELU "
+    if not isinstance(act, str) or act not in TANH_GELUS:
+        raise TinyLMError(f"{path}: activation_function {brief(act)} is not supported; tinylm computes GELU "
                           f"with the tanh approximation ({' or '.join(sorted(TANH_GELUS))})")
     eps = cfg["layer_norm_epsilon"]
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or abs(eps - LAYER_NORM_EPS) > 1e-12:
-        raise TinyLMError(f"{path}: layer_norm_epsilon is {eps!r}; tinylm's layer norm uses {LAYER_NORM_EPS}")
-    if cfg["tie_word_embeddings"] is not True:
-        raise TinyLMError(f"{path}: tie_word_embeddings is {cfg['tie_word_embeddings']!r}; tinylm's output "
+    try:
+        eps_ok = _is_number(eps) and abs(float(eps) - LAYER_NORM_EPS) <= 1e-12      # False for NaN
+    except OverflowError:                                                           # an int beyond any float
+        eps_ok = False
+    if not eps_ok:
+        raise TinyLMError(f"{path}: layer_norm_epsilon is {brief(eps)}; tinylm's layer norm uses {LAYER_NORM_EPS}")
+    flags = {k: _check_flag(cfg, k, path) for k in ("tie_word_embeddings", "scale_attn_weights",
+                                                    "scale_attn_by_inverse_layer_idx", "add_cross_attention")}
+    if not flags["tie_word_embeddings"]:
+        raise TinyLMError(f"{path}: tie_word_embeddings is false; tinylm's output "
                           "head is the token embedding (untied heads are not supported)")
-    if cfg["scale_attn_weights"] is not True or cfg["scale_attn_by_inverse_layer_idx"] is not False:
+    if not flags["scale_attn_weights"] or flags["scale_attn_by_inverse_layer_idx"]:
         raise TinyLMError(f"{path}: attention scaling other than 1/sqrt(head_dim) is not supported")
-    if cfg["add_cross_attention"]:
+    if flags["add_cross_attention"]:
         raise TinyLMError(f"{path}: cross-attention (add_cross_attention) is not supported")
     dropout = cfg["resid_pdrop"]
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise TinyLMError(f"{path}: resid_pdrop must be a number in [0, 1), got {dropout!r}")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise TinyLMError(f"{path}: resid_pdrop must be a number in [0, 1), got {brief(dropout)}")
     try:
         return GPTConfig(block_size=dims["n_positions"], vocab_size=dims["vocab_size"], n_layer=dims["n_layer"],
                          n_head=dims["n_head"], n_embd=dims["n_embd"], dropout=float(dropout), bias=True).validate()
@@ -287,40 +310,54 @@ def _tinylm_metadata(metadata, path):
     """(config dict or None, info dict) from a tinylm export's __metadata__; (None, {}) for a foreign file."""
     if metadata.get(META_FORMAT) != FORMAT_NAME:
         return None, {}
-    try:
-        version = int(metadata.get(META_VERSION, ""))
-    except ValueError:
-        version = None
+    text = metadata.get(META_VERSION, "")
+    version = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
     if version is None or not 1 <= version <= FORMAT_VERSION:
-        raise TinyLMError(f"{path}: tinylm export version {metadata.get(META_VERSION)!r}; this tinylm reads "
+        raise TinyLMError(f"{path}: tinylm export version {brief(text, 20)}; this tinylm reads "
                           f"version {FORMAT_VERSION} (upgrade tinylm to read newer files)")
-    try:
-        config = json.loads(metadata.get(META_CONFIG, "null"))
-        info = json.loads(metadata.get(META_INFO, "{}"))
-    except json.JSONDecodeError:
-        raise TinyLMError(f"{path}: tinylm metadata is not valid JSON") from None
+    config = parse_json(metadata.get(META_CONFIG, "null"), f"{path}: tinylm metadata")
+    info = parse_json(metadata.get(META_INFO, "{}"), f"{path}: tinylm metadata")
     if not isinstance(config, dict) or not isinstance(info, dict):
         raise TinyLMError(f"{path}: tinylm metadata has the wrong form")
+    check_meta_fields(info, path)
     return config, info
+
+
+def _exists(path):
+    """Something is there (a FIFO or a device too, which the readers then refuse by name)."""
+    return os.path.lexists(path)
+
+
+def _bpe_merges(raw, path):
+    """A tokenizer.json's merges, 'left right' strings or [left, right] lists, as pairs of strings."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise TinyLMError(f"{path}: the BPE merges are {type(raw).__name__}, not a list")
+    merges = []
+    for k, m in enumerate(raw):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise TinyLMError(f"{path}: merge #{k} is {brief(m)}, not a pair of tokens ('left right' or [left, right])")
+        merges.append(tuple(pair))
+    return merges
 
 
 def _load_tokenizer(folder):
     """tinylm_tokenizer.json if present, else vocab.json + merges.txt, else a tokenizer.json's BPE model."""
     path = os.path.join(folder, TINYLM_TOKENIZER_FILE)
-    if os.path.isfile(path):
-        return tokenizer_from_dict(_read_json(path, "tokenizer file"))
+    if _exists(path):
+        return tokenizer_from_dict(read_json(path, "tokenizer file"))
     vocab, merges = os.path.join(folder, VOCAB_FILE), os.path.join(folder, MERGES_FILE)
-    if os.path.isfile(vocab) and os.path.isfile(merges):
+    if _exists(vocab) and _exists(merges):
         return BPETokenizer.from_files(vocab, merges)
     path = os.path.join(folder, HF_TOKENIZER_FILE)
-    if os.path.isfile(path):
-        model = _read_json(path, "tokenizer file").get("model") or {}
-        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+    if _exists(path):
+        data = read_json(path, "tokenizer file")
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise TinyLMError(f"{path}: not a byte-level BPE tokenizer; add GPT-2's vocab.json and merges.txt")
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-        if any(len(m) != 2 for m in merges):
-            raise TinyLMError(f"{path}: a merge is not a pair of tokens")
-        return BPETokenizer(model["vocab"], merges)
+        return BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))
     raise TinyLMError(f"no tokenizer in {folder}: expected {VOCAB_FILE} and {MERGES_FILE} "
                       f"(GPT-2's; or {TINYLM_TOKENIZER_FILE})")
 
@@ -344,12 +381,12 @@ def import_hf(folder, dtype=np.float32, mmap=True):
         what = "is not a folder" if os.path.exists(folder) else "not found"
         raise TinyLMError(f"model folder {what}: {folder}")
     config_path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    if not _exists(config_path):
         raise TinyLMError(f"{folder} has no {CONFIG_FILE}: not a GPT-2 model folder")
-    config = config_from_hf(_read_json(config_path, "model config"), config_path)
+    config = config_from_hf(read_json(config_path, "model config"), config_path)
 
     weights_path = os.path.join(folder, WEIGHTS_FILE)
-    if not os.path.isfile(weights_path):
+    if not _exists(weights_path):
         if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
             raise TinyLMError(f"{folder} holds a sharded model (model.safetensors.index.json); "
                               f"tinylm reads a single {WEIGHTS_FILE}")
@@ -370,8 +407,16 @@ def import_hf(folder, dtype=np.float32, mmap=True):
         if key.endswith((".attn.bias", ".attn.masked_bias")):
             continue           # the causal mask, saved as a buffer by older transformers
         if key in found:
-            raise TinyLMError(f"{weights_path}: tensor {name!r} appears both with and without the transformer. prefix")
+            raise TinyLMError(f"{weights_path}: tensor {brief(name)} appears both with and without the "
+                              "transformer. prefix")
         found[key] = array
+    # The tensors config.json claims are compared with those the file holds before their list is built: a
+    # config.json of n_layer 10⁸ beside a small file is refused at once, in the file's own time and memory.
+    if count_tensors(config) > len(found):
+        missing = list(itertools.islice((k for k, _ in iter_param_shapes(config) if k not in found), 4))
+        raise TinyLMError(f"{weights_path}: missing tensor(s) {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''} for a GPT-2 with n_layer={config.n_layer:,} "
+                          f"({count_tensors(config):,} tensors; the file holds {len(found):,})")
     shapes = param_shapes(config)
     missing = [k for k in shapes if k not in found]
     if missing:
@@ -379,8 +424,8 @@ def import_hf(folder, dtype=np.float32, mmap=True):
                           f"{' ...' if len(missing) > 3 else ''} for a GPT-2 with n_layer={config.n_layer}")
     unexpected = sorted(set(found) - set(shapes))
     if unexpected:
-        raise TinyLMError(f"{weights_path}: unexpected tensor(s) {', '.join(unexpected[:3])}; not a GPT-2 "
-                          f"of the shape config.json describes")
+        raise TinyLMError(f"{weights_path}: unexpected tensor(s) {', '.join(brief(n) for n in unexpected[:3])}; "
+                          "not a GPT-2 of the shape config.json describes")
     params = {}
     for name, shape in shapes.items():
         array = found[name]
@@ -401,6 +446,7 @@ def import_hf(folder, dtype=np.float32, mmap=True):
             raise TinyLMError(f"{weights_path}: lm_head.weight differs from the token embedding; "
                               "tinylm supports only GPT-2's tied output head")
 
+    check_finite(params, weights_path)
     saved_config, info = _tinylm_metadata(metadata, weights_path)
     if saved_config is not None:
         if saved_config.get("bias") is False:
@@ -424,6 +470,18 @@ def import_hf(folder, dtype=np.float32, mmap=True):
     return {"params": params, "config": config, "tokenizer": tokenizer, "opt_state": None, "meta": meta}
 
 
+def tokenizer_kind(path):
+    """'char' or 'bpe': the kind of tokenizer of a checkpoint (read from its metadata alone) or of a GPT-2 folder
+    (a tinylm_tokenizer.json means a character model), without loading any weight."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG_FILE, WEIGHTS_FILE):
+        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "char" if _exists(os.path.join(path, TINYLM_TOKENIZER_FILE)) else "bpe"
+    kind = (load_meta(path).get("tokenizer") or {}).get("type")
+    return kind if isinstance(kind, str) else None
+
+
 def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True):
     """A tinylm checkpoint (.npz file) or a GPT-2 folder (config.json + model.safetensors), read the same way.
 
@@ -434,7 +492,7 @@ def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True):
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG_FILE, WEIGHTS_FILE):
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        if _exists(os.path.join(path, CONFIG_FILE)):
             return import_hf(path, dtype=dtype, mmap=mmap)
         hint = next((f" (did you mean {os.path.join(path, n)}?)" for n in ("ckpt.npz", "best.npz")
                      if os.path.isfile(os.path.join(path, n))), "")

@@ -23,7 +23,8 @@ import os
 import numpy as np
 
 from tinylm.atomic import atomic_write
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
+from tinylm.files import open_regular
 
 # A header larger than this is refused before it is read (the reference
 # implementation uses the same limit): a hostile length must not make us allocate.
@@ -122,8 +123,8 @@ def load_file(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, np.
     """
     path = os.fspath(path)
     try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file") as f:      # not a FIFO or a device: they hang or never end
+            file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise TinyLMError(f"{path}: {file_size} bytes is too short for a safetensors file")
@@ -135,25 +136,21 @@ def load_file(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, np.
                 raise TinyLMError(f"{path}: header length {header_len} is larger than the "
                                   f"{file_size - 8} bytes after the length field")
             header_bytes = f.read(header_len)
-            data = None
+            data_len = file_size - 8 - header_len
+            entries, metadata = _parse_header(path, header_bytes, data_len)
             if not mmap:
-                data = bytearray(file_size - 8 - header_len)  # read straight into it: one copy
+                data = bytearray(data_len)              # read straight into it: one copy
                 if f.readinto(data) != len(data):
                     raise TinyLMError(f"{path}: the file changed size while being read")
+                region = np.frombuffer(data, dtype=np.uint8)
+            elif data_len == 0:
+                region = np.zeros(0, dtype=np.uint8)    # mmap cannot map zero bytes
+            else:
+                # Plain ndarray views of the map of the file already open (the map stays open as their .base).
+                region = np.asarray(np.memmap(f, dtype=np.uint8, mode="r", offset=8 + header_len,
+                                              shape=(data_len,)))
     except OSError as exc:
         raise TinyLMError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-    data_len = file_size - 8 - header_len
-    entries, metadata = _parse_header(path, header_bytes, data_len)
-
-    if data is not None:
-        region = np.frombuffer(data, dtype=np.uint8)
-    elif data_len == 0:
-        region = np.zeros(0, dtype=np.uint8)  # mmap cannot map zero bytes
-    else:
-        # Plain ndarray views of the map (the map stays open as their .base).
-        region = np.asarray(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len,
-                                      shape=(data_len,)))
 
     tensors = {}
     for name, (code, shape, begin, end) in entries.items():
@@ -182,10 +179,11 @@ def _parse_header(path: str, header_bytes: bytes, data_len: int):
         raise TinyLMError(f"{path}: header is not valid UTF-8") from None
 
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            duplicate = next(k for k in keys if keys.count(k) > 1)
-            raise TinyLMError(f"{path}: header names {duplicate!r} twice")
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise TinyLMError(f"{path}: header names {brief(k)} twice")
+            seen.add(k)
         return dict(pairs)
 
     try:
@@ -194,6 +192,8 @@ def _parse_header(path: str, header_bytes: bytes, data_len: int):
         raise TinyLMError(f"{path}: header is not valid JSON ({exc.msg} at byte {exc.pos})") from None
     except RecursionError:
         raise TinyLMError(f"{path}: header JSON is nested too deeply") from None
+    except ValueError:                # an integer of more digits than Python converts
+        raise TinyLMError(f"{path}: header JSON holds a number too long to convert") from None
     if not isinstance(header, dict):
         raise TinyLMError(f"{path}: header must be a JSON object, got {type(header).__name__}")
 
@@ -203,7 +203,7 @@ def _parse_header(path: str, header_bytes: bytes, data_len: int):
 
     entries = {}
     for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {brief(name)}"
         if not isinstance(info, dict):
             raise TinyLMError(f"{where}: entry must be an object, got {type(info).__name__}")
         missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
@@ -211,24 +211,24 @@ def _parse_header(path: str, header_bytes: bytes, data_len: int):
             raise TinyLMError(f"{where}: entry lacks {', '.join(missing)}")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if code not in _DTYPES:
-            raise TinyLMError(f"{where}: unknown or unsupported dtype {code!r} "
+            raise TinyLMError(f"{where}: unknown or unsupported dtype {brief(code)} "
                               f"(supported: {', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-            raise TinyLMError(f"{where}: shape must be a list of integers, got {shape!r}")
+            raise TinyLMError(f"{where}: shape must be a list of integers, got {brief(shape)}")
         if any(d < 0 for d in shape):
-            raise TinyLMError(f"{where}: shape {shape} has a negative dimension")
+            raise TinyLMError(f"{where}: shape {brief(shape)} has a negative dimension")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise TinyLMError(f"{where}: data_offsets must be [begin, end] integers, got {offsets!r}")
+            raise TinyLMError(f"{where}: data_offsets must be [begin, end] integers, got {brief(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise TinyLMError(f"{where}: data_offsets {offsets} must satisfy 0 <= begin <= end")
+            raise TinyLMError(f"{where}: data_offsets {brief(offsets)} must satisfy 0 <= begin <= end")
         if end > data_len:
-            raise TinyLMError(f"{where}: data_offsets {offsets} go past the end of the "
+            raise TinyLMError(f"{where}: data_offsets {brief(offsets)} go past the end of the "
                               f"{data_len}-byte data region")
         expected = math.prod(shape) * _DTYPES[code].itemsize
         if end - begin != expected:
-            raise TinyLMError(f"{where}: data_offsets {offsets} span {end - begin} bytes, but shape "
-                              f"{shape} of {code} needs {expected}")
+            raise TinyLMError(f"{where}: data_offsets {brief(offsets)} span {end - begin:,} bytes, but shape "
+                              f"{brief(shape)} of {code} needs {brief(expected, 40)}")
         entries[name] = (code, tuple(shape), begin, end)
 
     # The tensors must tile the data region exactly: sorted by position, each one
@@ -236,10 +236,10 @@ def _parse_header(path: str, header_bytes: bytes, data_len: int):
     position, previous = 0, None
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin < position:
-            raise TinyLMError(f"{path}: tensors {previous!r} and {name!r} overlap in the data region")
+            raise TinyLMError(f"{path}: tensors {brief(previous)} and {brief(name)} overlap in the data region")
         if begin > position:
             raise TinyLMError(f"{path}: bytes {position}..{begin} of the data region belong to no tensor "
-                              f"(gap before {name!r})")
+                              f"(gap before {brief(name)})")
         position, previous = end, name
     if position != data_len:
         raise TinyLMError(f"{path}: the last {data_len - position} bytes of the data region "

@@ -15,7 +15,7 @@ dense_params, which multiplies the factors out.
 """
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
 
 SUFFIX_A, SUFFIX_B = ".weight_A", ".weight_B"
 
@@ -37,23 +37,23 @@ def factorized_shapes(shapes, ranks):
     """The shapes dict (name -> shape, as core/gpt2.py's param_shapes gives) with each layer in ranks stored as two factors.
 
     Raises TinyLMError for a layer that is not a linear weight of the model or a rank outside 1 … min(out, in).
+    One pass over shapes, whatever the number of ranks (they come from a file's metadata).
     """
-    shapes = dict(shapes)
     for name, r in ranks.items():
         shape = shapes.get(name + ".weight")
         if shape is None or len(shape) != 2 or ".h." not in name:
-            raise TinyLMError(f"{name!r} is not a block linear layer of this model")
+            raise TinyLMError(f"{brief(name)} is not a block linear layer of this model")
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(shape):
-            raise TinyLMError(f"rank of {name} must be an integer in 1 … {min(shape)}, got {r!r}")
-        out, inp = shape
-        new = {}
-        for k, s in shapes.items():            # the factors take the dense weight's place in the order
-            if k == name + ".weight":
-                new[name + SUFFIX_A], new[name + SUFFIX_B] = (out, int(r)), (int(r), inp)
-            else:
-                new[k] = s
-        shapes = new
-    return shapes
+            raise TinyLMError(f"rank of {name} must be an integer in 1 … {min(shape)}, got {brief(r)}")
+    new = {}
+    for k, s in shapes.items():                # the factors take the dense weight's place in the order
+        name = k[:-len(".weight")] if k.endswith(".weight") else None
+        if name in ranks:
+            (out, inp), r = s, int(ranks[name])
+            new[name + SUFFIX_A], new[name + SUFFIX_B] = (out, r), (r, inp)
+        else:
+            new[k] = s
+    return new
 
 
 def factor_params(params, name, A, B):

@@ -35,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tinylm.atomic import atomic_write_text
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
+from tinylm.files import read_json, read_regular
 
 END_OF_TEXT = "<|endoftext|>"
 MERGES_HEADER = "#version: 0.2"
@@ -307,7 +308,7 @@ class BPETokenizer:
         if not isinstance(d, dict):
             raise TinyLMError(f"BPE tokenizer description must be a dict, got {type(d).__name__}")
         if d.get("type") != "bpe":
-            raise TinyLMError(f"BPE tokenizer description has type {d.get('type')!r}, expected 'bpe'")
+            raise TinyLMError(f"BPE tokenizer description has type {brief(d.get('type'))}, expected 'bpe'")
         for key in ("vocab", "merges"):
             if key not in d:
                 raise TinyLMError(f"BPE tokenizer description lacks the '{key}' entry")
@@ -317,25 +318,23 @@ class BPETokenizer:
         pairs = []
         for k, m in enumerate(merges):
             if not (isinstance(m, (list, tuple)) and len(m) == 2):
-                raise TinyLMError(f"BPE merge #{k} must be a [left, right] pair, got {m!r}")
+                raise TinyLMError(f"BPE merge #{k} must be a [left, right] pair, got {brief(m)}")
             pairs.append((m[0], m[1]))
         return cls(d["vocab"], pairs)
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> "BPETokenizer":
-        """Read GPT-2's ``vocab.json`` (token -> id) and ``merges.txt`` (one ``left right`` per line)."""
+        """Read GPT-2's ``vocab.json`` (token -> id) and ``merges.txt`` (one ``left right`` per line).
+
+        Both are read only from regular files (files.py), and the JSON's depth is bounded.
+        """
+        vocab = read_json(vocab_path, "vocab file")
         try:
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-        except OSError as exc:
-            raise TinyLMError(f"cannot read vocab file {vocab_path}: {exc.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TinyLMError(f"vocab file {vocab_path} is not valid UTF-8 JSON: {exc}") from None
-        try:
-            with open(merges_path, encoding="utf-8", newline="") as f:
-                lines = f.read().split("\n")
+            data = read_regular(merges_path, "merges file")
         except OSError as exc:
             raise TinyLMError(f"cannot read merges file {merges_path}: {exc.strerror}") from None
+        try:
+            lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as exc:
             raise TinyLMError(f"merges file {merges_path} is not valid UTF-8: {exc}") from None
         merges = []
@@ -345,7 +344,7 @@ class BPETokenizer:
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise TinyLMError(f"{merges_path}, line {line_no}: expected 'left right', got {line!r}")
+                raise TinyLMError(f"{merges_path}, line {line_no}: expected 'left right', got {brief(line)}")
             merges.append((parts[0], parts[1]))
         return cls(vocab, merges)
 
@@ -385,15 +384,15 @@ def _validate(vocab, merges) -> None:
     seen_ids = set()
     for token, i in vocab.items():
         if not isinstance(token, str) or not token:
-            raise TinyLMError(f"BPE vocab has a token that is not a non-empty string: {token!r}")
+            raise TinyLMError(f"BPE vocab has a token that is not a non-empty string: {brief(token)}")
         if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-            raise TinyLMError(f"BPE vocab gives token {token!r} the id {i!r}; ids must be integers >= 0")
+            raise TinyLMError(f"BPE vocab gives token {brief(token)} the id {brief(i)}; ids must be integers >= 0")
         if i in seen_ids:
             raise TinyLMError(f"BPE vocab gives id {i} to more than one token")
         seen_ids.add(i)
         bad = next((c for c in token if c not in standins), None)
         if bad is not None:
-            raise TinyLMError(f"BPE vocab token {token!r} contains {bad!r}, "
+            raise TinyLMError(f"BPE vocab token {brief(token)} contains {brief(bad)}, "
                               "which is not one of GPT-2's byte stand-in characters")
     if max(seen_ids) != len(vocab) - 1:
         raise TinyLMError(f"BPE vocab ids must be exactly 0..{len(vocab) - 1}, "
@@ -406,12 +405,12 @@ def _validate(vocab, merges) -> None:
         raise TinyLMError("BPE merges must be a list of (left, right) pairs")
     for k, (left, right) in enumerate(merges):
         if not (isinstance(left, str) and isinstance(right, str)):
-            raise TinyLMError(f"BPE merge #{k} must be a pair of strings, got ({left!r}, {right!r})")
+            raise TinyLMError(f"BPE merge #{k} must be a pair of strings, got ({brief(left)}, {brief(right)})")
         # Encoding looks every piece up in the vocab, so both halves and the result must be there.
         for part in (left, right, left + right):
             if part not in vocab:
-                raise TinyLMError(f"BPE merge #{k} ({left!r}, {right!r}) uses or makes a token "
-                                  f"not in the vocab: {part!r}")
+                raise TinyLMError(f"BPE merge #{k} ({brief(left)}, {brief(right)}) uses or makes a token "
+                                  f"not in the vocab: {brief(part)}")
 
 
 # ----------------------------------------------------------------------- training

@@ -6,7 +6,7 @@ point to token id), so a large file never becomes a Python object per character;
 """
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
 from tinylm.text.bpe import BPETokenizer
 
 
@@ -103,4 +103,4 @@ def tokenizer_from_dict(d):
         return CharTokenizer.from_dict(d)
     if kind == "bpe":
         return BPETokenizer.from_dict(d)
-    raise TinyLMError(f"unknown tokenizer type {kind!r}")
+    raise TinyLMError(f"unknown tokenizer type {brief(kind)}")

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, brief
+from tinylm.files import open_regular
 from tinylm.text.char import CharTokenizer
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tinyshakespeare.txt")
@@ -21,12 +22,13 @@ CR, LF = 13, 10
 
 
 def _open_data(path):
+    """The text file, opened only if it is a regular file: a FIFO would hang the read and /dev/zero never end."""
     if not os.path.exists(path):
         raise TinyLMError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise TinyLMError(f"data path is a directory, not a text file: {path}")
     try:
-        return open(path, "rb")
+        return open_regular(path, "data file")
     except OSError as e:
         raise TinyLMError(f"cannot read data file {path}: {e.strerror}") from None
 
@@ -40,7 +42,7 @@ def iter_code_points(path, errors="strict", chunk_bytes=CHUNK_BYTES):
     (U+0000..U+00FF, the Latin-1 mapping), which never fails.
     """
     if errors not in ENCODING_ERRORS:
-        raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
+        raise TinyLMError(f"--encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {brief(errors)}")
     with _open_data(path) as f:
         try:
             head = f.read(65536)

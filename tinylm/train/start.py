@@ -7,6 +7,7 @@ import tempfile
 import numpy as np
 
 from tinylm.atomic import atomic_write, remove_stale_temp_files
+from tinylm.files import open_regular
 from tinylm.core.arch import arch_of, model_of
 from tinylm.core.muon import muon_init
 from tinylm.core.optim import adamw_init
@@ -92,7 +93,7 @@ def trim_log(path, last_step):
     if not os.path.exists(path):
         return
     keep = []
-    with open(path, "rb") as f:
+    with open_regular(path, "log") as f:        # a FIFO of this name would hang a plain open
         for line in f:
             try:
                 row = json.loads(line)

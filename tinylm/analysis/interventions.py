@@ -10,7 +10,7 @@
   (block l−1 ends in x + c_proj(gelu(..)) + b). So `steer` returns edited parameters, and the fast
   generate() samples from the steered model as from any other.
 
-The forward here is tinylm/core/gpt2.py's, cut at the blocks so a run can start at any layer and with
+The forward here is written like tinylm/core/gpt2.py's, cut at the blocks so a run can start at any layer and with
 the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for speed);
 tests/test_interventions.py holds it equal to core/gpt2.py's forward when no edit is given.
 Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.

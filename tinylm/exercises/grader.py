@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 
 from tinylm.cli import gradcheck as G
-from tinylm.fast import layers as L
+from tinylm.core import layers as L
 from tinylm.fast import model as M
 from tinylm.core import gpt2 as GPT
 from tinylm.fast import decode as D
@@ -234,7 +234,7 @@ def check_layernorm(call, rng, opts):
         yield close(f"{name} against central differences in float64 (relative error)", got,
                     G.numerical_gradient(loss, arr), G.TOLERANCE)
     ref_dx, _ = L.layernorm_backward(dy, L.layernorm_forward(x, w, b)[1])
-    yield close("dx equals tinylm.layers.layernorm_backward (relative error)", dx, ref_dx, 1e-10)
+    yield close("dx equals tinylm.core.layers.layernorm_backward (relative error)", dx, ref_dx, 1e-10)
 
 
 # ----------------------------------------------------------------------------- 3 attention
@@ -247,7 +247,7 @@ def causal_mask(T):
 def check_attention(call, rng, opts):
     B, H, T, D = 2, 3, 6, 4
     qkv = rng.standard_normal((B, T, 3 * H * D))
-    q, k, v = (np.ascontiguousarray(a) for a in L.qkv_heads(qkv, H))       # each (B,H,T,D)
+    q, k, v = (np.ascontiguousarray(L.split_heads(a, H)) for a in np.split(qkv, 3, axis=-1))   # each (B,H,T,D)
     want_w = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(D) + causal_mask(T))
     att = call("attention_weights", q, k)
     yield close("attention_weights = softmax(Q Kᵀ/√D + mask) (relative error)", att, want_w, 1e-12)
@@ -256,8 +256,8 @@ def check_attention(call, rng, opts):
     yield small("no weight on a later token (max |weight| above the diagonal)",
                 None if a is None else float(np.max(np.abs(a[..., future]))), 0.0, why)
     y = call("causal_attention", q, k, v)
-    fast = L.split_heads(L.attention_forward(qkv, H)[0], H)
-    yield close("causal_attention equals tinylm.layers.attention_forward (relative error)", y, fast, 1e-10)
+    core_y = L.split_heads(L.attention_forward(qkv, H)[0], H)
+    yield close("causal_attention equals tinylm.core.layers.attention_forward (relative error)", y, core_y, 1e-10)
     k2, v2 = k.copy(), v.copy()
     k2[..., -1, :] += 10.0
     v2[..., -1, :] += 10.0

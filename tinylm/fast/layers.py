@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from tinylm.core.layers import GELU_CUBIC, GELU_SCALE, split_heads  # the same constants and view as core's
+
 # ----------------------------------------------------------------------------- embedding
 
 
@@ -141,8 +143,6 @@ def layernorm_backward(dy, cache):
 
 # ----------------------------------------------------------------------------- GELU
 
-GELU_SCALE = math.sqrt(2.0 / math.pi)
-GELU_CUBIC = 0.044715
 
 
 # GELU's passes are done GELU_CHUNK numbers (1 MB in float32) at a time, so that its temporaries are
@@ -296,12 +296,6 @@ def residual_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-def split_heads(x, n_head):
-    """(B,T,C) -> (B,H,T,D), a view."""
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
 @functools.lru_cache(maxsize=64)

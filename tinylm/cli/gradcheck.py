@@ -160,10 +160,9 @@ def fast_llama_layer_checks(record, randn, B, T, C):
         dx, g = L.rmsnorm_backward(d, c)
         return {"x": dx, "w": g["w"]}
     record("rmsnorm", check_function(L.rmsnorm_forward, rms_back, {"x": randn(B, T, C), "w": randn(C)}))
-    cos, sin = L.rope_table(T, 4, 100.0, np.dtype(np.float64), 3)           # positions 3 … T + 2
-    record("rope, in place", check_function(lambda x: (L.rope_(x.copy(), cos, sin), None),
-                                            lambda d, c: {"x": L.rope_backward_(d.copy(), cos, sin)},
-                                            {"x": randn(B, T, 2, 4)}))
+    turn, back = L.rope_phases(T, 4, 2, 100.0, np.dtype(np.float64), 3)     # 2 heads of 4, positions 3 … T + 2
+    record("rope, in place", check_function(lambda x: (L.rope_(x.copy(), turn), None),
+                                            lambda d, c: {"x": L.rope_(d.copy(), back)}, {"x": randn(B, T, 8)}))
     record("swiglu, [g u]", check_function(L.swiglu_forward, lambda d, c: {"gu": L.swiglu_backward(d, c)},
                                            {"gu": 2 * randn(B, T, 2 * C)}))
 

@@ -487,42 +487,54 @@ def rmsnorm_backward(dy, cache):
     return dx, {"w": np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))}
 
 
-@functools.lru_cache(maxsize=64)
 def rope_table(T, D, theta, dtype, start=0):
     """(cos, sin), each (T, D/2): the angles (start + t)·θ^(−2j/D) of core's rope_forward, one per pair (j, j + D/2),
-    worked out in float64 exactly as core does and cast to dtype. Read-only, kept for the next call."""
+    worked out in float64 exactly as core does and cast to dtype."""
     angles = np.outer(np.arange(start, start + T), theta ** (-np.arange(0, D, 2) / D))
-    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
-    cos.flags.writeable = sin.flags.writeable = False
-    return cos, sin
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def rope_(x, cos, sin):
-    """Turn every pair (x_j, x_{j+D/2}) in place: [x₁ x₂] <- [x₁ cos − x₂ sin, x₂ cos + x₁ sin] (core's rope_forward).
+def pairs_side_by_side(n_heads, D):
+    """The order of a projection's rows (n_heads·D of them, head after head) that puts each rotary pair side by side.
 
-    x (..., T, nh, D): the heads of a position side by side, as a projection's output holds them (a view into
-    it is fine); cos, sin (T, D/2) from rope_table. Returns x."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    cos, sin = cos[:, None, :], sin[:, None, :]        # the same angle for every head of a position
-    a, b = x2 * sin, x1 * sin
-    x1 *= cos
-    x1 -= a
-    x2 *= cos
-    x2 += b
+    Core turns the pairs (j, j + D/2) of a head (Hugging Face's layout). Taking each head's rows in the order
+    0, D/2, 1, D/2 + 1, … makes pair j the two neighbours 2j, 2j + 1, so that rope_ can turn all of a position's
+    pairs at once as complex numbers. A head's coordinates are only reordered, the same way for q and k, so
+    every score q·k is unchanged; the gradient's rows are put back in Hugging Face's order (fast/llama.py)."""
+    within = np.stack([np.arange(D // 2), np.arange(D // 2) + D // 2], axis=1).reshape(-1)
+    return (np.arange(n_heads)[:, None] * D + within).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_phases(T, D, n_heads, theta, dtype, start=0):
+    """(e^{iθ}, e^{−iθ}), each (T, n_heads·D/2) complex: the turn of every pair of every head at positions start …
+    start + T − 1 (rope_table's angles), for rope_ and its backward. Read-only, kept for the next call."""
+    cos, sin = rope_table(T, D, theta, dtype, start)
+    turn = np.empty((T, n_heads, D // 2), dtype=np.result_type(dtype, np.complex64))
+    turn.real, turn.imag = cos[:, None, :], sin[:, None, :]          # the same angle for every head
+    turn = turn.reshape(T, -1)
+    back = turn.conj()
+    turn.flags.writeable = back.flags.writeable = False
+    return turn, back
+
+
+def rope_(x, turn):
+    """Turn every pair in place: with z = x_j + i·x_{j+D/2} the pair as a complex number, z <- z·e^{iθ}, which is
+    [x₁ x₂] <- [x₁ cos − x₂ sin, x₂ cos + x₁ sin] (core's rope_forward), one complex multiplication a pair.
+
+    x (..., T, n_heads·D), each head's pairs side by side (pairs_side_by_side), its last axis contiguous (a view
+    into a projection's output is fine); turn (T, n_heads·D/2) from rope_phases. The backward is the turn by
+    −θ: rope_(dy, rope_phases(…)[1]). Returns x."""
+    z = x.view(np.result_type(x.dtype, np.complex64))
+    z *= turn
     return x
-
-
-def rope_backward_(dy, cos, sin):
-    """The transpose, in place: [dy₁ dy₂] <- [dy₁ cos + dy₂ sin, dy₂ cos − dy₁ sin], the turn by −angle. Returns dy."""
-    return rope_(dy, cos, -sin)
 
 
 def swiglu_forward(gu):
     """y = silu(g) ⊙ u with [g u] = gu side by side (the gate and up projections made as one product).
 
     gu (..., 2F) -> y (..., F). σ(g) = 1/(1 + e^(−g)): e^(−g) overflows to +inf for very negative g, and σ = 0,
-    the right limit (the overflow is expected)."""
+    the right limit (the overflow is expected). The cache keeps σ(g) and silu(g) = g σ(g) for the backward."""
     F = gu.shape[-1] // 2
     g, u = gu[..., :F], gu[..., F:]
     s = np.negative(g)
@@ -530,23 +542,22 @@ def swiglu_forward(gu):
         np.exp(s, out=s)
     s += 1.0
     np.reciprocal(s, out=s)                            # σ(g)
-    y = g * s
-    y *= u
-    return y, (g, u, s)
+    silu = g * s
+    return silu * u, (u, s, silu)
 
 
 def swiglu_backward(dy, cache):
-    """d[g u] side by side (…, 2F): dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), du = dy ⊙ silu(g)."""
-    g, u, s = cache
-    F = g.shape[-1]
-    dgu = np.empty(g.shape[:-1] + (2 * F,), dtype=dy.dtype)
+    """d[g u] side by side (…, 2F): dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), du = dy ⊙ silu(g).
+
+    σ(1 + g(1 − σ)) is computed as σ + silu − silu·σ, from what the forward kept: six passes in all."""
+    u, s, silu = cache
+    F = u.shape[-1]
+    dgu = np.empty(u.shape[:-1] + (2 * F,), dtype=dy.dtype)
     dg, du = dgu[..., :F], dgu[..., F:]
-    np.subtract(1.0, s, out=dg)
-    dg *= g
-    dg += 1.0
-    dg *= s
+    np.multiply(dy, silu, out=du)
+    np.multiply(silu, s, out=dg)
+    np.subtract(silu, dg, out=dg)
+    dg += s
     dg *= u
     dg *= dy
-    np.multiply(g, s, out=du)
-    du *= dy
     return dgu

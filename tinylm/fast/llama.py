@@ -5,8 +5,10 @@ What it adds to core, as fast/model.py does for GPT-2:
 - one matrix product per projection: q, k and v as one product over their weights stacked as rows
   ([q_proj; k_proj; v_proj], (H·D + 2·Hkv·D, C)), gate and up as another ([gate_proj; up_proj], (2F, C));
   the stacked weight's gradient is split back into Hugging Face's names;
-- the rotations done in place on that product's q and k columns (fast/layers.py's rope_), with angle tables
-  worked out once (rope_table);
+- the rotations done in place on that product's q and k columns, each pair turned as one complex number
+  (fast/layers.py's rope_): the stacked weight takes each head's q and k rows in the order that puts each rotary
+  pair side by side (pairs_side_by_side), which reorders a head's coordinates the same way in q and k and so
+  changes no score; the gradient's rows go back to Hugging Face's order;
 - GPT-2's fast attention (fast/layers.py: row blocks, in-place passes, dropout), each shared key/value head
   repeated for the G query heads that read it (nothing to repeat when G = 1), the G copies' gradients summed;
 - the batch split over threads: fast/model.py's loss_and_grads_parallel, handed this module's loss_and_grads.
@@ -24,26 +26,46 @@ QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
-def stacked(params, pre, names):
-    """The weights of block `pre`'s layers `names`, stacked as the rows of one matrix: one product, all outputs."""
-    return np.concatenate([params[pre + name + ".weight"] for name in names])
+def row_orders(config, names):
+    """{layer name: the order its rows are stacked in}: q and k with each rotary pair side by side, others as stored."""
+    D = config.n_embd // config.n_head
+    heads = {"self_attn.q_proj": config.n_head, "self_attn.k_proj": config.n_kv_head}
+    return {name: L.pairs_side_by_side(heads[name], D) if name in heads else None for name in names}
 
 
-def unstacked(dW, params, pre, names):
-    """The stacked matrix's gradient dW cut back into its layers' rows, under their names (views into dW)."""
+def stacked(params, config, pre, names):
+    """The weights of block `pre`'s layers `names`, stacked as the rows of one matrix (one product, all outputs),
+    q's and k's rows in row_orders' order."""
+    parts = [params[pre + name + ".weight"] for name in names]
+    out = np.empty((sum(len(W) for W in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    row = 0
+    for W, order in zip(parts, row_orders(config, names).values()):
+        if order is None:
+            out[row:row + len(W)] = W
+        else:
+            np.take(W, order, axis=0, out=out[row:row + len(W)])
+        row += len(W)
+    return out
+
+
+def unstacked(dW, params, config, pre, names):
+    """The stacked matrix's gradient dW cut back into its layers' rows, under their names, q's and k's rows put
+    back in Hugging Face's order (the others are views into dW)."""
     grads, row = {}, 0
-    for name in names:
+    for name, order in row_orders(config, names).items():
         rows = params[pre + name + ".weight"].shape[0]
-        grads[pre + name + ".weight"] = dW[row:row + rows]
+        part = dW[row:row + rows]
+        if order is not None:
+            part = np.empty_like(part)
+            part[order] = dW[row:row + rows]
+        grads[pre + name + ".weight"] = part
         row += rows
     return grads
 
 
-def heads(qkv, config):
-    """The q and k heads of the stacked projection's output, (B,T,H+Hkv,D): a view, for rotating in place."""
-    B, T, _ = qkv.shape
-    D = config.n_embd // config.n_head
-    return qkv[..., :(config.n_head + config.n_kv_head) * D].reshape(B, T, config.n_head + config.n_kv_head, D)
+def rotated(qkv, config):
+    """The q and k columns of the stacked projection's output, (B,T,(H+Hkv)·D): a view, for rotating in place."""
+    return qkv[..., :(config.n_head + config.n_kv_head) * (config.n_embd // config.n_head)]
 
 
 def repeated_kv(qkv, config):
@@ -77,7 +99,8 @@ def summed_kv(dqkv, config):
 
 
 def keep_keys_and_values(kv, i, qkv, config):
-    """Layer i's rotated keys and values into the decoder's cache kv (llama_decode.py), from position 0."""
+    """Layer i's rotated keys (their pairs side by side, as the decoder's) and values into the decoder's cache kv
+    (llama_decode.py), from position 0."""
     B, T, _ = qkv.shape
     H, Hkv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
     both = qkv[..., H * D:].reshape(B, T, 2, Hkv, D).transpose(2, 0, 3, 1, 4)    # (2, B, Hkv, T, D)
@@ -98,16 +121,17 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
     rng = rng if train else None
     P = params
     wte = P["model.embed_tokens.weight"]
-    cos, sin = L.rope_table(T, config.n_embd // config.n_head, float(config.rope_theta), wte.dtype)
-    cache = {"blocks": [], "idx": idx, "rope": (cos, sin)}
+    turn, back = L.rope_phases(T, config.n_embd // config.n_head, config.n_head + config.n_kv_head,
+                               float(config.rope_theta), wte.dtype)
+    cache = {"blocks": [], "idx": idx, "rope_back": back}
     x, cache["emb_drop"] = L.dropout_forward(wte[idx], p, rng)          # no wpe: positions are rotations
     for i in range(config.n_layer):
         pre = block_prefix(i)
         c = {}
         # attention sublayer: x + o_proj(attention(rope(q), rope(k), v)), q k v = [q_proj; k_proj; v_proj] norm(x)
         h, c["input_layernorm"] = L.rmsnorm_forward(x, P[pre + "input_layernorm.weight"], config.norm_eps)
-        qkv, c["qkv"] = L.linear_forward(h, stacked(P, pre, QKV))        # (B,T,(H+2Hkv)·D)
-        L.rope_(heads(qkv, config), cos, sin)
+        qkv, c["qkv"] = L.linear_forward(h, stacked(P, config, pre, QKV))    # (B,T,(H+2Hkv)·D)
+        L.rope_(rotated(qkv, config), turn)
         if kv is not None:
             keep_keys_and_values(kv, i, qkv, config)
         a, c["attn"] = L.attention_forward(repeated_kv(qkv, config), config.n_head, p, rng)
@@ -117,7 +141,7 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
         # MLP sublayer: x + down_proj(silu(g) ⊙ u), [g u] = [gate_proj; up_proj] norm(x)
         h, c["post_attention_layernorm"] = L.rmsnorm_forward(x, P[pre + "post_attention_layernorm.weight"],
                                                              config.norm_eps)
-        gu, c["gate_up"] = L.linear_forward(h, stacked(P, pre, GATE_UP))  # (B,T,2F)
+        gu, c["gate_up"] = L.linear_forward(h, stacked(P, config, pre, GATE_UP))  # (B,T,2F)
         m, c["swiglu"] = L.swiglu_forward(gu)
         m, c["down_proj"] = L.linear_forward(m, P[pre + "mlp.down_proj.weight"])
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
@@ -131,14 +155,14 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
     return logits, loss, cache if for_backward else None
 
 
-def block_backward(params, config, pre, c, dx, rope):
+def block_backward(params, config, pre, c, dx, rope_back):
     """One block's backward.   dx (B,T,C) -> (dx, the block's gradients by parameter name)"""
     grads = {}
     dm = L.dropout_backward(dx, c["mlp_drop"])           # x + m passes dx to both x and m
     dm, g = L.linear_backward(dm, c["down_proj"])
     grads[pre + "mlp.down_proj.weight"] = g["W"]
     dh, g = L.linear_backward(L.swiglu_backward(dm, c["swiglu"]), c["gate_up"])
-    grads.update(unstacked(g["W"], params, pre, GATE_UP))
+    grads.update(unstacked(g["W"], params, config, pre, GATE_UP))
     dh, g = L.rmsnorm_backward(dh, c["post_attention_layernorm"])
     grads[pre + "post_attention_layernorm.weight"] = g["w"]
     dx = dx + dh
@@ -146,9 +170,9 @@ def block_backward(params, config, pre, c, dx, rope):
     da, g = L.linear_backward(da, c["o_proj"])
     grads[pre + "self_attn.o_proj.weight"] = g["W"]
     dqkv = summed_kv(L.attention_backward(da, c["attn"]), config)
-    L.rope_backward_(heads(dqkv, config), *rope)         # in place: dqkv is a new array
+    L.rope_(rotated(dqkv, config), rope_back)            # the turn back, in place: dqkv is a new array
     dh, g = L.linear_backward(dqkv, c["qkv"])
-    grads.update(unstacked(g["W"], params, pre, QKV))
+    grads.update(unstacked(g["W"], params, config, pre, QKV))
     dh, g = L.rmsnorm_backward(dh, c["input_layernorm"])
     grads[pre + "input_layernorm.weight"] = g["w"]
     return dx + dh, grads
@@ -163,7 +187,7 @@ def backward(params, config, cache, dloss=1.0):
     dx, g = L.rmsnorm_backward(dx, cache["norm"])
     grads = {"model.norm.weight": g["w"]}
     for i in reversed(range(config.n_layer)):
-        dx, g = block_backward(params, config, block_prefix(i), cache["blocks"][i], dx, cache["rope"])
+        dx, g = block_backward(params, config, block_prefix(i), cache["blocks"][i], dx, cache["rope_back"])
         grads.update(g)
     dx = L.dropout_backward(dx, cache["emb_drop"])
     idx, wte = cache["idx"], params["model.embed_tokens.weight"]

@@ -23,7 +23,8 @@ tests/test_fast_llama.py holds every cached step equal to that sliding-window fo
 in full in the test, to 1e-9 in float64 (and to the fresh forward for one layer).
 
 The per-token step (decode_rows) works on a row per sequence, with the RMSNorm gains and the attention
-scale folded into the next matrix (decoding_weights), one product for q, k and v and one for gate and up.
+scale folded into the next matrix (decoding_weights), one product for q, k and v (each rotary pair side by
+side, as fast/llama.py stacks them, and so in the cache) and one for gate and up.
 """
 import math
 
@@ -67,10 +68,10 @@ def decoding_weights(params, config):
     layers = []
     for i in range(n):
         pre = block_prefix(i)
-        W_qkv = folded(stacked(params, pre, QKV), pre + "input_layernorm")
+        W_qkv = folded(stacked(params, config, pre, QKV), pre + "input_layernorm")   # pairs side by side
         W_qkv[:, :H * D] *= 1.0 / math.sqrt(D)
         layers.append((W_qkv, np.ascontiguousarray(params[pre + "self_attn.o_proj.weight"].T),
-                       folded(stacked(params, pre, GATE_UP), pre + "post_attention_layernorm"),
+                       folded(stacked(params, config, pre, GATE_UP), pre + "post_attention_layernorm"),
                        np.ascontiguousarray(params[pre + "mlp.down_proj.weight"].T)))
     inv_freq = float(config.rope_theta) ** (-np.arange(0, D, 2) / D)       # as core's rope_forward
     return {"wte": params["model.embed_tokens.weight"], "layers": layers, "inv_freq": inv_freq,
@@ -86,6 +87,15 @@ def inverse_rms(x, eps):
     return np.reciprocal(r, out=r)
 
 
+def this_turn(pos, inv_freq, n_heads, dtype):
+    """e^{iθ} of position pos for every pair of n_heads heads, (1, n_heads·D/2) complex: rope_phases' numbers for
+    one position (the angles pos·θ^(−2j/D) in float64, their cosine and sine in dtype), for any pos."""
+    angles = pos * inv_freq
+    turn = np.empty((1, n_heads, inv_freq.size), dtype=np.result_type(dtype, np.complex64))
+    turn.real, turn.imag = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    return turn.reshape(1, -1)
+
+
 def decode_rows(dw, kv, tokens):
     """Logits (B, V) for one more token of each of B sequences in kv, at position kv["len"] (any, the cache
     slides): the token's q, k, v, its key and value into slot position mod block_size, attention over every
@@ -97,12 +107,11 @@ def decode_rows(dw, kv, tokens):
     slot, n = pos % T, min(pos + 1, T)
     B = len(tokens)
     x = dw["wte"][np.asarray(tokens)]                                        # (B, C), a new array
-    angles = pos * dw["inv_freq"]                                            # this position's turn, as core's
-    cos, sin = (np.array([f(angles)], dtype=x.dtype) for f in (np.cos, np.sin))   # (1, D/2)
+    turn = this_turn(pos, dw["inv_freq"], H + Hkv, x.dtype)
     for (W_qkv, W_o, W_gu, W_down), K, V in zip(dw["layers"], kv["k"], kv["v"]):
         qkv = x @ W_qkv
         qkv *= inverse_rms(x, eps)
-        L.rope_(qkv[:, :(H + Hkv) * D].reshape(B, 1, H + Hkv, D), cos, sin)
+        L.rope_(qkv[:, :(H + Hkv) * D], turn)
         K[:, :, slot] = qkv[:, H * D:(H + Hkv) * D].reshape(B, Hkv, D)
         V[:, :, slot] = qkv[:, (H + Hkv) * D:].reshape(B, Hkv, D)
         q = qkv[:, :H * D].reshape(B, Hkv, H // Hkv, D)                      # query heads grouped by their K/V head

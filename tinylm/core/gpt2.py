@@ -47,17 +47,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a dict (e.g. checkpoint metadata), refusing unknown or missing fields."""
-        if not isinstance(d, dict):
-            raise TinyLMError("model config must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise TinyLMError(f"unknown model config field(s): {shorten(', '.join(sorted(map(str, unknown))))}")
-        missing = names - set(d)
-        if missing:
-            raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
-        return cls(**d).validate()
+        return config_from_dict(cls, d)
 
 
 def block_prefix(i):
@@ -273,3 +263,18 @@ def iter_param_shapes(config):
             if k.startswith(first):
                 yield block_prefix(i) + k[len(first):], s
     yield from outside[2:]                                   # ln_f
+
+
+def config_from_dict(cls, d):
+    """A config dataclass `cls` (GPTConfig, LlamaConfig) from a dict, e.g. checkpoint metadata, refusing
+    unknown or missing fields."""
+    if not isinstance(d, dict):
+        raise TinyLMError("model config must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise TinyLMError(f"unknown model config field(s): {shorten(', '.join(sorted(map(str, unknown))))}")
+    missing = names - set(d)
+    if missing:
+        raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
+    return cls(**d).validate()

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from tinylm.core import layers as L
-from tinylm.core.gpt2 import grads_by_name, linear
+from tinylm.core.gpt2 import config_from_dict, grads_by_name, linear
 from tinylm.errors import TinyLMError
 
 
@@ -79,17 +79,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a dict (e.g. checkpoint metadata), refusing unknown or missing fields."""
-        if not isinstance(d, dict):
-            raise TinyLMError("model config must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise TinyLMError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
-        missing = names - set(d)
-        if missing:
-            raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
-        return cls(**d).validate()
+        return config_from_dict(cls, d)
 
 
 def block_prefix(i):

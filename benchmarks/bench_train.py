@@ -3,12 +3,15 @@
     python -m benchmarks.bench --time-to-loss 1.886      # tinylm AdamW, tinylm Muon, PyTorch nanoGPT (~10 min)
     python -m benchmarks.bench --optimizer-share         # the optimizer's share of a step, per orthogonalization
     python -m benchmarks.bench --time-to-loss 3.0 --quick    # small model, a few seconds: checks that it runs
+    python -m benchmarks.bench --time-to-loss 1.886 --also-llama # and a Llama of the same sizes, AdamW and Muon
 
 Every run is a subprocess of its own (a worker), started at once and then driven in turns: each trains
 `--eval-every` steps, then evaluates, while the others wait idle, so all of them meet the machine in the
 same minutes. A worker trains on the CPU recipe (Tiny Shakespeare, 4 layers, 4 heads, 128 wide, context
 64, batch 12) with train.py's batches (the same seed, the same RNG), and evaluates on one fixed set of
-`--eval-batches` validation batches drawn with their own RNG (the same set for every run). The clock
+`--eval-batches` validation batches drawn with their own RNG (the same set for every run). With
+`--also-llama` two more runs train a Llama (core/llama.py's model, fast/llama.py's path) at the same sizes,
+with AdamW and with Muon, on their own learning rates and schedules (--llama-*). The clock
 counts training only (batches, forward, backward, optimizer), not the evaluations; "optimizer" is the
 share of that spent in clipping and the optimizer step.
 
@@ -24,11 +27,12 @@ import time
 
 import numpy as np
 from benchmarks.common import machine_line
+from tinylm.core.arch import model_of
+from tinylm.core.llama import LlamaConfig
 from tinylm.core.muon import muon_init
 from tinylm.core.optim import adamw_init, clip_factor, global_norm, learning_rate_at
-from tinylm.fast import model as M
-from tinylm.core import gpt2 as G
 from tinylm.core.gpt2 import GPTConfig
+from tinylm.fast.arch import fast_model
 from tinylm.fast.optim import adamw_step, muon_step
 from tinylm.fast.parallel import blas_threads
 from tinylm.text.data import DEFAULT_DATA, get_batch, load_ids, train_val_split
@@ -41,18 +45,24 @@ RUNS = {   # name: what the worker builds; the schedules are train.py's flags
     "tinylm Muon": dict(kind="tinylm", optimizer="muon"),
     "PyTorch AdamW": dict(kind="torch", optimizer="adamw"),
 }
+LLAMA_RUNS = {   # --also-llama: the same sizes, rotary positions, RMSNorm, SwiGLU (width 2/3 of 4C), no biases
+    "Llama AdamW": dict(kind="tinylm", arch="llama", optimizer="adamw"),
+    "Llama Muon": dict(kind="tinylm", arch="llama", optimizer="muon"),
+}
 
 
 # ----------------------------------------------------------------------------- the worker
 
 
 class TinyRun:
-    """A tinylm model and its optimizer, stepped as train.py steps them."""
+    """A tinylm model (GPT-2 or Llama, by the config) and its optimizer, stepped as train.py steps them."""
 
     def __init__(self, spec, config):
-        self.M, self.spec, self.config = M, spec, config
-        self.params = G.init_params(config, seed=spec["seed"])
-        self.opt = muon_init(self.params) if spec["optimizer"] == "muon" else adamw_init(self.params)
+        core = model_of(config)
+        self.M, self.spec, self.config = fast_model(config), spec, config
+        self.params = core.init_params(config, seed=spec["seed"])
+        self.opt = (muon_init(self.params, core.is_block_matrix) if spec["optimizer"] == "muon"
+                    else adamw_init(self.params))
         self.dropout_rng = np.random.default_rng([spec["seed"], 2])
         self.opt_s = 0.0
 
@@ -78,8 +88,12 @@ def worker(spec):
     tokenizer, ids = load_ids(spec["data"], "strict")
     train_ids, val_ids = train_val_split(ids)
     r = spec["recipe"]
-    config = GPTConfig(block_size=r["block_size"], vocab_size=tokenizer.vocab_size, n_layer=r["n_layer"],
-                       n_head=r["n_head"], n_embd=r["n_embd"], dropout=0.0, bias=False)
+    sizes = dict(block_size=r["block_size"], vocab_size=tokenizer.vocab_size, n_layer=r["n_layer"],
+                 n_head=r["n_head"], n_embd=r["n_embd"], dropout=0.0)
+    if spec.get("arch") == "llama":
+        config = LlamaConfig(**sizes, n_kv_head=spec.get("n_kv_head")).validate()
+    else:
+        config = GPTConfig(**sizes, bias=False)
     if spec["kind"] == "torch":
         from benchmarks.bench_torch import TorchRun     # torch is optional: imported only for its run
         run = TorchRun(config, spec["seed"])
@@ -246,7 +260,7 @@ def optimizer_share(specs, rounds, steps_per_round, log=print):
 
 
 def spec_for(run, a, recipe, **over):
-    spec = dict(RUNS.get(run, {}), data=a.data, recipe=recipe, seed=1337, eval_batches=a.eval_batches,
+    spec = dict(RUNS.get(run, LLAMA_RUNS.get(run, {})), data=a.data, recipe=recipe, seed=1337, eval_batches=a.eval_batches,
                 warmup_iters=a.warmup_iters, learning_rate=1e-3, muon_lr=a.muon_lr, muon_momentum=0.95,
                 orthogonalize=a.orthogonalize, ns_steps=a.ns_steps)
     spec.update(over)
@@ -275,6 +289,17 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (the resolution)")
     ap.add_argument("--eval-batches", type=int, default=100, help="validation batches in the fixed evaluation")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    ap.add_argument("--also-llama", action="store_true", help="two more runs: a Llama of the same sizes with AdamW "
+                    "and with Muon")
+    ap.add_argument("--llama-lr", type=float, default=1e-3, help="the Llama's AdamW peak learning rate (its Muon run's "
+                    "embeddings and gains too; default 1e-3)")
+    ap.add_argument("--llama-muon-lr", type=float, default=None, help="the Llama's Muon peak learning rate "
+                    "(default: --muon-lr)")
+    ap.add_argument("--llama-adamw-iters", type=int, default=None, help="the Llama's AdamW schedule (default: "
+                    "--adamw-iters)")
+    ap.add_argument("--llama-muon-iters", type=int, default=None, help="the Llama's Muon schedule (default: "
+                    "--muon-iters); its batch is Muon's (--muon-batch-size)")
+    ap.add_argument("--n-kv-head", type=int, default=None, help="the Llama's K/V heads (default: one per query head)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)       # internal: one run, driven over stdin
     a = ap.parse_args(argv)
     if a.worker:
@@ -307,12 +332,25 @@ def main(argv=None):
             except ValueError:
                 ap.error(f"--also-muon takes BATCH:ITERS, e.g. 16:500, not {extra!r}")
             specs[f"tinylm Muon b{batch}"] = spec_for("tinylm Muon", a, dict(recipe, batch_size=batch), max_iters=iters)
+        if a.also_llama:
+            llama_muon_lr = a.muon_lr if a.llama_muon_lr is None else a.llama_muon_lr
+            llama_adamw_iters = a.llama_adamw_iters or a.adamw_iters
+            llama_muon_iters = a.llama_muon_iters or a.muon_iters
+            if a.quick:
+                llama_adamw_iters, llama_muon_iters = a.adamw_iters, a.muon_iters
+            specs["Llama AdamW"] = spec_for("Llama AdamW", a, recipe, max_iters=llama_adamw_iters,
+                                            learning_rate=a.llama_lr, n_kv_head=a.n_kv_head)
+            specs["Llama Muon"] = spec_for("Llama Muon", a, muon_recipe, max_iters=llama_muon_iters,
+                                           learning_rate=a.llama_lr, muon_lr=llama_muon_lr, n_kv_head=a.n_kv_head)
         print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}"
               f"{f', {a.ns_steps} steps' if a.orthogonalize == 'newton_schulz' else ''}, batch {muon_recipe['batch_size']}) "
               f"over {a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
               f"evaluation every {a.eval_every} steps on {a.eval_batches} fixed validation batches"
               + ("" if with_torch else "; PyTorch left out (--no-torch)" if a.no_torch else
-                 "; PyTorch not installed (pip install torch): left out"))
+                 "; PyTorch not installed (pip install torch): left out")
+              + (f"; Llama (n_kv_head {a.n_kv_head or recipe['n_head']}): AdamW lr {a.llama_lr:g} over "
+                 f"{specs['Llama AdamW']['max_iters']} steps, Muon lr {specs['Llama Muon']['muon_lr']:g} over "
+                 f"{specs['Llama Muon']['max_iters']} steps" if a.also_llama else ""))
         rows = time_to_loss(a.time_to_loss, specs, a.eval_every)
         print_time_to_loss(rows, a.time_to_loss)
     return 0

@@ -111,14 +111,17 @@ def worker(spec):
         step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
 
     print(json.dumps({"ready": True}), flush=True)
+    busy_s = 0.0          # seconds spent on train and eval commands, not waiting for the other workers' turns
     for line in sys.stdin:
         command = line.split()
+        t_command = time.perf_counter()
         if command[0] == "train":
             t = time.perf_counter()
             for _ in range(min(int(command[1]), spec["max_iters"] - n)):
                 one_step(n)
                 n += 1
             train_s += time.perf_counter() - t
+            busy_s += time.perf_counter() - t_command
             print(json.dumps({"step": n, "train_s": train_s, "opt_s": run.opt_s}), flush=True)
         elif command[0] == "time":      # N more steps, only timed (after the run: the state no longer matters)
             opt_before, t = run.opt_s, time.perf_counter()
@@ -126,7 +129,9 @@ def worker(spec):
                 one_step(n)
             print(json.dumps({"s": time.perf_counter() - t, "opt_s": run.opt_s - opt_before}), flush=True)
         elif command[0] == "eval":
-            print(json.dumps({"val_loss": float(np.mean([run.loss(x, y) for x, y in evals]))}), flush=True)
+            val_loss = float(np.mean([run.loss(x, y) for x, y in evals]))
+            busy_s += time.perf_counter() - t_command
+            print(json.dumps({"val_loss": val_loss, "busy_s": busy_s}), flush=True)
         else:
             return 0
     return 0
@@ -141,7 +146,9 @@ class Worker:
             os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        t = time.perf_counter()
         self.ask(None)
+        self.startup_s = time.perf_counter() - t    # the interpreter, the imports, the data, the model's init
 
     def ask(self, command):
         if command is not None:
@@ -180,11 +187,13 @@ def time_to_loss(target, specs, eval_every, log=print, paired_rounds=6, paired_s
             for name in list(active):
                 w, row = workers[name], rows[name]
                 done = w.ask(f"train {eval_every}")
-                loss = w.ask("eval")["val_loss"]
-                row.update(step=done["step"], train_s=done["train_s"], opt_s=done["opt_s"], val_loss=loss)
+                evaluated = w.ask("eval")
+                loss = evaluated["val_loss"]
+                row.update(step=done["step"], train_s=done["train_s"], opt_s=done["opt_s"], val_loss=loss,
+                           process_s=w.startup_s + evaluated["busy_s"])
                 row["curve"].append((done["step"], loss))
                 if loss <= target and "reached_step" not in row:
-                    row.update(reached_step=done["step"], reached_s=done["train_s"])
+                    row.update(reached_step=done["step"], reached_s=done["train_s"], reached_process_s=row["process_s"])
                     active.remove(name)
                 elif done["step"] >= specs[name]["max_iters"]:
                     active.remove(name)
@@ -239,6 +248,12 @@ def print_time_to_loss(rows, target):
               f"counts its whole schedule, a lower bound)")
     print("ratios from 'seconds at paired' (steps to the target × the paired ms/step); 'paired' and 'opt.' (the "
           "optimizer's share) timed with every run in turn after the runs")
+    process = lambda r, whole=False: r["process_s"] if whole or "reached_process_s" not in r else r["reached_process_s"]
+    print(f"\nwhole process to the target (its start: interpreter, imports, data, init; then its training and every "
+          f"evaluation up to the one that reached it; not the minutes spent waiting for the other runs' turns):")
+    print(f"{'run':<16}{'seconds':>9}{'PyTorch ÷ this':>16}")
+    for r in rows:
+        print(f"{r['name']:<16}{process(r):>9.1f}{ratio(r, by_name.get('PyTorch AdamW'), process):>16}")
 
 
 def optimizer_share(specs, rounds, steps_per_round, log=print):

@@ -11,7 +11,8 @@ same minutes. A worker trains on the CPU recipe (Tiny Shakespeare, 4 layers, 4 h
 64, batch 12) with train.py's batches (the same seed, the same RNG), and evaluates on one fixed set of
 `--eval-batches` validation batches drawn with their own RNG (the same set for every run). With
 `--also-llama` two more runs train a Llama (core/llama.py's model, fast/llama.py's path) at the same sizes,
-with AdamW and with Muon, on their own learning rates and schedules (--llama-*). The clock
+with AdamW and with Muon, on their own learning rates and schedules (--llama-*); `--no-gpt2` leaves tinylm's
+GPT-2 runs out. The clock
 counts training only (batches, forward, backward, optimizer), not the evaluations; "optimizer" is the
 share of that spent in clipping and the optimizer step.
 
@@ -306,6 +307,8 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
     ap.add_argument("--also-llama", action="store_true", help="two more runs: a Llama of the same sizes with AdamW "
                     "and with Muon")
+    ap.add_argument("--no-gpt2", action="store_true", help="leave out tinylm's GPT-2 runs (with --also-llama: the "
+                    "Llama's rows against PyTorch's, in fewer minutes)")
     ap.add_argument("--llama-lr", type=float, default=1e-3, help="the Llama's AdamW peak learning rate (its Muon run's "
                     "embeddings and gains too; default 1e-3)")
     ap.add_argument("--llama-muon-lr", type=float, default=None, help="the Llama's Muon peak learning rate "
@@ -340,7 +343,7 @@ def main(argv=None):
     if a.time_to_loss is not None:
         specs = {name: spec_for(name, a, muon_recipe if "Muon" in name else recipe,
                                 max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
-                 for name in RUNS if with_torch or "PyTorch" not in name}
+                 for name in RUNS if (with_torch or "PyTorch" not in name) and not (a.no_gpt2 and "tinylm" in name)}
         for extra in a.also_muon:
             try:
                 batch, iters = (int(v) for v in extra.split(":"))

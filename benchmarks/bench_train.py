@@ -3,12 +3,16 @@
     python -m benchmarks.bench --time-to-loss 1.886      # tinylm AdamW, tinylm Muon, PyTorch nanoGPT (~10 min)
     python -m benchmarks.bench --optimizer-share         # the optimizer's share of a step, per orthogonalization
     python -m benchmarks.bench --time-to-loss 3.0 --quick    # small model, a few seconds: checks that it runs
+    python -m benchmarks.bench --time-to-loss 1.886 --also-llama # and a Llama of the same sizes, AdamW and Muon
 
 Every run is a subprocess of its own (a worker), started at once and then driven in turns: each trains
 `--eval-every` steps, then evaluates, while the others wait idle, so all of them meet the machine in the
 same minutes. A worker trains on the CPU recipe (Tiny Shakespeare, 4 layers, 4 heads, 128 wide, context
 64, batch 12) with train.py's batches (the same seed, the same RNG), and evaluates on one fixed set of
-`--eval-batches` validation batches drawn with their own RNG (the same set for every run). The clock
+`--eval-batches` validation batches drawn with their own RNG (the same set for every run). With
+`--also-llama` two more runs train a Llama (core/llama.py's model, fast/llama.py's path) at the same sizes,
+with AdamW and with Muon, on their own learning rates and schedules (--llama-*); `--no-gpt2` leaves tinylm's
+GPT-2 runs out. The clock
 counts training only (batches, forward, backward, optimizer), not the evaluations; "optimizer" is the
 share of that spent in clipping and the optimizer step.
 
@@ -24,11 +28,12 @@ import time
 
 import numpy as np
 from benchmarks.common import machine_line
+from tinylm.core.arch import model_of
+from tinylm.core.llama import LlamaConfig
 from tinylm.core.muon import muon_init
 from tinylm.core.optim import adamw_init, clip_factor, global_norm, learning_rate_at
-from tinylm.fast import model as M
-from tinylm.core import gpt2 as G
 from tinylm.core.gpt2 import GPTConfig
+from tinylm.fast.arch import fast_model
 from tinylm.fast.optim import adamw_step, muon_step
 from tinylm.fast.parallel import blas_threads
 from tinylm.text.data import DEFAULT_DATA, get_batch, load_ids, train_val_split
@@ -41,18 +46,24 @@ RUNS = {   # name: what the worker builds; the schedules are train.py's flags
     "tinylm Muon": dict(kind="tinylm", optimizer="muon"),
     "PyTorch AdamW": dict(kind="torch", optimizer="adamw"),
 }
+LLAMA_RUNS = {   # --also-llama: the same sizes, rotary positions, RMSNorm, SwiGLU (width 2/3 of 4C), no biases
+    "Llama AdamW": dict(kind="tinylm", arch="llama", optimizer="adamw"),
+    "Llama Muon": dict(kind="tinylm", arch="llama", optimizer="muon"),
+}
 
 
 # ----------------------------------------------------------------------------- the worker
 
 
 class TinyRun:
-    """A tinylm model and its optimizer, stepped as train.py steps them."""
+    """A tinylm model (GPT-2 or Llama, by the config) and its optimizer, stepped as train.py steps them."""
 
     def __init__(self, spec, config):
-        self.M, self.spec, self.config = M, spec, config
-        self.params = G.init_params(config, seed=spec["seed"])
-        self.opt = muon_init(self.params) if spec["optimizer"] == "muon" else adamw_init(self.params)
+        core = model_of(config)
+        self.M, self.spec, self.config = fast_model(config), spec, config
+        self.params = core.init_params(config, seed=spec["seed"])
+        self.opt = (muon_init(self.params, core.is_block_matrix) if spec["optimizer"] == "muon"
+                    else adamw_init(self.params))
         self.dropout_rng = np.random.default_rng([spec["seed"], 2])
         self.opt_s = 0.0
 
@@ -78,8 +89,12 @@ def worker(spec):
     tokenizer, ids = load_ids(spec["data"], "strict")
     train_ids, val_ids = train_val_split(ids)
     r = spec["recipe"]
-    config = GPTConfig(block_size=r["block_size"], vocab_size=tokenizer.vocab_size, n_layer=r["n_layer"],
-                       n_head=r["n_head"], n_embd=r["n_embd"], dropout=0.0, bias=False)
+    sizes = dict(block_size=r["block_size"], vocab_size=tokenizer.vocab_size, n_layer=r["n_layer"],
+                 n_head=r["n_head"], n_embd=r["n_embd"], dropout=0.0)
+    if spec.get("arch") == "llama":
+        config = LlamaConfig(**sizes, n_kv_head=spec.get("n_kv_head")).validate()
+    else:
+        config = GPTConfig(**sizes, bias=False)
     if spec["kind"] == "torch":
         from benchmarks.bench_torch import TorchRun     # torch is optional: imported only for its run
         run = TorchRun(config, spec["seed"])
@@ -97,14 +112,17 @@ def worker(spec):
         step(x, y, schedule(spec["learning_rate"], n), schedule(spec["muon_lr"], n))
 
     print(json.dumps({"ready": True}), flush=True)
+    busy_s = 0.0          # seconds spent on train and eval commands, not waiting for the other workers' turns
     for line in sys.stdin:
         command = line.split()
+        t_command = time.perf_counter()
         if command[0] == "train":
             t = time.perf_counter()
             for _ in range(min(int(command[1]), spec["max_iters"] - n)):
                 one_step(n)
                 n += 1
             train_s += time.perf_counter() - t
+            busy_s += time.perf_counter() - t_command
             print(json.dumps({"step": n, "train_s": train_s, "opt_s": run.opt_s}), flush=True)
         elif command[0] == "time":      # N more steps, only timed (after the run: the state no longer matters)
             opt_before, t = run.opt_s, time.perf_counter()
@@ -112,7 +130,9 @@ def worker(spec):
                 one_step(n)
             print(json.dumps({"s": time.perf_counter() - t, "opt_s": run.opt_s - opt_before}), flush=True)
         elif command[0] == "eval":
-            print(json.dumps({"val_loss": float(np.mean([run.loss(x, y) for x, y in evals]))}), flush=True)
+            val_loss = float(np.mean([run.loss(x, y) for x, y in evals]))
+            busy_s += time.perf_counter() - t_command
+            print(json.dumps({"val_loss": val_loss, "busy_s": busy_s}), flush=True)
         else:
             return 0
     return 0
@@ -127,7 +147,9 @@ class Worker:
             os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        t = time.perf_counter()
         self.ask(None)
+        self.startup_s = time.perf_counter() - t    # the interpreter, the imports, the data, the model's init
 
     def ask(self, command):
         if command is not None:
@@ -166,11 +188,13 @@ def time_to_loss(target, specs, eval_every, log=print, paired_rounds=6, paired_s
             for name in list(active):
                 w, row = workers[name], rows[name]
                 done = w.ask(f"train {eval_every}")
-                loss = w.ask("eval")["val_loss"]
-                row.update(step=done["step"], train_s=done["train_s"], opt_s=done["opt_s"], val_loss=loss)
+                evaluated = w.ask("eval")
+                loss = evaluated["val_loss"]
+                row.update(step=done["step"], train_s=done["train_s"], opt_s=done["opt_s"], val_loss=loss,
+                           process_s=w.startup_s + evaluated["busy_s"])
                 row["curve"].append((done["step"], loss))
                 if loss <= target and "reached_step" not in row:
-                    row.update(reached_step=done["step"], reached_s=done["train_s"])
+                    row.update(reached_step=done["step"], reached_s=done["train_s"], reached_process_s=row["process_s"])
                     active.remove(name)
                 elif done["step"] >= specs[name]["max_iters"]:
                     active.remove(name)
@@ -225,6 +249,12 @@ def print_time_to_loss(rows, target):
               f"counts its whole schedule, a lower bound)")
     print("ratios from 'seconds at paired' (steps to the target × the paired ms/step); 'paired' and 'opt.' (the "
           "optimizer's share) timed with every run in turn after the runs")
+    process = lambda r, whole=False: r["process_s"] if whole or "reached_process_s" not in r else r["reached_process_s"]
+    print(f"\nwhole process to the target (its start: interpreter, imports, data, init; then its training and every "
+          f"evaluation up to the one that reached it; not the minutes spent waiting for the other runs' turns):")
+    print(f"{'run':<16}{'seconds':>9}{'PyTorch ÷ this':>16}")
+    for r in rows:
+        print(f"{r['name']:<16}{process(r):>9.1f}{ratio(r, by_name.get('PyTorch AdamW'), process):>16}")
 
 
 def optimizer_share(specs, rounds, steps_per_round, log=print):
@@ -246,7 +276,7 @@ def optimizer_share(specs, rounds, steps_per_round, log=print):
 
 
 def spec_for(run, a, recipe, **over):
-    spec = dict(RUNS.get(run, {}), data=a.data, recipe=recipe, seed=1337, eval_batches=a.eval_batches,
+    spec = dict(RUNS.get(run, LLAMA_RUNS.get(run, {})), data=a.data, recipe=recipe, seed=1337, eval_batches=a.eval_batches,
                 warmup_iters=a.warmup_iters, learning_rate=1e-3, muon_lr=a.muon_lr, muon_momentum=0.95,
                 orthogonalize=a.orthogonalize, ns_steps=a.ns_steps)
     spec.update(over)
@@ -275,6 +305,19 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (the resolution)")
     ap.add_argument("--eval-batches", type=int, default=100, help="validation batches in the fixed evaluation")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
+    ap.add_argument("--also-llama", action="store_true", help="two more runs: a Llama of the same sizes with AdamW "
+                    "and with Muon")
+    ap.add_argument("--no-gpt2", action="store_true", help="leave out tinylm's GPT-2 runs (with --also-llama: the "
+                    "Llama's rows against PyTorch's, in fewer minutes)")
+    ap.add_argument("--llama-lr", type=float, default=1e-3, help="the Llama's AdamW peak learning rate (its Muon run's "
+                    "embeddings and gains too; default 1e-3)")
+    ap.add_argument("--llama-muon-lr", type=float, default=None, help="the Llama's Muon peak learning rate "
+                    "(default: --muon-lr)")
+    ap.add_argument("--llama-adamw-iters", type=int, default=None, help="the Llama's AdamW schedule (default: "
+                    "--adamw-iters)")
+    ap.add_argument("--llama-muon-iters", type=int, default=None, help="the Llama's Muon schedule (default: "
+                    "--muon-iters); its batch is Muon's (--muon-batch-size)")
+    ap.add_argument("--n-kv-head", type=int, default=None, help="the Llama's K/V heads (default: one per query head)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)       # internal: one run, driven over stdin
     a = ap.parse_args(argv)
     if a.worker:
@@ -300,19 +343,32 @@ def main(argv=None):
     if a.time_to_loss is not None:
         specs = {name: spec_for(name, a, muon_recipe if "Muon" in name else recipe,
                                 max_iters=a.muon_iters if "Muon" in name else a.adamw_iters)
-                 for name in RUNS if with_torch or "PyTorch" not in name}
+                 for name in RUNS if (with_torch or "PyTorch" not in name) and not (a.no_gpt2 and "tinylm" in name)}
         for extra in a.also_muon:
             try:
                 batch, iters = (int(v) for v in extra.split(":"))
             except ValueError:
                 ap.error(f"--also-muon takes BATCH:ITERS, e.g. 16:500, not {extra!r}")
             specs[f"tinylm Muon b{batch}"] = spec_for("tinylm Muon", a, dict(recipe, batch_size=batch), max_iters=iters)
+        if a.also_llama:
+            llama_muon_lr = a.muon_lr if a.llama_muon_lr is None else a.llama_muon_lr
+            llama_adamw_iters = a.llama_adamw_iters or a.adamw_iters
+            llama_muon_iters = a.llama_muon_iters or a.muon_iters
+            if a.quick:
+                llama_adamw_iters, llama_muon_iters = a.adamw_iters, a.muon_iters
+            specs["Llama AdamW"] = spec_for("Llama AdamW", a, recipe, max_iters=llama_adamw_iters,
+                                            learning_rate=a.llama_lr, n_kv_head=a.n_kv_head)
+            specs["Llama Muon"] = spec_for("Llama Muon", a, muon_recipe, max_iters=llama_muon_iters,
+                                           learning_rate=a.llama_lr, muon_lr=llama_muon_lr, n_kv_head=a.n_kv_head)
         print(f"schedules: AdamW lr 1e-3 over {a.adamw_iters} steps; Muon lr {a.muon_lr} ({a.orthogonalize}"
               f"{f', {a.ns_steps} steps' if a.orthogonalize == 'newton_schulz' else ''}, batch {muon_recipe['batch_size']}) "
               f"over {a.muon_iters} steps, embeddings and gains AdamW 1e-3; warmup {a.warmup_iters}, cosine to 10%; "
               f"evaluation every {a.eval_every} steps on {a.eval_batches} fixed validation batches"
               + ("" if with_torch else "; PyTorch left out (--no-torch)" if a.no_torch else
-                 "; PyTorch not installed (pip install torch): left out"))
+                 "; PyTorch not installed (pip install torch): left out")
+              + (f"; Llama (n_kv_head {a.n_kv_head or recipe['n_head']}): AdamW lr {a.llama_lr:g} over "
+                 f"{specs['Llama AdamW']['max_iters']} steps, Muon lr {specs['Llama Muon']['muon_lr']:g} over "
+                 f"{specs['Llama Muon']['max_iters']} steps" if a.also_llama else ""))
         rows = time_to_loss(a.time_to_loss, specs, a.eval_every)
         print_time_to_loss(rows, a.time_to_loss)
     return 0

@@ -7,7 +7,8 @@ notebook is plain nbformat 4 JSON, written with the json module:
 - every ```python block of the tour becomes a code cell, the text around it markdown cells (cut at each
   heading and after each figure; the other fenced blocks, shell commands and printed output, stay text);
 - a first code cell goes to the repository's root (Jupyter starts in docs/) and, when there is no
-  out/ckpt.npz yet, trains a small model into out/, so that every cell below has a model to read;
+  out/ckpt.npz yet, trains a small model into out/, so that every cell below has a model to read (and a
+  small Llama into out-llama/, which section 8 reads);
 - after each of the seven concept figures (figures/1_vectors.png ... 7_svd.png, the default model's) a
   code cell draws the same figure from the reader's own model, inline: the poster's panel,
   tinylm.analysis.poster.draw_panel, as docs/make_figures.py draws it into a file.
@@ -31,7 +32,7 @@ SMALL_STEPS = 300
 NOTE = (f"*This notebook is made from [tour.md](tour.md) by [make_notebook.py](make_notebook.py); edit the "
         f"markdown, not this file. Run the first code cell first: it moves to the repository's root and, if "
         f"`out/ckpt.npz` is not there yet, trains a small model into `out/` ({SMALL_STEPS} steps, about half a "
-        f"minute on two cores). The numbers the tour quotes come from the default model (`python train.py`, 2,000 steps); on "
+        f"minute on two cores), and a small Llama into `out-llama/` for section 8 when that is missing. The numbers the tour quotes come from the default model (`python train.py`, 2,000 steps); on "
         f"the small one every cell runs the same, and its numbers differ. After each concept's figure a cell "
         f"draws the same figure from your model.*")
 
@@ -56,6 +57,11 @@ if not os.path.exists("out/ckpt.npz"):
           "(python train.py: 2,000 steps, validation loss 1.8918).")
     train(TrainArgs(out_dir="out", max_iters={SMALL_STEPS}, lr_decay_iters={SMALL_STEPS}, eval_interval=100, sample_tokens=0),
           log=print)
+if not os.path.exists("out-llama/ckpt.npz"):     # section 8 reads a Llama beside the GPT-2
+    print("No out-llama/ckpt.npz: training a small Llama into out-llama/ ({SMALL_STEPS} steps, two K/V heads; the tour's "
+          "numbers come from python train.py --arch llama --n_kv_head 2 --out_dir out-llama, 2,000 steps).")
+    train(TrainArgs(out_dir="out-llama", arch="llama", n_kv_head=2, max_iters={SMALL_STEPS},
+                    lr_decay_iters={SMALL_STEPS}, eval_interval=100, sample_tokens=0), log=print)
 print("the model:", os.path.abspath("out/ckpt.npz"))
 
 

@@ -67,3 +67,22 @@ def test_time_to_loss_quick_runs_both_optimizers_and_reports_steps_to_the_target
         schedule, steps, loss = row.groups()
         assert steps != "-" and int(steps) <= int(schedule) and float(loss) <= 3.9    # reached, and says where
     assert "PyTorch AdamW" not in out.split("time to validation loss")[1]          # --no-torch
+
+
+def test_time_to_loss_quick_also_trains_a_llama_with_both_optimizers():
+    """--also-llama adds a Llama of the recipe's sizes (fast/llama.py), AdamW and Muon, each reaching the target;
+    --no-gpt2 leaves tinylm's GPT-2 runs out; the second table gives each run's whole process to the target."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--time-to-loss", "3.9", "--quick", "--no-torch",
+                           "--also-llama", "--n-kv-head", "1", "--no-gpt2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Llama (n_kv_head 1)" in out
+    table, process = out.split("time to validation loss")[1].split("whole process to the target")
+    for name in ("Llama AdamW", "Llama Muon"):
+        row = re.search(rf"^{name}\s+(\d+)\s+(\d+|-)\s+([\d.]+)\s", table, re.M)
+        assert row, (name, out)
+        schedule, steps, loss = row.groups()
+        assert steps != "-" and int(steps) <= int(schedule) and float(loss) <= 3.9
+        assert re.search(rf"^{name}\s+[\d.]+", process, re.M), (name, out)
+    assert "tinylm AdamW" not in out and "tinylm Muon" not in out                      # --no-gpt2

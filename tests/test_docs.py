@@ -22,12 +22,21 @@ SH_COMMANDS = [line.strip() for block in re.findall(r"```sh\n(.*?)```", tour(), 
 
 
 @pytest.fixture(scope="module")
-def workdir(trained_dir, tmp_path_factory):
-    """A folder whose out/ckpt.npz is the small trained model (and its metrics.jsonl)."""
+def workdir(trained_dir, shakespeare_head, tmp_path_factory):
+    """A folder whose out/ckpt.npz is the small trained model (and its metrics.jsonl), and whose
+    out-llama/ckpt.npz is a small Llama trained by train.py's own loop (two query heads sharing one
+    K/V head, 200 steps: a few seconds), for the section that sets GPT-2 and Llama side by side."""
+    from tinylm.train.args import TrainArgs
+    from tinylm.train.loop import train
     d = tmp_path_factory.mktemp("tour")
     os.makedirs(d / "out")
     for name in ("ckpt.npz", "metrics.jsonl"):
         shutil.copy(os.path.join(trained_dir["dir"], name), d / "out" / name)
+    args = TrainArgs(data=shakespeare_head, out_dir=str(d / "out-llama"), arch="llama", n_layer=2, n_head=2,
+                     n_kv_head=1, n_embd=48, block_size=32, batch_size=16, max_iters=200, lr_decay_iters=200,
+                     warmup_iters=20, eval_interval=100, eval_iters=5, learning_rate=3e-3, sample_tokens=0,
+                     progress=False)
+    train(args, log=lambda *a: None)
     return d
 
 

@@ -30,14 +30,7 @@ class GPTConfig:
 
     def validate(self):
         """Raise TinyLMError naming the first field that cannot work; return self."""
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise TinyLMError(f"--{name} must be a positive integer, got {brief(value)}")
-        if self.n_embd % self.n_head:
-            raise TinyLMError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise TinyLMError(f"--dropout must be in [0, 1), got {brief(self.dropout)}")
+        check_shared_fields(self, ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
         if not isinstance(self.bias, bool):
             raise TinyLMError(f"bias must be true or false, got {brief(self.bias)}")
         return self
@@ -278,3 +271,16 @@ def config_from_dict(cls, d):
     if missing:
         raise TinyLMError(f"missing model config field(s): {', '.join(sorted(missing))}")
     return cls(**d).validate()
+
+
+def check_shared_fields(config, integer_fields):
+    """What GPTConfig and LlamaConfig check alike: the integer_fields positive integers, n_embd divisible by
+    n_head, dropout in [0, 1). Raises TinyLMError naming the flag."""
+    for name in integer_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise TinyLMError(f"--{name} must be a positive integer, got {brief(value)}")
+    if config.n_embd % config.n_head:
+        raise TinyLMError(f"--n_embd ({config.n_embd}) must be divisible by --n_head ({config.n_head})")
+    if not isinstance(config.dropout, (int, float)) or not 0.0 <= config.dropout < 1.0:
+        raise TinyLMError(f"--dropout must be in [0, 1), got {brief(config.dropout)}")

@@ -16,8 +16,8 @@ import math
 import numpy as np
 
 from tinylm.core import layers as L
-from tinylm.core.gpt2 import config_from_dict, grads_by_name, linear
-from tinylm.errors import TinyLMError
+from tinylm.core.gpt2 import check_shared_fields, config_from_dict, grads_by_name, linear
+from tinylm.errors import TinyLMError, brief
 
 
 def default_ffn_hidden(n_embd):
@@ -40,7 +40,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0   # the rotary angles' base: pair j turns by θ^(−2j/D) per position
     norm_eps: float = 1e-5    # ε of RMSNorm
     tie_embeddings: bool = False  # the output head is the token embedding, stored once
-    dropout: float = 0.0      # applied in training only
+    dropout: float = 0.0      # applied in training, by the fast path (tinylm/fast/llama.py)
     arch: str = "llama"
 
     def __post_init__(self):
@@ -51,12 +51,7 @@ class LlamaConfig:
 
     def validate(self):
         """Raise TinyLMError naming the first field that cannot work; return self."""
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise TinyLMError(f"--{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise TinyLMError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
+        check_shared_fields(self, ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"))
         if self.n_head % self.n_kv_head:
             raise TinyLMError(f"--n_head ({self.n_head}) must be divisible by --n_kv_head ({self.n_kv_head})")
         if (self.n_embd // self.n_head) % 2:
@@ -65,13 +60,11 @@ class LlamaConfig:
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise TinyLMError(f"--{name} must be a positive finite number, got {value!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise TinyLMError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+                raise TinyLMError(f"--{name} must be a positive finite number, got {brief(value)}")
         if not isinstance(self.tie_embeddings, bool):
-            raise TinyLMError(f"--tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+            raise TinyLMError(f"--tie_embeddings must be true or false, got {brief(self.tie_embeddings)}")
         if self.arch != "llama":
-            raise TinyLMError(f"arch must be 'llama' for a LlamaConfig, got {self.arch!r}")
+            raise TinyLMError(f"arch must be 'llama' for a LlamaConfig, got {brief(self.arch)}")
         return self
 
     def to_dict(self):

@@ -249,11 +249,13 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
 
 
 def adapter_check(config, init="pissa", seed=0, max_entries=None):
-    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix), through the unmerged
-    layers training runs (the merged form is checked as a layer, and held equal to this one in
+    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix, GPT-2's four or the Llama's
+    seven by the config), through the unmerged layers training runs (the merged form is checked as a layer, and held equal to this one in
     tests/test_finetune.py). Returns [(name, error)]."""
+    model = LLAMA if isinstance(config, LLAMA.LlamaConfig) else G
+    fast = FAST_LLAMA if model is LLAMA else M
     rng = np.random.default_rng(seed)
-    params = G.init_params(config, seed=seed, dtype=np.float64)
+    params = model.init_params(config, seed=seed, dtype=np.float64)
     for k in params:
         params[k] += 0.1 * rng.standard_normal(params[k].shape)
     lora = {"rank": 2, "alpha": 3.0, "targets": block_matrix_names(params), "init": init}
@@ -263,8 +265,8 @@ def adapter_check(config, init="pissa", seed=0, max_entries=None):
     T = config.block_size
     idx = rng.integers(0, config.vocab_size, size=(2, T))
     targets = rng.integers(0, config.vocab_size, size=(2, T))
-    run = lambda: M.forward(adapter_params(frozen, adapters, lora), config, idx, targets)    # as training runs it
-    grads = adapter_grads_unmerged(M.backward(adapter_params(frozen, adapters, lora), config, run()[2]), lora)
+    run = lambda: fast.forward(adapter_params(frozen, adapters, lora), config, idx, targets)   # as training runs it
+    grads = adapter_grads_unmerged(fast.backward(adapter_params(frozen, adapters, lora), config, run()[2]), lora)
     return [(name, compare(grads[name], numerical_gradient(lambda: run()[1], a, max_entries=max_entries, rng=rng)))
             for name, a in adapters.items()]
 

@@ -181,9 +181,9 @@ def largest_weight(params):
 
 
 def refuse_what_a_llama_cannot_do_yet(a, config):
-    """--rank and --steer read GPT-2's matrices: one line for a Llama, instead of a failure half way."""
+    """--steer reads GPT-2's matrices: one line for a Llama, instead of a failure half way."""
     if arch_of(config) != "llama":
         return
-    for flag, given in (("--rank", a.rank is not None), ("--steer", a.steer is not None)):
+    for flag, given in (("--steer", a.steer is not None),):
         if given:
             raise TinyLMError(f"{flag} is not supported for a Llama yet; sample it without {flag}")

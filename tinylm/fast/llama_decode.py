@@ -54,11 +54,29 @@ def prefill(params, config, idx, kv):
     return logits[:, -1]
 
 
+def multiplied_out(params):
+    """params with every factorized layer's A B (fast/linears.py) and every adapter's W + B A under name.weight,
+    the factors and adapters dropped: the matrices the decoder folds and stacks."""
+    dense = {}
+    for k, v in params.items():
+        if k.endswith(".weight_A"):
+            dense[k[:-len("_A")]] = v @ params[k[:-len("_A")] + "_B"]
+        elif k.endswith(".lora_A"):
+            stem = k[:-len(".lora_A")]
+            dense[stem + ".weight"] = params[stem + ".weight"] + params[stem + ".lora_B"] @ v
+        elif not k.endswith((".weight_B", ".lora_B")) and k not in dense:
+            dense[k] = v
+    return dense
+
+
 def decoding_weights(params, config):
     """The weights arranged for decode_rows, each stored transposed (in, out) for the product x @ M.
 
     RMSNorm's gain is folded into the matrix that follows: (x̂ ⊙ w) Wᵀ = x̂ (W diag(w))ᵀ, and the attention
-    scale 1/√D into the query rows, so a block needs only x's 1/rms beside its products."""
+    scale 1/√D into the query rows, so a block needs only x's 1/rms beside its products. A factorized layer or
+    an adapter is multiplied out first (multiplied_out): one product a token, as for a dense model (the factors'
+    two thinner products are not taken here, unlike GPT-2's decoder)."""
+    params = multiplied_out(params)
     D = config.n_embd // config.n_head
     H, n = config.n_head, config.n_layer
 

@@ -123,7 +123,8 @@ HELP = {
                  "W + (α/R)·B A, only A and B trained (no weight decay), the rest frozen; 0 for full fine-tuning",
     "lora_alpha": "adapter scale α (α/R multiplies B A); 0 means α = R",
     "lora_targets": "matrices that get adapters: 'all' block matrices or a comma list of attn.c_attn, "
-                    "attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj is both) or full parameter names",
+                    "attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj is both); a Llama's of q_proj, k_proj, v_proj, "
+                    "o_proj, gate_proj, up_proj, down_proj; or full parameter names",
     "lora_init": "'lora' (A random, B zero) or 'pissa' (A, B from the top-R singular triplets of W, the "
                  "residual frozen)",
     "merge": "with adapters: at the end write OUT_DIR/merged.npz, best.npz with W + (α/R)·B A folded in",
@@ -213,8 +214,6 @@ def check_arch_args(a):
         return
     if a.bias:
         raise TinyLMError("--bias true: a Llama has no biases; leave --bias out with --arch llama")
-    if a.lora_rank:
-        raise TinyLMError("--lora_rank: adapters on a Llama are not supported yet; fine-tune it fully (no --lora_rank)")
     if a.track_spectra:
         raise TinyLMError("--track_spectra: the spectrum analysis reads GPT-2's matrices; it does not read a Llama yet")
 

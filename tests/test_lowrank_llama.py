@@ -227,8 +227,24 @@ def test_a_compressed_llama_saves_loads_muon_steps_its_factors_and_samples_with_
     dense = dense_params(new)
     expected = list(core.generate(dense, config, [1, 2], 6, lambda z: int(np.argmax(z))))
     assert tokens[True] == tokens[False] == expected
-    assert list(LD.decoding_weights(new, config)["layers"][0][0].shape) == list(
-        LD.decoding_weights(dense, config)["layers"][0][0].shape)
+    qkv, o, gate_up, down = LD.decoding_weights(new, config)["layers"][0]   # the thin products, not A B
+    assert type(qkv) is list and [M[0].shape[1] for M in qkv] == [3, 3, 3] and type(o) is tuple
+
+
+def test_cached_steps_of_a_partly_factorized_llama_are_cores_forward_on_the_products():
+    """FACTORED leaves layer 1's up_proj dense beside a factorized gate_proj, and its q_proj, v_proj beside a
+    factorized k_proj: each cached step's logits equal core's forward over the tokens so far, in float64."""
+    config = config_of()
+    rng = np.random.default_rng(12)
+    params = perturbed_params(config, seed=12)
+    for name in FACTORED:
+        out, inp = params[name + ".weight"].shape
+        params = factor_params(params, name, 0.3 * rng.standard_normal((out, 3)), 0.3 * rng.standard_normal((3, inp)))
+    trace = []
+    list(LD.generate(params, config, [3, 1], 6, lambda z: int(np.argmax(z)), True, trace))
+    dense = dense_params(params)
+    for context, logits in trace:
+        assert rel_error(logits, core.forward(dense, config, np.array([context]))[0][0, -1]) < 1e-9
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_script
+from test_distributed import assert_same_run, checkpoint, launch, metrics, mpiexec  # noqa: F401 (a fixture)
 from tinylm.cli import gradcheck
 from tinylm.core import llama as core
 from tinylm.core.muon import muon_init
@@ -330,3 +331,24 @@ def test_pissa_on_a_llama_resumes_bit_for_bit_and_merges(base_llama, shakespeare
     name = "model.layers.1.mlp.down_proj.weight"
     A, B = (best["adapters"][n] for n in AD.adapter_names(name))
     assert np.allclose(merged["params"][name], best["params"][name] + s * B @ A, atol=1e-6)
+
+
+def test_two_mpi_ranks_fine_tune_a_compressed_llama_with_muon_as_one_process_does(mpiexec, base_llama, shakespeare_head,
+                                                                                   tmp_path):
+    """Full fine-tuning of a compressed Llama (its factors by Muon, the rest by AdamW) under mpiexec -n 2: one
+    process's losses and weights, up to float32 summation order (tests/test_distributed.py's rule)."""
+    small = tmp_path / "small.npz"
+    proc = run_script("tinylm/compress.py", base_llama, small, "--rank", "0.25", "--method", "svd",
+                      "--eval_tokens", "0", "--no_progress")
+    assert proc.returncode == 0, proc.stderr
+    common = ["--init_from", small, "--data", shakespeare_head, "--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2",
+              "--batch_size", "8", "--optimizer", "muon", "--progress", "false", "--sample_tokens", "0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    single = run_script("train.py", "--out_dir", one, *common)
+    assert single.returncode == 0, single.stderr
+    double = launch(mpiexec, 2, "--out_dir", two, *common)
+    assert double.returncode == 0, double.stderr + double.stdout
+    a, b = (metrics(one), checkpoint(one)), (metrics(two), checkpoint(two))
+    assert set(b[1]["opt_state"]["momentum"]) == {f"model.layers.{i}.{n}.weight_{f}" for i in range(2)
+                                                  for n in SEVEN for f in "AB"}
+    assert_same_run(a, b)

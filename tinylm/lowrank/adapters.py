@@ -61,7 +61,7 @@ def resolve_targets(spec, shapes):
     kinds = kinds_of(shapes)
     tokens = [t.strip() for t in str(spec).split(",") if t.strip()]
     if not tokens:
-        raise AdapterError(f"--lora_targets is empty; give 'all' or a comma list such as {kinds[0]},{kinds[-1]}")
+        raise AdapterError(f"--lora_targets is empty; give 'all' or a comma list such as {kinds[0]},{kinds[2]}")
     chosen = set()
     for token in tokens:
         if token == "all":

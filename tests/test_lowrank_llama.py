@@ -3,8 +3,6 @@ block matrices. The fast Llama on factors or adapters equals core's dense Llama 
 (float64, logits, loss, every gradient by the chain rule) and passes finite differences; compression's calibration
 pass is core's forward, its whitening and refit do what they promise; and end to end, a trained Llama compresses,
 samples, fine-tunes, takes LoRA and PiSSA adapters, resumes them bit for bit and merges them."""
-import json
-import os
 import shutil
 
 import numpy as np

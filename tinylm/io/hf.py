@@ -376,9 +376,9 @@ def _load_tokenizer(folder):
             raise TinyLMError(f"{path}: not a byte-level BPE tokenizer; add GPT-2's vocab.json and merges.txt")
         # SentencePiece-style BPE (a normalizer, a Metaspace or regex-free pre-tokenizer, byte fallback) cuts text
         # otherwise than GPT-2's pattern, which is what tinylm's BPE follows: its ids would silently differ.
-        pre = data.get("pre_tokenizer")
-        if data.get("normalizer") is not None or model.get("byte_fallback") or pre is not None and (
-                not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("use_regex") is False):
+        pre = data.get("pre_tokenizer", {"type": "ByteLevel"})    # none at all: a bare vocabulary and merges
+        if data.get("normalizer") is not None or model.get("byte_fallback") or not isinstance(pre, dict) or \
+                pre.get("type") != "ByteLevel" or pre.get("use_regex") is False:
             raise TinyLMError(f"{path}: a BPE tokenizer that is not GPT-2's byte-level one (normalizer, "
                               "pre_tokenizer or byte_fallback); tinylm's BPE would give other ids")
         return BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))

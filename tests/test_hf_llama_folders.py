@@ -83,6 +83,10 @@ def test_an_exported_llama_reads_back_bit_equal(tmp_path, text, bpe, kind, tied)
     assert back["tokenizer"].to_dict() == tok.to_dict()
     assert back["meta"]["format"] == "tinylm-llama-folder" and back["meta"]["step"] == 7
     np.testing.assert_array_equal(logits(back, ids(model["config"])), logits(model, ids(model["config"])))
+    export_hf(str(tmp_path / "hf"), str(tmp_path / "again"))          # a Llama folder re-exports as itself
+    again = load_any(str(tmp_path / "again"))
+    assert again["config"] == model["config"] and all(np.array_equal(again["params"][k], v) for k, v in
+                                                      model["params"].items())
 
 
 def test_config_json_names_every_field_of_the_llama(char_folder):
@@ -170,10 +174,9 @@ def test_train_py_fine_tunes_a_llama_folder(char_folder, tmp_path, text, capsys)
     assert code == 0, capsys.readouterr().err
     tuned = load_checkpoint(str(out / "ckpt.npz"))
     assert tuned["config"] == model["config"] and tuned["tokenizer"].to_dict() == model["tokenizer"].to_dict()
-    changed = [k for k in model["params"] if not np.array_equal(tuned["params"][k], model["params"][k])]
-    assert changed                                  # it trained, starting from the folder's weights
-    start = {k: v for k, v in model["params"].items() if k not in changed}
-    assert all(np.array_equal(tuned["params"][k], v) for k, v in start.items())
+    moved = {k: np.abs(tuned["params"][k] - v).max() for k, v in model["params"].items()}
+    assert max(moved.values()) > 0                   # it trained ...
+    assert max(moved.values()) < 1e-3                # ... from the folder's weights (each sits ~0.1 off an init)
 
 
 # ----------------------------------------------------------------------------- GPT-2 or Llama, by model_type

@@ -213,8 +213,8 @@ def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
     one_line_refusal(run_script("tinylm/compress.py", ckpt, tmp_path / "c.npz", "--rank", "0.5"),
                      ["is a Llama", "compression"])
     assert not (tmp_path / "c.npz").exists()
-    one_line_refusal(run_script("tinylm/export.py", ckpt, tmp_path / "hf"), ["is a Llama", "export"])
-    assert not (tmp_path / "hf").exists()
+    proc = run_script("tinylm/export.py", ckpt, tmp_path / "hf")       # the export writes a Llama folder (issue 28)
+    assert proc.returncode == 0 and "tokenizer.json" in proc.stdout, proc.stderr
 
 
 def test_a_llama_checkpoint_claiming_more_layers_than_it_holds_is_one_line(llama_run, tmp_path):

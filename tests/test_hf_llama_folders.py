@@ -425,3 +425,25 @@ def test_auto_tokenizer_gives_tinylm_ids_and_text(tmp_path, hf, bpe, text, kind)
         expected = tok.encode(s).tolist()
         assert theirs.encode(s) == expected, s
         assert theirs.decode(expected) == s, s
+
+
+def test_a_bfloat16_transformers_llama_reads_as_float32_with_the_same_logits(tmp_path, hf, bpe):
+    """Llamas on the hub are mostly stored in bfloat16: each value is widened to float32 exactly."""
+    transformers, torch = hf
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=bpe.vocab_size, max_position_embeddings=16,
+                                      tie_word_embeddings=False)
+    theirs = transformers.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    theirs.save_pretrained(str(tmp_path))
+    export_hf(make_llama(bpe, tied=True), str(tmp_path / "tok"))
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok")).save_pretrained(str(tmp_path))
+    ours = load_any(str(tmp_path))
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        header = f.read(int.from_bytes(f.read(8), "little"))
+    assert b'"BF16"' in header and b'"F32"' not in header and ours["config"].norm_eps == 1e-6
+    for name, value in theirs.state_dict().items():
+        if name in ours["params"]:
+            np.testing.assert_array_equal(ours["params"][name], value.float().numpy())
+    x = ids(ours["config"])
+    np.testing.assert_allclose(logits(ours, x), torch_logits(theirs.float(), torch, x), atol=2e-5, rtol=0)

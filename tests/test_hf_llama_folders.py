@@ -349,6 +349,10 @@ def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder
         assert "not GPT-2's byte-level" in str(e.value) and "\n" not in str(e.value)
         export_hf(model, folder)
     assert import_hf(folder)["tokenizer"].to_dict() == bpe.to_dict()
+    os.remove(os.path.join(folder, "tokenizer.json"))        # save_pretrained of a model alone writes no tokenizer
+    with pytest.raises(TinyLMError) as e:
+        import_hf(folder)
+    assert "no tokenizer" in str(e.value) and "tokenizer.json" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- against transformers

@@ -383,7 +383,7 @@ def _load_tokenizer(folder):
                               "pre_tokenizer or byte_fallback); tinylm's BPE would give other ids")
         return BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))
     raise TinyLMError(f"no tokenizer in {folder}: expected {VOCAB_FILE} and {MERGES_FILE} "
-                      f"(GPT-2's; or {TINYLM_TOKENIZER_FILE})")
+                      f"(GPT-2's), a byte-level BPE {HF_TOKENIZER_FILE}, or {TINYLM_TOKENIZER_FILE}")
 
 
 def folder_config(cfg, path="config.json"):

@@ -211,8 +211,8 @@ def test_sample_py_samples_a_llama_with_and_without_the_cache_and_side_by_side(l
 def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
     ckpt = os.path.join(llama_run["dir"], "ckpt.npz")
     one_line_refusal(run_script("analyze.py", ckpt), ["is a Llama", "analyze.py"])
-    one_line_refusal(run_script("tinylm/export.py", ckpt, tmp_path / "hf"), ["is a Llama", "export"])
-    assert not (tmp_path / "hf").exists()
+    proc = run_script("tinylm/export.py", ckpt, tmp_path / "hf")       # the export writes a Llama folder (issue 28)
+    assert proc.returncode == 0 and "tokenizer.json" in proc.stdout, proc.stderr
 
 
 def test_a_llama_checkpoint_claiming_more_layers_than_it_holds_is_one_line(llama_run, tmp_path):

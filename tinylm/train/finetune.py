@@ -122,7 +122,7 @@ def encode_for_model(a, tokenizer, log=print):
 def load_source(a, explicit):
     """(config, tokenizer, params) of --init_from (a .npz file, adapters merged, or a GPT-2 folder)."""
     check_not_source(a.init_from, a.out_dir)
-    ckpt = load_any(a.init_from)
+    ckpt = load_any(a.init_from, tokenizer_bin=a.tokenizer_bin)
     config = ckpt["config"]
     arch = arch_of(config)
     if "arch" in explicit and a.arch != arch:

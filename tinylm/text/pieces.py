@@ -4,7 +4,7 @@ A vocabulary of byte strings ("pieces"), each with a score. Encoding, as llama2.
 <s> (1) first, a space (sentencepiece's dummy prefix) when the text is not empty, each character's piece (or,
 for a character with no piece of its own, one `<0xXX>` byte token per UTF-8 byte, at id byte + 3), then merge
 the adjacent pair whose concatenation is a piece with the highest score, leftmost first, until none is left.
-Decoding joins the pieces, `<0xXX>` as the byte it names, and reads the bytes as UTF-8.
+Decoding joins the pieces, `<0xXX>` as the byte it names, ids 0-2 as nothing, and reads the bytes as UTF-8.
 """
 import heapq
 import re
@@ -76,13 +76,14 @@ class PieceTokenizer:
         return [t for t, a in zip(ids, alive) if a]
 
     def decode(self, ids):
-        """ids -> str: pieces joined, `<0xXX>` as its byte, the bytes read as UTF-8 (bad bytes as U+FFFD)."""
+        """ids -> str: pieces joined, `<0xXX>` as its byte, <unk>, <s>, </s> as nothing (as sentencepiece decodes
+        them), the bytes read as UTF-8 (bad bytes as U+FFFD)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise TinyLMError(f"token id out of range for a vocabulary of {self.vocab_size}")
         out, prev = [], None
         for i in ids.tolist():
-            piece = bytes([self.byte_of[i]]) if i in self.byte_of else self.pieces[i]
+            piece = b"" if i <= EOS else bytes([self.byte_of[i]]) if i in self.byte_of else self.pieces[i]
             if prev == BOS and piece.startswith(b" "):
                 piece = piece[1:]                   # as run.c: the dummy prefix after <s> is not shown
             out.append(piece)

@@ -151,6 +151,9 @@ def test_the_file_layout_is_run_cs(tmp_path):
     assert np.frombuffer(raw[:28], "<i4").tolist() == [C, F, L, 4, 2, -V, T]      # untied: negative vocab
     floats = V * C + L * C + L * C * C + 2 * L * C * (2 * D) + L * C * C + L * C + 3 * L * C * F + C + T * D + V * C
     assert len(raw) == 28 + 4 * floats
+    a, _, _ = read_model_bin(str(tmp_path / "out" / "model.bin"))
+    angles = np.outer(np.arange(T), 10000.0 ** (-np.arange(0, D, 2) / D))    # the tables older run.c's read
+    assert np.allclose(a["freq_cis"], np.concatenate([np.cos(angles), np.sin(angles)]).ravel(), atol=1e-6)
     emb = np.frombuffer(raw, "<f4", V * C, 28).reshape(V, C)
     start = model["params"]["model.embed_tokens.weight"][CHARS.index("\n")]
     assert np.array_equal(emb[1], start) and np.array_equal(emb[3:], model["params"]["model.embed_tokens.weight"])
@@ -344,6 +347,8 @@ def test_export_command_writes_both_files_and_refuses_gpt2(tmp_path, capsys):
     assert export_main([str(tmp_path / "g.npz"), str(tmp_path / "g"), "--format", "llama2c"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--format hf" in err[0] and not (tmp_path / "g").exists()
+    assert export_main([str(tmp_path / "l.npz"), str(tmp_path / "h"), "--format", "llama2c", "--dtype", "float16"]) == 1
+    assert "float32" in capsys.readouterr().err and not (tmp_path / "h").exists()
 
 
 def test_sample_and_finetune_from_a_model_bin(trained_llama, tmp_path):

@@ -43,6 +43,8 @@ def _export(argv):
         if os.listdir(a.folder) and not a.force:
             raise TinyLMError(f"{a.folder} is not empty; pass --force to write into it anyway")
     if a.format == "llama2c":
+        if a.dtype != "float32":
+            raise TinyLMError(f"--format llama2c writes float32, the only dtype run.c reads; leave out --dtype {a.dtype}")
         result = export_llama2c(load_any(a.checkpoint), a.folder)
         print(f"wrote {a.folder}: {', '.join(result['files'])} (run it: run {a.folder}/model.bin -z "
               f"{a.folder}/tokenizer.bin)")

@@ -3,9 +3,9 @@
 model.bin: a header of 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; vocab_size
 is negative when the classifier is not the embedding), then float32 arrays in run.c's order: the embedding
 (V, C), every layer's attention RMS weight (L, C), wq (L, H·D, C), wk (L, Hkv·D, C), wv, wo (L, C, H·D), every
-layer's FFN RMS weight, w1 = gate (L, F, C), w2 = down (L, C, F), w3 = up, the final RMS weight (C,), seq_len·D
-floats that run.c skips (the cos and sin tables it once read; written as zeros), and the classifier (V, C) when
-it is not shared. tokenizer.bin: int32 max_token_length, then per token float32 score, int32 length, the bytes.
+layer's FFN RMS weight, w1 = gate (L, F, C), w2 = down (L, C, F), w3 = up, the final RMS weight (C,), the
+rotary cos and sin tables (seq_len, D/2) each, which run.c now skips, and the classifier (V, C) when it is not
+shared. tokenizer.bin: int32 max_token_length, then per token float32 score, int32 length, the bytes.
 
 Two conventions differ from tinylm's (see docs/guide.md, "llama2.c"):
 - rotary pairs: tinylm (and Hugging Face) turn coordinate j with j + D/2, run.c turns 2j with 2j + 1. The same
@@ -60,8 +60,16 @@ def check_run_c_config(config):
         raise TinyLMError(f"run.c fixes the rotary base at {RUN_C_THETA:g}; this model has --rope_theta "
                           f"{config.rope_theta:g}, so llama2.c's format cannot hold it")
     if config.norm_eps != RUN_C_EPS:
-        raise TinyLMError(f"run.c fixes RMSNorm's epsilon at {RUN_C_EPS:g}; this model has --norm_eps "
+        raise TinyLMError(f"run.c fixes RMSNorm's epsilon at {RUN_C_EPS:g}; this model's config has norm_eps "
                           f"{config.norm_eps:g}, so llama2.c's format cannot hold it")
+
+
+def rotary_tables(seq_len, head_dim):
+    """cos and sin of position t times pair j's speed θ^(−2j/D), (seq_len, D/2) each, in float32: the tables an
+    earlier run.c read and today's skips (written so that an older run.c runs the file too)."""
+    speeds = np.float32(1) / np.float32(RUN_C_THETA) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    angles = np.outer(np.arange(seq_len, dtype=np.float32), speeds).astype(np.float64)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def model_arrays(params, config, head):
@@ -72,7 +80,7 @@ def model_arrays(params, config, head):
     per_layer["self_attn.q_proj"] = [permute_heads(w, config.n_head, perm) for w in per_layer["self_attn.q_proj"]]
     per_layer["self_attn.k_proj"] = [permute_heads(w, config.n_kv_head, perm) for w in per_layer["self_attn.k_proj"]]
     arrays = [params["model.embed_tokens.weight"]] + [np.stack(per_layer[n]) for n in PER_LAYER]
-    arrays += [params["model.norm.weight"], np.zeros(config.block_size * D)]
+    arrays += [params["model.norm.weight"], *rotary_tables(config.block_size, D)]
     return [np.ascontiguousarray(a, dtype="<f4") for a in arrays + ([head] if head is not None else [])]
 
 

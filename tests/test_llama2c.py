@@ -365,6 +365,10 @@ def test_sample_and_finetune_from_a_model_bin(trained_llama, tmp_path):
           explicit=("init_from", "data", "out_dir"), log=lambda *a: None)
     tuned = load_any(str(tmp_path / "ft" / "ckpt.npz"))
     assert tuned["tokenizer"].chars == CHARS and tuned["config"].n_kv_head == 2
+    with pytest.raises(TinyLMError, match="--tokenizer_bin goes with --init_from a llama2.c model.bin"):
+        train(TrainArgs(init_from=str(ckpt), tokenizer_bin=str(folder / "tokenizer.bin"), data=str(data),
+                        out_dir=str(tmp_path / "ft2")), explicit=("init_from", "tokenizer_bin"), log=lambda *a: None)
+    assert not (tmp_path / "ft2").exists()
 
 
 def test_sample_prints_text_from_a_piece_model(tmp_path):

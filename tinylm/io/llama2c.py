@@ -66,7 +66,7 @@ def check_run_c_config(config):
 
 def rotary_tables(seq_len, head_dim):
     """cos and sin of position t times pair j's speed θ^(−2j/D), (seq_len, D/2) each, in float32: the tables an
-    earlier run.c read and today's skips (written so that an older run.c runs the file too)."""
+    earlier run.c read and today's skips (written, as llama2.c's own export writes them)."""
     speeds = np.float32(1) / np.float32(RUN_C_THETA) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     angles = np.outer(np.arange(seq_len, dtype=np.float32), speeds).astype(np.float64)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -30,7 +30,9 @@ def sample_parser():
                     help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
     ap.add_argument("--init_from", default=None, metavar="PATH",
                     help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
-                         "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
+                         "(config.json, model.safetensors, vocab.json, merges.txt) or llama2.c model.bin instead of OUT_DIR")
+    ap.add_argument("--tokenizer_bin", default=None, metavar="FILE",
+                    help="with --init_from a llama2.c model.bin: its tokenizer.bin (default: the one beside it)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
                     "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "
@@ -79,7 +81,7 @@ def _sample(argv):
     rank = None
     if a.rank is not None:
         rank = parse_rank(a.rank)
-    ckpt = load_any(path)
+    ckpt = load_any(path, tokenizer_bin=a.tokenizer_bin)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
     refuse_what_a_llama_cannot_do_yet(a, config)
     if rank is not None:

@@ -34,6 +34,7 @@ import numpy as np
 from tinylm.atomic import atomic_write_text, replace_folder
 from tinylm.files import parse_json, read_json
 from tinylm.io.checkpoint import check_finite, check_meta_fields, load_checkpoint, load_meta
+from tinylm.io.llama2c import load_llama2c
 from tinylm.errors import TinyLMError, brief
 from tinylm.core import gpt2, llama
 from tinylm.core.arch import arch_of
@@ -537,17 +538,22 @@ def tokenizer_kind(path):
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "char" if _exists(os.path.join(path, TINYLM_TOKENIZER_FILE)) else "bpe"
+    if path.endswith(".bin"):
+        return None                  # a llama2.c model.bin: its tokenizer.bin says, once it is read
     kind = (load_meta(path).get("tokenizer") or {}).get("type")
     return kind if isinstance(kind, str) else None
 
 
-def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True):
-    """A tinylm checkpoint (.npz file) or a GPT-2 or Llama folder (config.json + model.safetensors), read the same way.
+def load_any(path, with_optimizer=False, dtype=np.float32, mmap=True, tokenizer_bin=None):
+    """A tinylm checkpoint (.npz file), a GPT-2 or Llama folder (config.json + model.safetensors) or a llama2.c
+    model.bin (with tokenizer_bin, else the tokenizer.bin beside it), read the same way.
 
     Returns the dict of load_checkpoint. A folder's config.json or model.safetensors may also
     be named directly. dtype and mmap apply to folders only (a .npz keeps its own dtype).
     """
     path = os.fspath(path)
+    if path.endswith(".bin") and not os.path.isdir(path):
+        return load_llama2c(path, tokenizer_bin)
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG_FILE, WEIGHTS_FILE):
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):

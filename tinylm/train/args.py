@@ -26,6 +26,7 @@ class TrainArgs:
     data: str = DEFAULT_DATA
     out_dir: str = "out"
     init_from: str = "scratch"
+    tokenizer_bin: str = None
     arch: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
@@ -77,6 +78,7 @@ HELP = {
     "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
     "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file "
                  "or GPT-2 folder to fine-tune (a new run in OUT_DIR; the source is only read)",
+    "tokenizer_bin": "with --init_from a llama2.c model.bin: its tokenizer.bin (default: the tokenizer.bin beside it)",
     "arch": "'gpt2' (learned positions, layer norm, GELU) or 'llama' (rotary positions, RMSNorm, SwiGLU, "
             "shared K/V heads, no biases; Hugging Face's LlamaForCausalLM names); a resumed or fine-tuned run keeps "
             "its model's",

@@ -5,6 +5,7 @@ interleaved rotary pairs, its head-to-K/V-head mapping, its ids) reads the expor
 logits. test_run_c_binary runs a real run.c binary when TINYLM_RUN_C names one.
 """
 import os
+import struct
 import subprocess
 
 import numpy as np
@@ -207,11 +208,11 @@ def test_a_bad_tokenizer_bin_is_one_line(tmp_path):
         with pytest.raises(TinyLMError, match="truncated"):
             read_tokenizer_bin(str(tokenizer), V)
     tokenizer.write_bytes(good + np.float32(0).tobytes() + np.int32(1).tobytes() + b"#")
-    with pytest.raises(TinyLMError, match=f"{V + 1} tokens, but the model's vocab_size is {V}"):
+    with pytest.raises(TinyLMError, match=f"9 bytes after the model's {V} tokens"):
         load_llama2c(str(tmp_path / "out" / "model.bin"))
     with open(tokenizer, "wb") as f:
         write_tokenizer_bin(f, list(SPECIALS) + [c.encode() for c in CHARS[:-1]], np.zeros(V - 1))
-    with pytest.raises(TinyLMError, match=f"{V - 1} tokens, but the model's vocab_size is {V}"):
+    with pytest.raises(TinyLMError, match=f"truncated inside token {V - 1}; the model's vocab_size is {V}"):
         load_llama2c(str(tmp_path / "out" / "model.bin"))
     with open(tokenizer, "wb") as f:
         write_tokenizer_bin(f, list(SPECIALS) + [b"\xff"] + [c.encode() for c in CHARS[1:]], np.zeros(V))
@@ -223,6 +224,29 @@ def test_a_bad_tokenizer_bin_is_one_line(tmp_path):
     os.mkfifo(tmp_path / "fifo.bin")
     with pytest.raises(TinyLMError, match="not a regular file|FIFO|fifo"):
         read_model_bin(str(tmp_path / "fifo.bin"))
+
+
+def test_a_tokenizer_bin_length_near_2_to_the_31_is_truncation_not_a_wrapped_sum(tmp_path):
+    # at + 8 + n in int32 wrapped negative, so the bounds check passed and a short piece was read as whole
+    path = tmp_path / "tokenizer.bin"
+    n = 2 ** 31 - 5
+    path.write_bytes(struct.pack("<i", n) + struct.pack("<fi", 0.0, n) + b"abc")
+    with pytest.raises(TinyLMError) as e:
+        read_tokenizer_bin(str(path), 1)
+    assert "truncated inside token 0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_tokenizer_bin_is_read_only_as_far_as_vocab_size_reaches(tmp_path):
+    path = tmp_path / "tokenizer.bin"
+    path.write_bytes(bytes(4 + 8 * 100_000))               # max_token_length 0, then 10⁵ empty tokens
+    with pytest.raises(TinyLMError, match=r"800004 bytes, more than 10 tokens of at most 0 bytes"):
+        read_tokenizer_bin(str(path), 10)                  # refused by its size, before 10⁵ tokens are read
+    path.write_bytes(struct.pack("<i", 2) + struct.pack("<fi", 0.0, 3) + b"abc" + struct.pack("<fi", 0.0, 0))
+    with pytest.raises(TinyLMError, match="token 0 has length 3, outside 0 … 2"):
+        read_tokenizer_bin(str(path), 2)
+    path.write_bytes(struct.pack("<i", -1))
+    with pytest.raises(TinyLMError, match="max_token_length is -1"):
+        read_tokenizer_bin(str(path), 2)
 
 
 @pytest.mark.parametrize("change,words", [

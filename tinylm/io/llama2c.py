@@ -16,6 +16,7 @@ Two conventions differ from tinylm's (see docs/guide.md, "llama2.c"):
   at most 1/V of the probability each when sampling (the geometric mean of the characters' probabilities).
 """
 import os
+import struct
 
 import numpy as np
 
@@ -211,24 +212,37 @@ def read_model_bin(path):
 
 
 def read_tokenizer_bin(path, vocab_size):
-    """(pieces, scores) of tokenizer.bin, which must hold exactly vocab_size tokens (run.c reads that many)."""
+    """(pieces, scores) of tokenizer.bin: exactly vocab_size tokens (run.c reads that many), each at most the
+    header's max_token_length bytes long, and nothing after them. A file larger than those tokens can be,
+    4 + V·(8 + max_token_length) bytes, is refused before it is read. Lengths are Python ints (no wrap-around)."""
     with open_regular(path, "llama2.c tokenizer") as f:
-        data = f.read()
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(4)
+        if len(head) < 4:
+            raise TinyLMError(f"{path}: truncated: {len(head)} bytes, shorter than tokenizer.bin's 4-byte header")
+        max_len, = struct.unpack("<i", head)
+        if max_len < 0:
+            raise TinyLMError(f"{path}: the header's max_token_length is {max_len}; it must not be negative")
+        if size > 4 + vocab_size * (8 + max_len):
+            raise TinyLMError(f"{path}: {size} bytes, more than {vocab_size} tokens of at most {max_len} bytes "
+                              f"(max_token_length) can take; not the tokenizer.bin of this model")
+        data = head + f.read(size - 4)
     pieces, scores, at = [], [], 4
-    if len(data) < 4:
-        raise TinyLMError(f"{path}: truncated: {len(data)} bytes, shorter than tokenizer.bin's 4-byte header")
-    while at < len(data):
+    while len(pieces) < vocab_size:
         if at + 8 > len(data):
-            raise TinyLMError(f"{path}: truncated inside token {len(pieces)}")
-        score, = np.frombuffer(data, dtype="<f4", count=1, offset=at)
-        n, = np.frombuffer(data, dtype="<i4", count=1, offset=at + 4)
-        if n < 0 or at + 8 + n > len(data):
-            raise TinyLMError(f"{path}: truncated inside token {len(pieces)} (length {int(n)})")
+            raise TinyLMError(f"{path}: truncated inside token {len(pieces)}; the model's vocab_size is {vocab_size}")
+        score, n = struct.unpack_from("<fi", data, at)
+        if n < 0 or n > max_len:
+            raise TinyLMError(f"{path}: token {len(pieces)} has length {n}, outside 0 … {max_len} "
+                              "(max_token_length)")
+        if at + 8 + n > len(data):
+            raise TinyLMError(f"{path}: truncated inside token {len(pieces)} (length {n})")
         pieces.append(data[at + 8:at + 8 + n])
-        scores.append(float(score))
-        at += 8 + int(n)
-    if len(pieces) != vocab_size:
-        raise TinyLMError(f"{path}: {len(pieces)} tokens, but the model's vocab_size is {vocab_size}")
+        scores.append(score)
+        at += 8 + n
+    if at != len(data):
+        raise TinyLMError(f"{path}: {len(data) - at} bytes after the model's {vocab_size} tokens (vocab_size); "
+                          "not the tokenizer.bin of this model")
     return pieces, np.asarray(scores, dtype=np.float32)
 
 

@@ -331,6 +331,18 @@ def test_missing_extra_misshapen_or_non_finite_tensors_are_one_line(char_folder,
     assert not os.path.exists(out / "ckpt.npz")
 
 
+def test_a_llama_whose_tinylm_metadata_says_bias_false_reads_as_the_llama(char_folder, tmp_path):
+    # the metadata's bias field is GPT-2's; on a Llama it crashed the reader (LlamaConfig has no bias)
+    folder = copy_folder(char_folder[0], str(tmp_path / "f"))
+    path = os.path.join(folder, "model.safetensors")
+    tensors, metadata = load_file(path, mmap=False)
+    metadata["tinylm.config"] = json.dumps({**json.loads(metadata["tinylm.config"]), "bias": False})
+    save_file(tensors, path, metadata)
+    back = import_hf(folder)
+    assert back["config"] == char_folder[1]["config"]
+    assert all(np.array_equal(back["params"][k], v) for k, v in char_folder[1]["params"].items())
+
+
 def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder, tmp_path, bpe):
     folder = copy_folder(char_folder[0], str(tmp_path / "f"))
     os.remove(os.path.join(folder, "tinylm_tokenizer.json"))   # the character model's tokenizer.json is not byte-level

@@ -509,7 +509,7 @@ def import_hf(folder, dtype=np.float32, mmap=True):
     check_finite(params, weights_path)
     saved_config, info = _tinylm_metadata(metadata, weights_path, FORMAT_NAMES[arch])
     if saved_config is not None:
-        if saved_config.get("bias") is False:
+        if arch == "gpt2" and saved_config.get("bias") is False:        # a Llama has no biases to drop
             biases = [k for k in params if k.endswith(".bias")]
             if all(not np.any(params[k]) for k in biases):
                 params = {k: v for k, v in params.items() if not k.endswith(".bias")}

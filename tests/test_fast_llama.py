@@ -164,6 +164,18 @@ def test_greedy_tokens_with_and_without_the_cache_are_core_generates_within_the_
     assert uncached == ours                                       # without the cache: core's last-block rule, always
 
 
+def test_the_cache_is_sized_by_the_tokens_drawn_not_a_huge_block_size():
+    # a Llama's block_size bounds no array of its own: 10¹⁸ positions allocated the cache and crashed
+    config = config_of(block_size=16)
+    params = perturbed_params(config, seed=7, scale=0.5)
+    huge = core.LlamaConfig(**{**config.__dict__, "block_size": 10 ** 18})
+    prompt = [3, 1, 4]
+    assert LD.new_kv_cache(huge, 2, np.float64, positions=9)["k"].shape == (2, 2, 2, 9, 4)
+    assert LD.new_kv_cache(config, 2, np.float64, positions=10 ** 9)["k"].shape == (2, 2, 2, 16, 4)
+    want = list(LD.generate(params, config, prompt, 13, greedy))
+    assert list(LD.generate(params, huge, prompt, 13, greedy)) == want and len(set(want)) > 1
+
+
 def sliding_window_logits(params, config, idx, start=0):
     """The last position's logits (V,) of the model over the whole sequence idx (N,) at positions start …
     start + N − 1, where in every layer each position attends to itself and the block_size − 1 positions

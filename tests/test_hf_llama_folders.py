@@ -331,6 +331,19 @@ def test_missing_extra_misshapen_or_non_finite_tensors_are_one_line(char_folder,
     assert not os.path.exists(out / "ckpt.npz")
 
 
+def test_max_position_embeddings_beyond_2_to_the_20_is_refused_by_name(char_folder, tmp_path, capsys):
+    # nothing in a Llama folder bounds it; 10¹⁸ read fine and crashed sample.py allocating the KV cache
+    folder = copy_folder(char_folder[0], str(tmp_path / "f"))
+    edit_json(os.path.join(folder, "config.json"), lambda c: c.update(max_position_embeddings=10 ** 18))
+    with pytest.raises(TinyLMError, match="max_position_embeddings is 1000000000000000000; .* at most 2\\^20"):
+        import_hf(folder)
+    assert sample_main(["--init_from", folder, "--max_new_tokens", "5"]) == 1
+    one_line(capsys, "max_position_embeddings")
+    edit_json(os.path.join(folder, "config.json"), lambda c: c.update(max_position_embeddings=2 ** 20))
+    assert import_hf(folder)["config"].block_size == 2 ** 20
+    assert sample_main(["--init_from", folder, "--max_new_tokens", "5", "--num_samples", "2"]) == 0
+
+
 def test_a_llama_whose_tinylm_metadata_says_bias_false_reads_as_the_llama(char_folder, tmp_path):
     # the metadata's bias field is GPT-2's; on a Llama it crashed the reader (LlamaConfig has no bias)
     folder = copy_folder(char_folder[0], str(tmp_path / "f"))

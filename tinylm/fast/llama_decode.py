@@ -37,11 +37,13 @@ from tinylm.fast import layers as L
 from tinylm.fast.llama import GATE_UP, QKV, forward, is_dense, row_orders, stacked
 
 
-def new_kv_cache(config, batch_size, dtype):
-    """Room for block_size keys and values per layer, k and v (n_layer, B, Hkv, block_size, D), and "len":
-    the number of positions seen so far (unbounded; position p is kept in slot p mod block_size)."""
+def new_kv_cache(config, batch_size, dtype, positions=None):
+    """Room for S = min(block_size, positions) keys and values per layer, k and v (n_layer, B, Hkv, S, D), and
+    "len": the number of positions seen so far (unbounded; position p is kept in slot p mod S). positions: how
+    many a generation will ever need (prompt + new tokens), so a huge block_size does not size the cache."""
     D = config.n_embd // config.n_head
-    shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, D)
+    slots = config.block_size if positions is None else max(1, min(config.block_size, positions))
+    shape = (config.n_layer, batch_size, config.n_kv_head, slots, D)
     return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype), "len": 0}
 
 
@@ -142,11 +144,12 @@ def this_turn(pos, inv_freq, n_heads, dtype):
 
 def decode_rows(dw, kv, tokens):
     """Logits (B, V) for one more token of each of B sequences in kv, at position kv["len"] (any, the cache
-    slides): the token's q, k, v, its key and value into slot position mod block_size, attention over every
-    slot in use, then the MLP; the same numbers as the sliding-window forward the module docstring describes."""
+    slides): the token's q, k, v, its key and value into slot position mod S (the cache's slots, ≤ block_size),
+    attention over every slot in use, then the MLP; the same numbers as the sliding-window forward the module
+    docstring describes (a cache of S < block_size slots is never outgrown: new_kv_cache's positions)."""
     config = dw["config"]
     pos = kv["len"]
-    T, H, Hkv = config.block_size, config.n_head, config.n_kv_head
+    T, H, Hkv = kv["k"].shape[3], config.n_head, config.n_kv_head
     D, eps = config.n_embd // H, config.norm_eps
     slot, n = pos % T, min(pos + 1, T)
     B = len(tokens)
@@ -187,7 +190,8 @@ def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_c
     context = np.repeat(prompt[None, -config.block_size:], rows, axis=0)       # (rows, t)
     if use_cache:
         dw = decoding_weights(params, config)
-        kv = new_kv_cache(config, rows, params["model.embed_tokens.weight"].dtype)
+        kv = new_kv_cache(config, rows, params["model.embed_tokens.weight"].dtype,
+                          positions=context.shape[1] + max_new_tokens)
         last = prefill(params, config, context, kv)
     for step in range(max_new_tokens):
         if not use_cache:

@@ -32,6 +32,9 @@ ONLY_VALUES = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": 
                "rope_scaling": (None,), "sliding_window": (None,), "use_sliding_window": (False, None),
                "quantization_config": (None,), "is_encoder_decoder": (False,), "add_cross_attention": (False,)}
 ROPE_KEYS = {"rope_type", "type", "rope_theta"}
+# A Llama has no position table, so nothing in the folder bounds max_position_embeddings (tinylm's block_size,
+# which sizes the decoder's KV cache and the training windows): more than 2^20 positions is refused.
+MAX_POSITIONS = 1 << 20
 
 
 def check_int(cfg, key, path):
@@ -191,6 +194,9 @@ def llama_config_from_hf(cfg, path="config.json"):
     cfg = {**LLAMA_DEFAULTS, **cfg}
     dims = {k: check_int(cfg, k, path) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                   "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
+    if dims["max_position_embeddings"] > MAX_POSITIONS:
+        raise TinyLMError(f"{path}: max_position_embeddings is {brief(dims['max_position_embeddings'])}; tinylm "
+                          f"reads Llamas of at most 2^20 = {MAX_POSITIONS:,} positions")
     n_head = dims["num_attention_heads"]
     n_kv_head = n_head if cfg["num_key_value_heads"] is None else check_int(cfg, "num_key_value_heads", path)
     if cfg["head_dim"] is not None and (check_int(cfg, "head_dim", path) * n_head != dims["hidden_size"]):

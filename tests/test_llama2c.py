@@ -20,8 +20,8 @@ from tinylm.core.gpt2 import init_params as gpt2_init
 from tinylm.errors import TinyLMError
 from tinylm.io.checkpoint import save_checkpoint
 from tinylm.io.hf import load_any
-from tinylm.io.llama2c import (SPECIALS, export_llama2c, interleave_permutation, load_llama2c, permute_heads,
-                               read_model_bin, read_tokenizer_bin, write_model_bin, write_tokenizer_bin)
+from tinylm.io.llama2c import (SPECIALS, check_run_c_config, export_llama2c, interleave_permutation, load_llama2c,
+                               permute_heads, read_model_bin, read_tokenizer_bin, write_model_bin, write_tokenizer_bin)
 from tinylm.text.bpe import BPETokenizer, base_vocab
 from tinylm.text.char import CharTokenizer
 from tinylm.text.pieces import PieceTokenizer
@@ -32,8 +32,8 @@ CHARS = "\n !,.:?ARTabdeghilmnorstuw"
 
 
 def make(tie=False, n_kv_head=2, chars=CHARS, **kw):
-    config = llama.LlamaConfig(block_size=16, vocab_size=len(chars), n_layer=2, n_head=4, n_kv_head=n_kv_head,
-                               n_embd=16, tie_embeddings=tie, **kw).validate()
+    config = llama.LlamaConfig(**{**dict(block_size=16, vocab_size=len(chars), n_layer=2, n_head=4, n_embd=16,
+                                         n_kv_head=n_kv_head, tie_embeddings=tie), **kw}).validate()
     params = llama.init_params(config, seed=3)
     params = {k: v + np.float32(0.02) * np.random.default_rng(7).standard_normal(v.shape).astype(np.float32)
               for k, v in params.items()}            # norms away from 1, so a swapped norm would show
@@ -254,6 +254,8 @@ def test_a_tokenizer_bin_is_read_only_as_far_as_vocab_size_reaches(tmp_path):
     (dict(norm_eps=1e-6), ("norm_eps", "1e-05")),
     (dict(chars="\nabc"), ("no ' '",)),
     (dict(chars="\0 ab"), ("NUL",)),
+    (dict(block_size=2 ** 31), ("seq_len is 2,147,483,648", "2^31 - 1")),      # was an OverflowError
+    (dict(block_size=2 ** 20 + 1), ("rotary tables", "1,048,577")),           # 2^20 x D floats at most
 ])
 def test_what_run_c_cannot_run_is_refused_and_nothing_is_written(tmp_path, change, words):
     model = make(**change)
@@ -261,6 +263,15 @@ def test_what_run_c_cannot_run_is_refused_and_nothing_is_written(tmp_path, chang
         export_llama2c(model, str(tmp_path / "out"))
     assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_header_field_above_int32_is_refused():
+    for field, name in (("n_embd", "dim"), ("ffn_hidden", "hidden_dim"), ("n_layer", "n_layers"),
+                        ("vocab_size", "vocab_size")):
+        config = llama.LlamaConfig(block_size=16, vocab_size=10, n_layer=1, n_head=2, n_embd=8)
+        config = llama.LlamaConfig(**{**config.__dict__, field: 2 ** 31 - (3 if field == "vocab_size" else 0)})
+        with pytest.raises(TinyLMError, match=f"this model's {name} is 2,147,483,648, above 2\\^31 - 1"):
+            check_run_c_config(config)         # vocab_size: a character model's 3 specials count
 
 
 def test_bpe_and_gpt2_models_are_refused(tmp_path):

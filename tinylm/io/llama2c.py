@@ -32,6 +32,8 @@ from tinylm.text.pieces import PieceTokenizer
 MODEL_FILE, TOKENIZER_FILE = "model.bin", "tokenizer.bin"
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 RUN_C_THETA, RUN_C_EPS = 10000.0, 1e-5
+INT32_MAX = 2 ** 31 - 1
+MAX_SEQ_LEN = 1 << 20     # as io/hf_llama.py's MAX_POSITIONS: the tables are then at most 2^20 x head_dim floats
 SPECIALS = (b"<unk>", b"\n<s>\n", b"\n</s>\n")      # sentencepiece's strings, as llama2.c's own tokenizer.bin has
 PER_LAYER = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "post_attention_layernorm", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj")
@@ -53,10 +55,20 @@ def permute_heads(w, n_heads, perm):
 
 
 def check_run_c_config(config):
-    """One line for what run.c cannot run: its θ and ε are fixed, and only a Llama has its layout."""
+    """One line for what run.c cannot run: its θ and ε are fixed, only a Llama has its layout, the header holds
+    int32s (a character model's vocabulary gains 3 specials), and the rotary tables are bounded (MAX_SEQ_LEN)."""
     if getattr(config, "arch", None) != "llama":
         raise TinyLMError("--format llama2c writes Llamas only (run.c runs Llamas); this is a GPT-2: "
                           "export it with --format hf")
+    fields = (config.n_embd, config.ffn_hidden, config.n_layer, config.n_head, config.n_kv_head,
+              config.vocab_size + len(SPECIALS), config.block_size)
+    for name, value in zip(HEADER, fields):
+        if value > INT32_MAX:
+            raise TinyLMError(f"model.bin's header holds int32s; this model's {name} is {value:,}, above "
+                              f"2^31 - 1, so llama2.c's format cannot hold it")
+    if config.block_size > MAX_SEQ_LEN:
+        raise TinyLMError(f"model.bin holds rotary tables of seq_len x head_dim floats; this model's block_size "
+                          f"{config.block_size:,} is above the {MAX_SEQ_LEN:,} positions tinylm writes")
     if config.rope_theta != RUN_C_THETA:
         raise TinyLMError(f"run.c fixes the rotary base at {RUN_C_THETA:g}; this model has --rope_theta "
                           f"{config.rope_theta:g}, so llama2.c's format cannot hold it")

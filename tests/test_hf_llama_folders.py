@@ -374,6 +374,16 @@ def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder
         assert "not GPT-2's byte-level" in str(e.value) and "\n" not in str(e.value)
         export_hf(model, folder)
     assert import_hf(folder)["tokenizer"].to_dict() == bpe.to_dict()
+    # read before, with other ids than the tokenizers library gives: a space put first, tokens matched whole
+    eot = {"id": bpe.end_of_text_id, "content": "<|endoftext|>", "special": True}
+    for edit, words in ((lambda t: t["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space is true"),
+                        (lambda t: t["added_tokens"].append({**eot, "id": 5, "content": "the"}), "added token"),
+                        (lambda t: t["added_tokens"].__setitem__(0, {**eot, "id": 7}), "added token")):
+        edit_json(os.path.join(folder, "tokenizer.json"), edit)
+        with pytest.raises(TinyLMError) as e:
+            import_hf(folder)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+        export_hf(model, folder)
     os.remove(os.path.join(folder, "tokenizer.json"))        # save_pretrained of a model alone writes no tokenizer
     with pytest.raises(TinyLMError) as e:
         import_hf(folder)

@@ -361,6 +361,25 @@ def _bpe_merges(raw, path):
     return merges
 
 
+def _check_what_tinylm_bpe_does_not_do(data, pre, vocab, path):
+    """One line for a byte-level tokenizer.json the tokenizers library reads otherwise than tinylm's BPE: a space
+    put before the text (add_prefix_space), or an added token other than <|endoftext|> at its vocabulary id
+    (the library matches added tokens whole, before the BPE)."""
+    prefix = pre.get("add_prefix_space", False)
+    if prefix is not False:
+        shown = json.dumps(prefix) if prefix in (True, None) else brief(prefix)
+        raise TinyLMError(f"{path}: pre_tokenizer.add_prefix_space is {shown}; the "
+                          "tokenizers library then puts a space before the text and tinylm's BPE does not")
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise TinyLMError(f"{path}: added_tokens is {brief(added)}, not a list")
+    for t in added:
+        content = t.get("content") if isinstance(t, dict) else None
+        if content != END_OF_TEXT or t.get("id") != vocab.get(END_OF_TEXT):
+            raise TinyLMError(f"{path}: added token {brief(t)}; tinylm's BPE matches only {END_OF_TEXT} whole "
+                              "(at its vocabulary id), so its ids would differ from the tokenizers library's")
+
+
 def _load_tokenizer(folder):
     """tinylm_tokenizer.json if present, else vocab.json + merges.txt, else a tokenizer.json's BPE model."""
     path = os.path.join(folder, TINYLM_TOKENIZER_FILE)
@@ -382,6 +401,7 @@ def _load_tokenizer(folder):
                 pre.get("type") != "ByteLevel" or pre.get("use_regex") is False:
             raise TinyLMError(f"{path}: a BPE tokenizer that is not GPT-2's byte-level one (normalizer, "
                               "pre_tokenizer or byte_fallback); tinylm's BPE would give other ids")
+        _check_what_tinylm_bpe_does_not_do(data, pre, model["vocab"], path)
         return BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))
     raise TinyLMError(f"no tokenizer in {folder}: expected {VOCAB_FILE} and {MERGES_FILE} "
                       f"(GPT-2's), a byte-level BPE {HF_TOKENIZER_FILE}, or {TINYLM_TOKENIZER_FILE}")

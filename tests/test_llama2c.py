@@ -331,6 +331,21 @@ def test_piece_tokenizer_encodes_as_run_c_and_decodes_back():
     assert back.pieces == tok.pieces and np.array_equal(back.scores, tok.scores)
 
 
+def test_pieces_scored_at_or_below_minus_1e10_are_never_merged_and_nan_is_refused():
+    # run.c merges only when score > best, best starting at −1e10; a NaN score compares false in run.c
+    pieces, scores = piece_vocabulary()
+    scores = scores.copy()
+    scores[pieces.index(b"ab")], scores[pieces.index(b" a")] = -1e10, -3e10
+    tok = PieceTokenizer(pieces, scores)
+    for text in ("ab", "abc", "a b", "cab ab", "aab"):
+        assert tok.encode(text).tolist() == run_c_encode(pieces, scores, text), text
+    assert tok.encode("ab").tolist() == [1, pieces.index(b" "), pieces.index(b"a"), pieces.index(b"b")]
+    for bad in (np.nan, np.inf, -np.inf):
+        scores[pieces.index(b"bc")] = bad
+        with pytest.raises(TinyLMError, match=f"piece {pieces.index(b'bc')}'s score is .*finite"):
+            PieceTokenizer(pieces, scores)
+
+
 LLAMA2C_TOKENIZER = os.environ.get("TINYLM_LLAMA2C_TOKENIZER")   # llama2.c's own tokenizer.bin
 
 

@@ -3,7 +3,8 @@
 A vocabulary of byte strings ("pieces"), each with a score. Encoding, as llama2.c's run.c does it: the id of
 <s> (1) first, a space (sentencepiece's dummy prefix) when the text is not empty, each character's piece (or,
 for a character with no piece of its own, one `<0xXX>` byte token per UTF-8 byte, at id byte + 3), then merge
-the adjacent pair whose concatenation is a piece with the highest score, leftmost first, until none is left.
+the adjacent pair whose concatenation is a piece with the highest score, leftmost first, until none is left
+(run.c merges only pieces scored above −1e10, its starting best; scores must be finite).
 Decoding joins the pieces, `<0xXX>` as the byte it names, ids 0-2 as nothing, and reads the bytes as UTF-8.
 """
 import heapq
@@ -16,6 +17,7 @@ from tinylm.errors import TinyLMError
 UNK, BOS, EOS = 0, 1, 2          # run.c's fixed ids: <unk>, <s>, </s>
 BYTE_OFFSET = 3                   # byte fallback: byte b is id b + 3
 BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+NO_MERGE = np.float32(-1e10)      # run.c's starting best: a piece scored at or below it is never merged into
 
 
 class PieceTokenizer:
@@ -26,6 +28,9 @@ class PieceTokenizer:
             raise TinyLMError("a piece tokenizer needs one score per piece and at least 2 pieces")
         self.pieces = [bytes(p) for p in pieces]
         self.scores = np.asarray(scores, dtype=np.float32)
+        if not np.all(np.isfinite(self.scores)):
+            bad = int(np.argmin(np.isfinite(self.scores)))
+            raise TinyLMError(f"piece {bad}'s score is {self.scores[bad]}; run.c's merges need finite scores")
         self.ids = {}
         for i, p in enumerate(self.pieces):
             self.ids.setdefault(p, i)               # run.c's bsearch finds one of equal pieces; the first here
@@ -51,14 +56,16 @@ class PieceTokenizer:
         return np.asarray(self._merge(ids), dtype=self.dtype)
 
     def _merge(self, ids):
-        """Merge the best-scored pair, leftmost among equals, until no pair's concatenation is a piece."""
+        """Merge the best-scored pair, leftmost among equals, until no pair's concatenation is a piece scored
+        above NO_MERGE (run.c: `if score > best` from best = −1e10)."""
         nxt, prev, alive = list(range(1, len(ids) + 1)), list(range(-1, len(ids) - 1)), [True] * len(ids)
         nxt[-1] = -1
         heap = []
 
         def push(i):
             j = nxt[i]
-            if j != -1 and (m := self.ids.get(self.pieces[ids[i]] + self.pieces[ids[j]])) is not None:
+            m = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[j]]) if j != -1 else None
+            if m is not None and self.scores[m] > NO_MERGE:
                 heapq.heappush(heap, (-float(self.scores[m]), i, ids[i], ids[j], m))
         for i in range(len(ids)):
             push(i)

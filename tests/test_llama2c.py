@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import run_script
+from tinylm.cli.compress import main as compress_main
 from tinylm.cli.export import main as export_main
+from tinylm.cli.sample import sample_main
 from tinylm.core import layers as CL
 from tinylm.core import llama
 from tinylm.core.gpt2 import GPTConfig
@@ -401,6 +403,31 @@ def test_export_command_writes_both_files_and_refuses_gpt2(tmp_path, capsys):
     assert len(err) == 1 and "--format hf" in err[0] and not (tmp_path / "g").exists()
     assert export_main([str(tmp_path / "l.npz"), str(tmp_path / "h"), "--format", "llama2c", "--dtype", "float16"]) == 1
     assert "float32" in capsys.readouterr().err and not (tmp_path / "h").exists()
+
+
+def test_export_and_compress_take_tokenizer_bin_and_sample_refuses_it_for_a_checkpoint(tmp_path, capsys):
+    folder, params, config = piece_model(tmp_path)          # its tokenizer is tok.bin, not tokenizer.bin
+    model_bin, tok_bin = str(folder / "model.bin"), str(folder / "tok.bin")
+    assert export_main([model_bin, str(tmp_path / "e"), "--format", "llama2c", "--tokenizer_bin", tok_bin]) == 0
+    assert (tmp_path / "e" / "tokenizer.bin").read_bytes() == (folder / "tok.bin").read_bytes()
+    assert compress_main([model_bin, str(tmp_path / "c.npz"), "--method", "svd", "--rank", "2", "--eval_tokens", "0",
+                          "--no_progress", "--tokenizer_bin", tok_bin]) == 0
+    assert isinstance(load_any(str(tmp_path / "c.npz"))["tokenizer"], PieceTokenizer)
+    capsys.readouterr()
+    # the given file missing: said so, not "no tokenizer.bin beside"
+    assert export_main([model_bin, str(tmp_path / "f"), "--tokenizer_bin", str(folder / "nope.bin")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "nope.bin, does not exist" in err and "beside" not in err and "\n" not in err
+    # given with a model that is not a model.bin: refused, not ignored, and nothing written
+    save_checkpoint(str(tmp_path / "l.npz"), *(lambda m: (m["params"], m["config"], m["tokenizer"]))(make()))
+    for command in (lambda: sample_main(["--init_from", str(tmp_path / "l.npz"), "--tokenizer_bin", tok_bin]),
+                    lambda: export_main([str(tmp_path / "l.npz"), str(tmp_path / "g"), "--tokenizer_bin", tok_bin]),
+                    lambda: compress_main([str(tmp_path / "l.npz"), str(tmp_path / "d" / "c.npz"),
+                                           "--tokenizer_bin", tok_bin])):
+        assert command() == 1
+        err = capsys.readouterr().err.strip()
+        assert "--tokenizer_bin goes with" in err and "\n" not in err, err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "d").exists()
 
 
 def test_sample_and_finetune_from_a_model_bin(trained_llama, tmp_path):

@@ -96,6 +96,19 @@ def _run(main, argv, debug):
         return 1
 
 
+def add_tokenizer_bin(ap):
+    """The --tokenizer_bin flag of the commands that read a model (load_any's tokenizer_bin)."""
+    ap.add_argument("--tokenizer_bin", default=None, metavar="FILE",
+                    help="with a llama2.c model.bin: its tokenizer.bin (default: the one beside it)")
+
+
+def check_tokenizer_bin(tokenizer_bin, path, flag):
+    """One line when --tokenizer_bin is given for a model that is not a llama2.c model.bin (it would be ignored)."""
+    if tokenizer_bin is not None and not os.fspath(path).endswith(".bin"):
+        raise TinyLMError(f"--tokenizer_bin goes with {flag} a llama2.c model.bin; a tinylm checkpoint or a "
+                          "GPT-2 or Llama folder carries its own tokenizer")
+
+
 def parse_bool(text):
     low = str(text).lower()
     if low in ("1", "true", "yes", "on"):

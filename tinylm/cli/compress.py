@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from tinylm.atomic import check_writable_folder
-from tinylm.cli.common import OneLineParser, parse_bool, run_cli
+from tinylm.cli.common import OneLineParser, add_tokenizer_bin, check_tokenizer_bin, parse_bool, run_cli
 from tinylm.core.optim import adamw_init
 from tinylm.errors import TinyLMError
 from tinylm.fast.arch import fast_model
@@ -47,6 +47,7 @@ def compress_parser():
                     "uses no data")
     ap.add_argument("--eval_tokens", type=int, default=16384,
                     help="validation tokens on which to report the loss before and after (0: skip)")
+    add_tokenizer_bin(ap)
     ap.add_argument("--force", action="store_true", help="replace OUT.npz if it exists")
     ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -84,6 +85,7 @@ def _compress(argv):
         raise CompressError(f"--calib_tokens must be >= 1, got {a.calib_tokens}")
     if a.eval_tokens < 0:
         raise CompressError(f"--eval_tokens must be >= 0, got {a.eval_tokens}")
+    check_tokenizer_bin(a.tokenizer_bin, a.checkpoint, "CKPT")
     if os.path.isdir(a.out):
         raise CompressError(f"{a.out} is a folder; give the path of the .npz file to write")
     if os.path.exists(a.out) and os.path.exists(a.checkpoint) and os.path.samefile(a.out, a.checkpoint):
@@ -96,7 +98,7 @@ def _compress(argv):
     except OSError as e:
         raise CompressError(f"cannot write {a.out}: its folder {folder} cannot be created or written "
                             f"({e.strerror or e})") from None
-    ckpt = load_any(a.checkpoint)
+    ckpt = load_any(a.checkpoint, tokenizer_bin=a.tokenizer_bin)
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"] or {}
     ranks = ranks_for(config, rank, fraction)
     check_not_lower(params, ranks)
@@ -112,7 +114,8 @@ def _compress(argv):
                "calib_tokens": 0 if calib is None else int(calib.size),
                "calib": None if calib is None else calib_path, "block_param_fraction": kept / dense,
                "source": os.path.abspath(a.checkpoint), "seconds": round(seconds, 3)}
-    out_meta = {k: meta[k] for k in ("step", "rng", "train_args", "elapsed_s") if k in meta}
+    # a model.bin or a foreign folder has step None, which a checkpoint's metadata may not hold
+    out_meta = {k: meta[k] for k in ("step", "rng", "train_args", "elapsed_s") if meta.get(k) is not None}
     out_meta["compressed"] = summary
     save_checkpoint(a.out, new, config, tok, adamw_init(new), out_meta)   # fresh moments: the factors can train
     shapes = model_of(config).param_shapes(config)

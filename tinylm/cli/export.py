@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from tinylm.cli.common import OneLineParser, run_cli
+from tinylm.cli.common import OneLineParser, add_tokenizer_bin, check_tokenizer_bin, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.io.hf import export_hf, load_any
 from tinylm.io.llama2c import export_llama2c
@@ -28,6 +28,7 @@ def export_parser():
                     "for llama2.c's run.c (a Llama; see docs/guide.md)")
     ap.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
                     help="dtype of the stored weights")
+    add_tokenizer_bin(ap)
     ap.add_argument("--force", action="store_true",
                     help="write into a folder that is not empty, replacing the model and tokenizer files in it")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -36,6 +37,7 @@ def export_parser():
 
 def _export(argv):
     a = export_parser().parse_args(argv)
+    check_tokenizer_bin(a.tokenizer_bin, a.checkpoint, "CKPT")
     if os.path.exists(a.folder):
         if not os.path.isdir(a.folder):
             raise TinyLMError(f"{a.folder} exists and is not a folder")
@@ -46,13 +48,13 @@ def _export(argv):
     if a.format == "llama2c":
         if a.dtype != "float32":
             raise TinyLMError(f"--format llama2c writes float32, the only dtype run.c reads; leave out --dtype {a.dtype}")
-        result = export_llama2c(load_any(a.checkpoint), a.folder)
+        result = export_llama2c(load_any(a.checkpoint, tokenizer_bin=a.tokenizer_bin), a.folder)
         print(f"wrote {a.folder}: {', '.join(result['files'])} (run it: run {a.folder}/model.bin -z "
               f"{a.folder}/tokenizer.bin)")
         for note in result["notes"]:
             print(f"note: {note}")
         return 0
-    result = export_hf(a.checkpoint, a.folder, dtype=a.dtype)
+    result = export_hf(load_any(a.checkpoint, tokenizer_bin=a.tokenizer_bin), a.folder, dtype=a.dtype)
     print(f"wrote {a.folder}: {', '.join(result['files'])}")
     for note in result["notes"]:
         print(f"note: {note}")

@@ -7,7 +7,7 @@ import traceback
 
 import numpy as np
 
-from tinylm.cli.common import OneLineParser, parse_bool, run_cli
+from tinylm.cli.common import OneLineParser, check_tokenizer_bin, parse_bool, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.analysis.interventions import steer, steering_direction
 from tinylm.core.sampling import NonFiniteLogits, check_sampling_args, sample_next
@@ -78,6 +78,7 @@ def _sample(argv):
         path = a.checkpoint
     else:
         path = os.path.join(a.out_dir, a.checkpoint)
+    check_tokenizer_bin(a.tokenizer_bin, path, "--init_from")
     rank = None
     if a.rank is not None:
         rank = parse_rank(a.rank)

@@ -297,6 +297,8 @@ def load_llama2c(path, tokenizer_path=None):
 
     The config: run.c's θ = 10000 and ε = 1e-5; the head is tied when the classifier equals the embedding."""
     arrays, h, shared = read_model_bin(path)
+    if tokenizer_path is not None and not os.path.exists(tokenizer_path):
+        raise TinyLMError(f"the tokenizer.bin given for {path}, {tokenizer_path}, does not exist")
     tokenizer_path = tokenizer_path or os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_FILE)
     if not os.path.exists(tokenizer_path):
         raise TinyLMError(f"no tokenizer.bin beside {path}; pass --tokenizer_bin FILE (llama2.c's tokenizer.bin)")

@@ -428,6 +428,11 @@ def test_export_and_compress_take_tokenizer_bin_and_sample_refuses_it_for_a_chec
         err = capsys.readouterr().err.strip()
         assert "--tokenizer_bin goes with" in err and "\n" not in err, err
     assert not (tmp_path / "g").exists() and not (tmp_path / "d").exists()
+    # a piece tokenizer has no Hugging Face form: refused before any folder is made (parents included)
+    assert export_main([model_bin, str(tmp_path / "a" / "b" / "hf"), "--tokenizer_bin", tok_bin]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "a llama2.c tokenizer has no Hugging Face form tinylm writes; use --format llama2c" in err, err
+    assert "\n" not in err and not (tmp_path / "a").exists()
 
 
 def test_sample_and_finetune_from_a_model_bin(trained_llama, tmp_path):

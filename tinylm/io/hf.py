@@ -43,6 +43,7 @@ from tinylm.io.hf_llama import (check_flag, check_int, fast_tokenizer_files, is_
                                 llama_hf_config)
 from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.char import CharTokenizer, tokenizer_from_dict
+from tinylm.text.pieces import PieceTokenizer
 from tinylm.lowrank.factorized import dense_params, ranks_of
 from tinylm.text.bpe import BPETokenizer, END_OF_TEXT, MERGES_HEADER, bytes_to_unicode
 
@@ -228,6 +229,8 @@ def export_hf(source, folder, dtype=np.float32):
         raise TinyLMError(f"export dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype.name}")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TinyLMError(f"export folder {folder} exists and is not a folder")
+    if isinstance(tok, PieceTokenizer):          # before any folder is made
+        raise TinyLMError("a llama2.c tokenizer has no Hugging Face form tinylm writes; use --format llama2c")
     parent = os.path.dirname(os.path.realpath(folder))
     try:
         os.makedirs(parent, exist_ok=True)

@@ -1,8 +1,8 @@
 """llama2.c's model.bin and tokenizer.bin (tinylm/io/llama2c.py, tinylm/text/pieces.py).
 
 The outside check is run.c itself, which CI cannot build; here a NumPy transcription of run.c's forward (its
-interleaved rotary pairs, its head-to-K/V-head mapping, its ids) reads the exported arrays and must give tinylm's
-logits. test_run_c_binary runs a real run.c binary when TINYLM_RUN_C names one.
+interleaved rotary pairs, its head-to-K/V-head mapping, its ids), which slices model.bin's bytes itself in
+run.c's memory_map_weights order, must give tinylm's logits. test_run_c_binary runs a real run.c binary when TINYLM_RUN_C names one.
 """
 import os
 import struct
@@ -53,11 +53,35 @@ def rope_interleaved(x, positions, theta=10000.0):
     return y
 
 
+def run_c_weights(path):
+    """model.bin as run.c's memory_map_weights maps it: the 7-int header, then a pointer advanced through the
+    floats in its order, offsets computed here (not by tinylm's reader), each matrix (out, in) row-major as
+    run.c's matmul reads it. -> ({name: array}, (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size))"""
+    raw = open(path, "rb").read()
+    C, F, L, H, Hkv, V, T = struct.unpack_from("<7i", raw)
+    shared, V, D = V > 0, abs(V), C // H
+    floats = np.frombuffer(raw, "<f4", offset=28)
+    at = 0
+
+    def take(*shape):
+        nonlocal at
+        n = int(np.prod(shape))
+        a = floats[at:at + n].reshape(shape)
+        at += n
+        return a
+    w = {"token_embedding": take(V, C), "rms_att": take(L, C), "wq": take(L, H * D, C), "wk": take(L, Hkv * D, C),
+         "wv": take(L, Hkv * D, C), "wo": take(L, C, H * D), "rms_ffn": take(L, C), "w1": take(L, F, C),
+         "w2": take(L, C, F), "w3": take(L, F, C), "rms_final": take(C)}
+    at += 2 * (T * D // 2)                                  # freq_cis_real, freq_cis_imag: skipped
+    w["wcls"] = w["token_embedding"] if shared else take(V, C)
+    assert at == floats.size
+    return w, (C, F, L, H, Hkv, V)
+
+
 def run_c_logits(path, tokens):
-    """run.c's forward, one token at a time with its cache, in float64 from model.bin's arrays: (T, V) logits."""
-    a, h, shared = read_model_bin(path)
+    """run.c's forward, one token at a time with its cache, in float64 from model.bin's bytes: (T, V) logits."""
+    a, (C, F, L, H, Hkv, V) = run_c_weights(path)
     a = {k: v.astype(np.float64) for k, v in a.items()}
-    C, L, H, Hkv = h["dim"], h["n_layers"], h["n_heads"], h["n_kv_heads"]
     D, kv_mul = C // H, H // Hkv
     rms = lambda x, w: w * x / np.sqrt(np.mean(x * x) + 1e-5)
     keys, values, out = [[] for _ in range(L)], [[] for _ in range(L)], []
@@ -78,7 +102,7 @@ def run_c_logits(path, tokens):
             xb = rms(x, a["rms_ffn"][l])
             gate = a["w1"][l] @ xb
             x = x + a["w2"][l] @ (gate / (1 + np.exp(-gate)) * (a["w3"][l] @ xb))
-        out.append((a["token_embedding"] if shared else a["wcls"]) @ rms(x, a["rms_final"]))
+        out.append(a["wcls"] @ rms(x, a["rms_final"]))
     return np.array(out)
 
 

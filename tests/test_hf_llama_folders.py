@@ -239,7 +239,7 @@ REFUSED = [
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, ["quantization_config"]),
     ({"model_type": "mistral"}, ["model_type", "mistral", "'llama'"]),
     ({"architectures": ["LlamaModel"]}, ["architecture", "LlamaForCausalLM"]),
-    ({"architectures": "LlamaForCausalLM"}, ["architecture"]),
+    ({"architectures": "LlamaForCausalLM"}, ["architectures must be a list of names", "got the string"]),
     ({"num_key_value_heads": 3}, ["n_head", "divisible", "n_kv_head"]),
     ({"num_key_value_heads": 2.0}, ["num_key_value_heads", "positive integer"]),
     ({"num_attention_heads": 16, "head_dim": None}, ["head width", "even"]),

@@ -25,7 +25,8 @@ def compress_parser():
                        description="Compress a tinylm checkpoint (GPT-2 or Llama): each block linear layer W becomes two thin factors "
                        "A (out, r) and B (r, in), W ≈ A B, run as y = (x Bᵀ) Aᵀ. The output is a checkpoint that "
                        "sample.py, analyze.py, tinylm.export and train.py --init_from resume read.")
-    ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz) or a GPT-2 folder")
+    ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz), a GPT-2 or Llama folder "
+                    "or a llama2.c model.bin")
     ap.add_argument("out", metavar="OUT.npz", help="the compressed checkpoint to write (atomically; its folder "
                     "is created if missing, and checked before any work)")
     size = ap.add_mutually_exclusive_group()

@@ -29,8 +29,8 @@ def sample_parser():
     ap.add_argument("--checkpoint", default="ckpt.npz",
                     help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
     ap.add_argument("--init_from", default=None, metavar="PATH",
-                    help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
-                         "(config.json, model.safetensors, vocab.json, merges.txt) or llama2.c model.bin instead of OUT_DIR")
+                    help="sample from this checkpoint file, GPT-2 or Llama folder in the Hugging Face layout "
+                         "(config.json, model.safetensors, a tokenizer) or llama2.c model.bin instead of OUT_DIR")
     ap.add_argument("--tokenizer_bin", default=None, metavar="FILE",
                     help="with --init_from a llama2.c model.bin: its tokenizer.bin (default: the one beside it)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")

@@ -186,6 +186,9 @@ def llama_config_from_hf(cfg, path="config.json"):
     archs = cfg.get("architectures")
     if archs is None:
         archs = []
+    if isinstance(archs, str):
+        raise TinyLMError(f"{path}: architectures must be a list of names, such as [\"LlamaForCausalLM\"]; "
+                          f"got the string {brief(archs)}")
     if not isinstance(archs, list) or not all(isinstance(a, str) and a in LLAMA_ARCHITECTURES for a in archs):
         raise TinyLMError(f"{path}: unsupported architecture {brief(archs)} for model_type 'llama'; tinylm "
                           "reads LlamaForCausalLM")

@@ -76,8 +76,9 @@ class TrainArgs:
 HELP = {
     "data": "UTF-8 text file to train on (default: the bundled Tiny Shakespeare)",
     "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
-    "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file "
-                 "or GPT-2 folder to fine-tune (a new run in OUT_DIR; the source is only read)",
+    "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file, "
+                 "GPT-2 or Llama folder or llama2.c model.bin to fine-tune (a new run in OUT_DIR; the source is only "
+                 "read)",
     "tokenizer_bin": "with --init_from a llama2.c model.bin: its tokenizer.bin (default: the tokenizer.bin beside it)",
     "arch": "'gpt2' (learned positions, layer norm, GELU) or 'llama' (rotary positions, RMSNorm, SwiGLU, "
             "shared K/V heads, no biases; Hugging Face's LlamaForCausalLM names); a resumed or fine-tuned run keeps "

@@ -1,4 +1,4 @@
-"""Fine-tuning setup: start from a checkpoint or GPT-2 folder, fit the new text to its vocabulary, add adapters.
+"""Fine-tuning setup: start from a checkpoint, a GPT-2 or Llama folder or a llama2.c model.bin, fit the new text to its vocabulary, add adapters.
 
     python train.py --init_from out/ckpt.npz --data mine.txt --out_dir out-mine              # full fine-tuning
     python train.py --init_from out/ckpt.npz --data mine.txt --out_dir out-lora --lora_rank 4 [--lora_init pissa]
@@ -49,18 +49,19 @@ def validate_finetune_args(a, explicit):
         return                      # the adapters' settings come from the checkpoint, checked in resume_adapters
     if a.tokenizer_bin is not None and not a.init_from.endswith(".bin"):
         raise TinyLMError("--tokenizer_bin goes with --init_from a llama2.c model.bin; a tinylm checkpoint or a "
-                          "GPT-2 folder carries its own tokenizer")
+                          "GPT-2 or Llama folder carries its own tokenizer")
     given = [f for f in LORA_FLAGS if f in explicit]
     if a.lora_rank == 0 and given:
         raise TinyLMError(f"--{given[0]} needs --lora_rank R (adapters of rank R)")
     if a.lora_rank and a.init_from == "scratch":
         raise TinyLMError("--lora_rank adapts a trained model: give --init_from CHECKPOINT (a .npz file or a "
-                          "GPT-2 folder), not scratch")
+                          "GPT-2 or Llama folder or a llama2.c model.bin), not scratch")
     if a.merge and not a.lora_rank:
         raise TinyLMError("--merge folds adapters into their matrices: it needs --lora_rank (or --init_from "
                           "resume of a run with adapters)")
     if a.init_from != "scratch" and not os.path.exists(a.init_from):
-        raise TinyLMError(f"--init_from must be 'scratch', 'resume', or a checkpoint file or GPT-2 folder; "
+        raise TinyLMError(f"--init_from must be 'scratch', 'resume', a checkpoint file, a GPT-2 or Llama folder or a "
+                          f"llama2.c model.bin; "
                           f"{a.init_from} does not exist")
 
 
@@ -123,7 +124,7 @@ def encode_for_model(a, tokenizer, log=print):
 
 
 def load_source(a, explicit):
-    """(config, tokenizer, params) of --init_from (a .npz file, adapters merged, or a GPT-2 folder)."""
+    """(config, tokenizer, params) of --init_from (a .npz file, adapters merged, a GPT-2 or Llama folder or a model.bin)."""
     check_not_source(a.init_from, a.out_dir)
     ckpt = load_any(a.init_from, tokenizer_bin=a.tokenizer_bin)
     config = ckpt["config"]

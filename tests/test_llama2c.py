@@ -24,6 +24,8 @@ from tinylm.io.checkpoint import save_checkpoint
 from tinylm.io.hf import load_any
 from tinylm.io.llama2c import (SPECIALS, check_run_c_config, export_llama2c, interleave_permutation, load_llama2c,
                                permute_heads, read_model_bin, read_tokenizer_bin, write_model_bin, write_tokenizer_bin)
+from tinylm.lowrank.compress import compress_on_the_fly
+from tinylm.lowrank.factorized import dense_params
 from tinylm.text.bpe import BPETokenizer, base_vocab
 from tinylm.text.char import CharTokenizer
 from tinylm.text.pieces import PieceTokenizer
@@ -167,6 +169,16 @@ def test_round_trip_keeps_every_array_and_run_c_computes_tinylms_logits(tmp_path
     # <unk>, <s>, </s> get the mean logit: below the largest, so never run.c's greedy pick
     assert np.allclose(theirs[:, :3], ours.mean(axis=1, keepdims=True), atol=1e-10)
     assert np.all(theirs[:, :3].max(axis=1) < ours.max(axis=1))
+
+
+def test_factorized_layers_are_written_dense_with_a_note(tmp_path):
+    model = make()
+    params, _ = compress_on_the_fly(model["params"], model["config"], ("rank", 2))
+    result = export_llama2c({**model, "params": params}, str(tmp_path / "out"))
+    assert "14 factorized (low-rank) layers were written as their dense products" in result["notes"][0]
+    back = load_llama2c(str(tmp_path / "out" / "model.bin"))
+    dense = dense_params(params)
+    assert all(np.allclose(back["params"][k], v, rtol=0, atol=1e-6) for k, v in dense.items())
 
 
 def test_the_file_layout_is_run_cs(tmp_path):

@@ -146,7 +146,10 @@ def export_llama2c(ckpt, folder):
     ckpt: the dict load_any returns (a Llama with a character tokenizer, or one read from a model.bin)."""
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
     check_run_c_config(config)
-    if ranks_of(params):
+    factorized = []
+    if ranks_of(params):              # as export_hf: run.c has no factorized layers, so write what they compute
+        factorized = [f"{len(ranks_of(params))} factorized (low-rank) layers were written as their dense products "
+                      "A B (model.bin has no factorized layers): the same function, at the dense model's size"]
         params = dense_params(params)
     if isinstance(tok, CharTokenizer):
         params, head, pieces, notes = char_export(params, config, tok)
@@ -167,7 +170,7 @@ def export_llama2c(ckpt, folder):
     except OSError as e:
         raise TinyLMError(f"cannot write the export {folder}: {e.strerror or e}; any earlier export there "
                           "is unchanged") from None
-    return {"folder": folder, "files": [MODEL_FILE, TOKENIZER_FILE], "notes": notes}
+    return {"folder": folder, "files": [MODEL_FILE, TOKENIZER_FILE], "notes": factorized + notes}
 
 
 # ----------------------------------------------------------------------------- import

@@ -39,8 +39,8 @@ from tinylm.errors import TinyLMError, brief
 from tinylm.core import gpt2, llama
 from tinylm.core.arch import arch_of
 from tinylm.core.gpt2 import GPTConfig, param_shapes
-from tinylm.io.hf_llama import (check_flag, check_int, fast_tokenizer_files, is_number, llama_config_from_hf,
-                                llama_hf_config)
+from tinylm.io.fields import check_flag, check_int, is_number
+from tinylm.io.hf_llama import fast_tokenizer_files, llama_config_from_hf, llama_hf_config
 from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.char import CharTokenizer, tokenizer_from_dict
 from tinylm.text.pieces import PieceTokenizer

@@ -3,8 +3,8 @@
 A Llama folder holds config.json (LlamaConfig's field names), model.safetensors (the weights under
 LlamaForCausalLM's names, which are tinylm's own, every linear weight (out, in) as in tinylm) and, for
 `transformers.AutoTokenizer`, tokenizer.json + tokenizer_config.json (a PreTrainedTokenizerFast). hf.py writes and
-reads the folder, the same way for GPT-2 and Llama; this module, below it, knows what is the Llama's own. The
-typed-field checks both readers use are here too (hf.py imports this module, never the other way round).
+reads the folder, the same way for GPT-2 and Llama; this module, below it, knows what is the Llama's own
+(hf.py imports this module, never the other way round; the typed-field checks both share are in fields.py).
 
 A config.json field tinylm does not compute (rotary scaling, biases, a sliding window, a head width other
 than C/H, an activation other than SiLU, ...) is refused by name, never ignored: the model would load and
@@ -15,6 +15,7 @@ import math
 
 from tinylm.core.llama import LlamaConfig
 from tinylm.errors import TinyLMError, brief
+from tinylm.io.fields import check_flag, check_int, is_number
 from tinylm.text.bpe import END_OF_TEXT, BPETokenizer
 from tinylm.text.char import CharTokenizer
 
@@ -35,24 +36,6 @@ ROPE_KEYS = {"rope_type", "type", "rope_theta"}
 # A Llama has no position table, so nothing in the folder bounds max_position_embeddings (tinylm's block_size,
 # which sizes the decoder's KV cache and the training windows): more than 2^20 positions is refused.
 MAX_POSITIONS = 1 << 20
-
-
-def check_int(cfg, key, path):
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TinyLMError(f"{path}: {key} must be a positive integer, got {brief(value)}")
-    return value
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_flag(cfg, key, path):
-    value = cfg[key]
-    if not isinstance(value, bool):
-        raise TinyLMError(f"{path}: {key} must be true or false, got {brief(value)}")
-    return value
 
 
 def check_positive_number(value, key, path):

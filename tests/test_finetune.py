@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
+from tinylm.cli.train import train_main
 from tinylm.lowrank import adapters as AD
 from tinylm.fast import model as M
 from tinylm.core import gpt2 as G
@@ -314,3 +315,17 @@ def test_adapters_on_a_compressed_model_are_refused_and_its_factors_fine_tune(ba
     out = tmp_path / "full"
     run_ft(str(small), out, max_iters=2)
     assert any(k.endswith(".weight_A") for k in load_checkpoint(str(out / "ckpt.npz"))["params"])
+
+
+def test_a_bad_init_from_is_refused_before_out_dir_is_made(tmp_path, capsys):
+    # the folder was made (and locked) first, so each refusal below left an empty --out_dir behind
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    (tmp_path / "nofolder").mkdir()
+    (tmp_path / "model.bin").write_bytes(b"\0" * 10)
+    for source, words in ((tmp_path / "bad.npz", "bad.npz"), (tmp_path / "nofolder", "without config.json"),
+                          (tmp_path / "model.bin", "shorter than model.bin's 28-byte header")):
+        out = tmp_path / "runs" / "new"
+        assert train_main(["--init_from", str(source), "--out_dir", str(out), "--max_iters", "1"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+        assert not (tmp_path / "runs").exists()

@@ -35,7 +35,8 @@ from tinylm.text.data import get_batch
 from tinylm.train import distributed
 from tinylm.train import finetune
 from tinylm.train.args import TrainArgs, unused_flag_notes, validate_args
-from tinylm.train.start import lock_out_dir, prepare_out_dir, refuse_to_replace, setup, start_logs, unlock
+from tinylm.train.start import (lock_out_dir, prepare_out_dir, read_source_first, refuse_to_replace, setup,
+                                start_logs, unlock)
 
 
 def train(a, explicit=(), log=print, dist=None, tracker=None):
@@ -53,12 +54,13 @@ def train(a, explicit=(), log=print, dist=None, tracker=None):
     if dist is not None and a.lora_rank:
         raise TinyLMError("--lora_rank is not supported under mpiexec: fine-tune adapters in one process "
                           "(python train.py ...); full fine-tuning (--init_from CKPT without --lora_rank) works")
+    source = read_source_first(a, explicit, dist)       # a bad --init_from is refused before OUT_DIR is made
     lock = lock_out_dir(a.out_dir) if root else None     # first: a second trainer must not even clean the folder
     try:
         if root:
             prepare_out_dir(a.out_dir)
             refuse_to_replace(a)
-        return run_training(a, explicit, log, dist, tracker)
+        return run_training(a, explicit, log, dist, tracker, source)
     finally:
         unlock(lock)
 
@@ -69,9 +71,11 @@ def check_tracker(a, tracker):
                           "train(..., tracker=tinylm.analysis.tracking.log_spectra), as train.py does")
 
 
-def run_training(a, explicit, log, dist, tracker):
-    """train()'s body, with the arguments validated and OUT_DIR prepared and locked (by rank 0)."""
-    run = Run.from_setup(dist.share(lambda a, e: setup(a, e, log), a, explicit) if dist else setup(a, explicit, log))
+def run_training(a, explicit, log, dist, tracker, source=None):
+    """train()'s body, with the arguments validated, --init_from's model read (source) and OUT_DIR prepared and
+    locked (by rank 0)."""
+    run = Run.from_setup(dist.share(lambda a, e: setup(a, e, log, source), a, explicit) if dist
+                         else setup(a, explicit, log, source))
     a, root = run.a, dist is None or dist.root
     check_tracker(a, tracker)          # again: a resumed run tracks spectra when its checkpoint's settings say so
     if root:

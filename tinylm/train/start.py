@@ -21,6 +21,19 @@ from tinylm.train.args import TrainArgs, check_arch_args, check_saved_args, mode
 LOG_FILES = ("metrics.jsonl", "spectra.jsonl")     # one JSON line per evaluation
 
 
+def read_source_first(a, explicit, dist=None):
+    """(config, tokenizer, params) of --init_from, read before OUT_DIR is made or locked, so that a bad source
+    leaves nothing written; None for scratch and resume, and off rank 0 (under MPI only rank 0 reads)."""
+    if a.init_from in ("scratch", "resume") or (dist is not None and not dist.root):
+        return None
+    try:
+        return finetune.load_source(a, explicit)
+    except BaseException:
+        if dist is not None:         # the other ranks wait for rank 0's setup in dist.share: it failed
+            dist.bcast_bytes(b"", "while rank 0 set up")
+        raise
+
+
 def lock_out_dir(out_dir):
     """Hold an exclusive lock on the OUT_DIR folder itself for the run: a second trainer on the same folder
     refuses at once instead of overwriting the first one's checkpoints. The kernel drops the lock when
@@ -116,15 +129,16 @@ def init_optimizer(a, params, config):
     return adamw_init(params)
 
 
-def setup(a, explicit=(), log=print):
+def setup(a, explicit=(), log=print, source=None):
     """Build or resume everything training needs: (args, config, tokenizer, params, opt_state, state, splits).
 
     With adapters, params are the frozen weights, state['adapters'] the trained ones and opt_state theirs.
+    source: read_source_first's (config, tokenizer, params) of --init_from, when it was read already.
     """
     if a.init_from == "resume":
         a, config, tokenizer, params, opt_state, state, ids = resume(a, explicit, log)
     elif a.init_from != "scratch":           # fine-tuning: a new run from another model's weights
-        config, tokenizer, params = finetune.load_source(a, explicit)
+        config, tokenizer, params = source or finetune.load_source(a, explicit)
         a = dataclasses.replace(a, arch=arch_of(config))          # the source's model, whatever --arch said
         check_arch_args(a)
         lora, params, adapters = finetune.new_adapters(a, config, params, log)

@@ -285,6 +285,9 @@ def test_a_tokenizer_bin_is_read_only_as_far_as_vocab_size_reaches(tmp_path):
     path.write_bytes(struct.pack("<i", -1))
     with pytest.raises(TinyLMError, match="max_token_length is -1"):
         read_tokenizer_bin(str(path), 2)
+    path.write_bytes(struct.pack("<i", 1) + struct.pack("<fi", 0.0, 1) + b"a" + struct.pack("<fi", np.nan, 1) + b"b")
+    with pytest.raises(TinyLMError, match="token 1's score is nan; run.c's merges need finite scores"):
+        read_tokenizer_bin(str(path), 2)
 
 
 @pytest.mark.parametrize("change,words", [

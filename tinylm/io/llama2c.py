@@ -15,6 +15,7 @@ Two conventions differ from tinylm's (see docs/guide.md, "llama2.c"):
   get the mean of the characters' classifier rows, so their logit is the mean logit: never the greedy pick, and
   at most 1/V of the probability each when sampling (the geometric mean of the characters' probabilities).
 """
+import math
 import os
 import struct
 
@@ -252,6 +253,8 @@ def read_tokenizer_bin(path, vocab_size):
                               "(max_token_length)")
         if at + 8 + n > len(data):
             raise TinyLMError(f"{path}: truncated inside token {len(pieces)} (length {n})")
+        if not math.isfinite(score):
+            raise TinyLMError(f"{path}: token {len(pieces)}'s score is {score}; run.c's merges need finite scores")
         pieces.append(data[at + 8:at + 8 + n])
         scores.append(score)
         at += 8 + n

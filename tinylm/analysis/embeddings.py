@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from tinylm.analysis import linalg
 from tinylm.analysis.scale import position_subset
-from tinylm.analysis.weights import head_weights
+from tinylm.analysis.weights import embedding, head_weights, position_embedding
 
 
 ESCAPES = {"\n": "\\n", " ": "␣", "\t": "\\t", "\r": "\\r"}
@@ -108,9 +108,9 @@ def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progr
     subset: token ids (see scale.token_subset) for the neighbour lists, the analogies and the
     PCA map of a large vocabulary; None means every token. The PCA itself uses every token.
     """
-    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)
-    wpe = np.asarray(params["transformer.wpe.weight"], dtype=np.float64)
-    positions = position_subset(config.block_size)
+    wte = np.asarray(embedding(params, config), dtype=np.float64)
+    wpe = position_embedding(params, config)          # None for a Llama: its positions are rotations, not vectors
+    positions = position_subset(config.block_size) if wpe is not None else None
     p = embedding_pca(wte)
     evr = p["explained_variance_ratio"]
     ids = np.arange(len(chars)) if subset is None else np.asarray(subset)
@@ -125,6 +125,6 @@ def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progr
         "neighbours": neighbours(wte, chars, queries=ids, progress=progress),
         "analogies": case_analogies(wte[ids], labels),
         "positions": positions,
-        "position_cosine": linalg.cosine_similarity_matrix(wpe[positions]),
+        "position_cosine": None if wpe is None else linalg.cosine_similarity_matrix(np.asarray(wpe[positions], np.float64)),
         "head_subspaces": head_subspace_overlaps(params, config, progress=progress),
     }

@@ -8,8 +8,7 @@ import time
 from tinylm.cli.common import OneLineParser, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.io.hf import CONFIG_FILE, load_any
-from tinylm.core.arch import arch_of
-from tinylm.core.gpt2 import count_params
+from tinylm.core.arch import arch_of, model_of
 from tinylm.analysis import report as R
 from tinylm.analysis import scale
 from tinylm.analysis.circuits import analyze_circuits
@@ -105,7 +104,7 @@ def run_analysis(ckpt, path, sections, args, log=print):
     if args.compare_init:
         init, init_seed = init_like(config, meta)
     results = {"checkpoint": path, "config": config.to_dict(), "step": meta.get("step"),
-               "n_params": count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
+               "n_params": model_of(config).count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
     # The text is needed for the windows, and for a large vocabulary's token subset (its most frequent tokens).
     heads = None
     if "ablation" in sections:        # checked before any work: a head beyond the model is one line
@@ -172,7 +171,8 @@ def run_analysis(ckpt, path, sections, args, log=print):
             xl, yl = (x[:scale.BIG_LOWRANK_SEQS], y[:scale.BIG_LOWRANK_SEQS]) if big else (x, y)
             fractions = scale.BIG_FRACTIONS if big else DEFAULT_FRACTIONS
             calib = None
-            if not big:      # the whitened curve and samples: calibration on the train split of the run's text
+            if not big and arch_of(config) == "gpt2":   # the whitened curve: calibration on the train split of the run's text
+                # (tinylm/lowrank/compress.py whitens GPT-2's layers only)
                 calib = calibration_windows(calibration_ids(tok, meta)[0], config.block_size, DEFAULT_CALIB_TOKENS)
 
             def run():
@@ -237,8 +237,6 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_any(path, with_optimizer="curvature" in sections)
-    if arch_of(ckpt["config"]) == "llama":
-        raise TinyLMError(f"{path} is a Llama; analyze.py reads GPT-2's matrices and does not read a Llama yet")
     if ranks_of(ckpt["params"]):      # a compressed model (tinylm.compress): the analysis reads the products A B
         sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
                          f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")

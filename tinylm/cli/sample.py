@@ -9,7 +9,7 @@ import numpy as np
 
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.errors import TinyLMError
-from tinylm.analysis.interventions import steer, steering_direction
+from tinylm.analysis.interventions import steer_generate, steering, steering_direction
 from tinylm.core.sampling import NonFiniteLogits, check_sampling_args, sample_next
 from tinylm.core.arch import arch_of
 from tinylm.fast.arch import decoder
@@ -85,11 +85,12 @@ def _sample(argv):
     if rank is not None:
         params, line = compress_on_the_fly(params, config, rank)
         print(line, file=sys.stderr)
+    add = None           # a Llama steered past block 0: the vector added inside the forward (no parameter holds it)
     if a.steer is not None:
         direction, what = steering_direction(a.steer, params, config, tok)
-        params = steer(params, config, direction, a.steer_layer, a.steer_scale)
-        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input",
-              file=sys.stderr)
+        params, add = steering(params, config, direction, a.steer_layer, a.steer_scale)
+        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input"
+              + (" (inside an uncached forward: slower)" if add else ""), file=sys.stderr)
     start = a.start
     if start.startswith("FILE:"):
         start = read_text(start[5:])
@@ -109,7 +110,7 @@ def _sample(argv):
         while left:
             rows = min(group, left)
             try:
-                draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out)
+                draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out, add)
             except NonFiniteLogits as e:
                 name, value = largest_weight(params)
                 raise TinyLMError(f"{e} (the largest |weight| is {value:.3g}, in {name}); nothing more was "
@@ -128,9 +129,12 @@ def group_size(config, num_samples, max_new_tokens, use_cache, itemsize):
     return max(1, min(num_samples, SAMPLE_MEMORY // per_sample))
 
 
-def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out):
-    """rows samples side by side: the first written as it is drawn, the others when it ends."""
-    if rows == 1:
+def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out, add=None):
+    """rows samples side by side: the first written as it is drawn, the others when it ends. add: a steering vector
+    by layer that the forward adds (interventions.steer_generate)."""
+    if add:
+        steps = steer_generate(params, config, prompt, rows, a.max_new_tokens, lambda z: [pick(r) for r in z], add)
+    elif rows == 1:
         steps = ([token] for token in decoder(config).generate(params, config, prompt, a.max_new_tokens, pick,
                                                                use_cache=not a.no_cache))
     else:                    # side by side: a step's NumPy calls shared by every sample
@@ -181,9 +185,9 @@ def largest_weight(params):
 
 
 def refuse_what_a_llama_cannot_do_yet(a, config):
-    """--rank and --steer read GPT-2's matrices: one line for a Llama, instead of a failure half way."""
+    """--rank reads GPT-2's matrices: one line for a Llama, instead of a failure half way."""
     if arch_of(config) != "llama":
         return
-    for flag, given in (("--rank", a.rank is not None), ("--steer", a.steer is not None)):
+    for flag, given in (("--rank", a.rank is not None),):
         if given:
             raise TinyLMError(f"{flag} is not supported for a Llama yet; sample it without {flag}")

@@ -215,8 +215,6 @@ def check_arch_args(a):
         raise TinyLMError("--bias true: a Llama has no biases; leave --bias out with --arch llama")
     if a.lora_rank:
         raise TinyLMError("--lora_rank: adapters on a Llama are not supported yet; fine-tune it fully (no --lora_rank)")
-    if a.track_spectra:
-        raise TinyLMError("--track_spectra: the spectrum analysis reads GPT-2's matrices; it does not read a Llama yet")
 
 
 def check_saved_args(saved, ckpt_path):

@@ -175,6 +175,7 @@ def analyze_circuits(params, config, text_idx, prompt_idx, fold_ln=True, progres
              for c in head_circuits(params, config, i, fold_ln, gram)]
     out = {
         "fold_ln": fold_ln,
+        "norm": "LayerNorm" if norm_names(config)[3] else "RMSNorm",
         "heads": heads,
         "patterns": head_pattern_scores(params, config, text_idx),
         "prompt_attention": attention_for_prompt(params, config, prompt_idx),

@@ -74,7 +74,8 @@ def case_analogies(wte, chars, max_show=12):
 def head_subspace_overlaps(params, config, progress=False):
     """Mean cos² of the principal angles between every pair of heads' read (W_V rows) and write (W_O columns) subspaces.
 
-    -> {"labels": ["L0H0", ...], "read": (N, N), "write": (N, N), "random_baseline": D/C}
+    -> {"labels": ["L0H0", ...], "read": (N, N), "write": (N, N), "random_baseline": D/C, "same_kv_head": (N, N) bool}
+    With grouped-query attention the query heads that share a K/V head read the same subspace (overlap 1).
     mean cos²θ = ‖Q_Aᵀ Q_B‖_F² / D: 1 for the same subspace, 0 for orthogonal ones, D/C on
     average for two random D-dimensional subspaces of R^C.
     """
@@ -99,7 +100,9 @@ def head_subspace_overlaps(params, config, progress=False):
             M[a] = ((Q[a].T @ flat) ** 2).reshape(D, N, D).sum(axis=(0, 2)) / D
         return (M + M.T) / 2                                               # exactly symmetric
 
-    return {"labels": labels, "read": overlap(reads), "write": overlap(writes), "random_baseline": D / C}
+    group = np.repeat(np.arange(N // (H // getattr(config, "n_kv_head", H))), H // getattr(config, "n_kv_head", H))
+    return {"labels": labels, "read": overlap(reads), "write": overlap(writes), "random_baseline": D / C,
+            "same_kv_head": group[:, None] == group[None, :]}          # pairs that read one shared K/V head
 
 
 def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progress=False):

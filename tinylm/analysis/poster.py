@@ -115,6 +115,8 @@ def panel_titles(d):
     L, H = d["attention_head"]
     sub = d["subspaces"]
     iu = np.triu_indices(len(sub["labels"]), 1)
+    apart = ~np.asarray(sub["same_kv_head"])[iu]                    # pairs sharing a K/V head read one subspace: left out
+    iu = (iu[0][apart], iu[1][apart])
     probe = [r["score"] for r in d["probe"]]
     probe_init = [r["score"] for r in d["probe_init"]]
     return [

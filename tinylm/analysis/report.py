@@ -25,9 +25,8 @@ SECTIONS = {
                 "tinylm/analysis/weight_spectra.py: analyze_spectra (metrics in spectra.py: matrix_metrics)"),
     "circuits": ("Attention circuits", "4 inner products and norms, 7 eigendecomposition and SVD",
                  "tinylm/analysis/circuits.py: analyze_circuits (head_circuits, head_pattern_scores)"),
-    "ablation": ("Head ablation: the loss without each head", "2 matrices and matrix operations (the output projection, "
-                 "c_proj or o_proj, reads the heads side by side, so its output is a sum of one W_O block per head; "
-                 "ablation removes one term)",
+    "ablation": ("Head ablation: the loss without each head", "2 matrices and matrix operations (the output projection "
+                 "reads the heads side by side, so its output is a sum of one W_O block per head; ablation removes one term)",
                  "tinylm/analysis/interventions.py: ablation_table (forward_from, block)"),
     "embeddings": ("Embedding geometry", "1 vectors and vector spaces, 4 inner products and norms, 5 orthogonality and basis",
                    "tinylm/analysis/embeddings.py: analyze_embeddings"),
@@ -448,9 +447,10 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     for ax in axes:
         ax.set(xlabel="index i (largest first)", ylabel="σᵢ")
     axes[1].legend(fontsize=5, ncol=2)
-    figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)",
+    rotary = "; with rotary positions W_Qᵀ W_K is the circuit at offset 0 (next figure)" if sec.get("rotary") else ""
+    figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)" + rotary,
                           "a first QK singular value far above the second means one direction sets most of the head's "
-                          "scores (in layer 0 of the default model, the position).",
+                          "scores" + ("." if rotary else " (in layer 0 of the default model, the position)."),
                           "why-are-the-top-singular-values-of-the-qk-circuit-so-much-larger-than-the-rest"), _png(fig)))
 
     if sec.get("rotary"):
@@ -482,7 +482,7 @@ def rotary_figure(rot, init=None):
     (dashed: the same head at initialization)."""
     sigma = np.asarray(rot["sigma1"], dtype=float)                 # (L, H, offsets)
     L, H, _ = sigma.shape
-    fig, axes = _grid(L, min(L, 4), 3.6, 2.8, xlabel="offset Δ = query − key position", ylabel="σ₁ of W_Qᵀ R(−Δ) W_K")
+    fig, axes = _grid(L, min(L, 4), 3.6, 2.8, xlabel="offset Δ = query − key position", ylabel="σ₁(Δ)")
     for i, ax in enumerate(axes[:L]):
         for h in range(H):
             ax.plot(rot["offsets"], sigma[i, h], color=f"C{h % 10}", lw=1, label=f"H{h}")
@@ -490,8 +490,8 @@ def rotary_figure(rot, init=None):
                 ax.plot(init["offsets"], np.asarray(init["sigma1"])[i, h], "--", color=f"C{h % 10}", lw=0.6, alpha=0.6)
         ax.set_title(f"layer {i}", fontsize=10)
         ax.legend(fontsize=6, ncol=2)
-    return (_caption("Top singular value of each head's QK circuit under rotary positions, against the offset Δ between "
-                     "query and key" + (" (dashed: at initialization)" if init is not None else ""),
+    return (_caption("Top singular value σ₁(Δ) of each head's QK circuit under rotary positions, W_Qᵀ R(−Δ) W_K, against "
+                     "the offset Δ between query and key" + (" (dashed: at initialization)" if init is not None else ""),
                      "a head whose line peaks at a small Δ and falls away is built to score nearby tokens; a flat line "
                      "scores every distance alike, so its pattern comes from the tokens, not their positions.",
                      "the-qk-circuit-under-rotation"), _png(fig))
@@ -529,10 +529,13 @@ def embeddings_figures(sec):
                        extent=(pos[0] - half, pos[-1] + half, pos[-1] + half, pos[0] - half))
         ax.set_title(f"cosine similarity of position embeddings ({label})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    figs.append((_caption("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue) "
-                          "and the cosine similarities of the position embeddings",
-                          "groups of colour in the map and a bright band along the diagonal of the position similarities "
-                          "are learned, since random embeddings give a shapeless cloud and cosines near 0.",
+    positions = sec.get("position_cosine") is not None
+    figs.append((_caption("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue)"
+                          + (" and the cosine similarities of the position embeddings" if positions else
+                             " (a Llama has no position embeddings to compare)"),
+                          "groups of colour in the map" + (" and a bright band along the diagonal of the position "
+                                                           "similarities are" if positions else " are") +
+                          " learned, since random embeddings give a shapeless cloud" + (" and cosines near 0." if positions else "."),
                           "1-vectors-and-vector-spaces"), _png(fig)))
     hs = sec["head_subspaces"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -590,8 +593,9 @@ def lowrank_figures(sec):
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    return [(_caption("Validation loss after truncating every block linear weight to rank k, by plain SVD and by whitened SVD "
-                      "(labels: k / full rank)",
+    white = bool(c) and "whitened_loss" in c[0]
+    return [(_caption("Validation loss after truncating every block linear weight to rank k, by plain SVD"
+                      + (" and by whitened SVD" if white else "") + " (labels: k / full rank)",
                       "the curve measures compression only below the uniform guess ln V (4.17 for 65 characters); above "
                       "it a broken model's loss need not fall with the rank.",
                       "what-happens-to-the-loss-if-i-keep-only-25-of-the-rank"), _png(fig))]
@@ -732,6 +736,13 @@ def _table(header, rows):
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
+def _folded(sec):
+    """What folding the norms into the token circuit kept: LayerNorm's gains and centring, or RMSNorm's gains."""
+    if sec.get("norm") == "RMSNorm":
+        return "yes (RMSNorm's gains; the per-token 1/rms is left out)"
+    return "yes (gains and centring; the per-token 1/std is left out)"
+
+
 def _section_tables(name, sec, results):
     """HTML tables (and notes) for one section."""
     e = html.escape
@@ -757,7 +768,7 @@ def _section_tables(name, sec, results):
         return (f"<p>Threshold {pat['threshold']}: previous-token heads: <b>{e(name_heads(pat['previous_token_heads']))}</b>; "
                 f"induction heads: <b>{e(name_heads(pat['induction_heads']))}</b> (induction measured on random sequences of "
                 f"{pat['induction_period']} tokens repeated twice). Layer norms folded into the token circuit: "
-                f"{'yes (gains and centring; the per-token 1/std is left out)' if sec['fold_ln'] else 'no'}.</p>"
+                f"{_folded(sec) if sec['fold_ln'] else 'no'}.</p>"
                 + _table(["head", "copying score (W_U W_OV W_E)", "copying score (W_OV)", "σ₁(W_QK)", "σ₁(W_OV)",
                           "prev-token", "induction"] + (["Δ of max σ₁(W_Qᵀ R(−Δ) W_K)", "max/min over Δ"] if rot else []),
                          rows))
@@ -809,6 +820,8 @@ def _section_tables(name, sec, results):
         note = (f"<p class='note'>Whitened: each layer's factors minimize its output error on {sec['calib_tokens']} "
                 "calibration tokens of the training text (Cholesky S of XᵀX, SVD of W S, triangular solve back; "
                 "tinylm/lowrank/compress.py). Same ranks, so the same parameters kept.</p>") if white else ""
+        if not white and results["config"].get("arch") == "llama":
+            note = "<p class='note'>Plain SVD only: whitened compression (tinylm/lowrank/compress.py) reads GPT-2's layers.</p>"
         samples = ""
         if sec.get("samples"):
             label = lambda s: "dense" if s["model"] == "dense" else f"{s['model']}, rank {s['rank_fraction']:.3g} of full"

@@ -57,7 +57,7 @@ def analyze_parser():
                     "then together) or all; a table of the loss change per head (and a layer x head figure with --report); "
                     "alone it runs only the ablation, with --report or --only the sections run too")
     ap.add_argument("--ablate-mode", "--ablate_mode", choices=("zero", "mean"), default="zero",
-                    help="replace an ablated head's output (before c_proj) by zero, or by its mean over the evaluation tokens")
+                    help="replace an ablated head's output (before the output projection, c_proj or o_proj) by zero, or by its mean over the evaluation tokens")
     ap.add_argument("--data", metavar="FILE",
                     help="text to evaluate on; if not given, the validation split of the run's training file "
                     "(or of the bundled Tiny Shakespeare)%(default).0s")

@@ -46,7 +46,7 @@ def sample_parser():
                     "a fraction of each block matrix's full rank (0.375) or an integer rank (32); see python -m tinylm.compress")
     ap.add_argument("--steer", default=None, metavar="DIRECTION",
                     help="add --steer_scale x this direction to the residual stream at the input of block --steer_layer, "
-                    "at every position: 'case' (the mean of wte[X] - wte[x] over the letters: scale > 0 pushes towards "
+                    "at every position: 'case' (the mean of embedding[X] - embedding[x] over the letters: scale > 0 pushes towards "
                     "capitals) or a .npy file holding an n_embd vector; see tinylm/analysis/interventions.py: steer")
     ap.add_argument("--steer_layer", type=int, default=0, help="block whose input is steered (0 .. n_layer)")
     ap.add_argument("--steer_scale", type=float, default=1.0, help="multiple of the direction added (0: the plain model; "

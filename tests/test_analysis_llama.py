@@ -266,6 +266,7 @@ def test_analyze_all_sections_of_a_llama_with_its_report(llama_dir, tmp_path):
     assert "rotary" in m["circuits"]["init"]
     assert "h0.attn.o" in m["spectra"]["init"] and len(m["training"]["spectra"]) == 3
     assert m["ablation"]["delta"] and m["compare"]["matrices"]["h1.mlp.down"]["k"] >= 1
+    assert "whitened_loss" in m["lowrank"]["curve"][0] and m["lowrank"]["samples"]    # tinylm.compress whitens a Llama
     page = re.sub(r"base64,[A-Za-z0-9+/=]+", "", open(report / "index.html", encoding="utf-8").read())
     assert "the-qk-circuit-under-rotation" in page and page.count("<img") >= 15
     for gpt2_name in ("c_attn", "ln_f", "c_fc", "wte", "wpe", "ln_1"):       # no GPT-2 name on a Llama's page

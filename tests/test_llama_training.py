@@ -175,8 +175,10 @@ def test_fine_tuning_a_llama_keeps_its_arch(llama_run, shakespeare_head, tmp_pat
                       "--arch", "gpt2", "--max_iters", "1")
     one_line_refusal(proc, ["--arch gpt2 differs from --init_from's llama"])
     proc = run_script("train.py", "--init_from", source, "--data", shakespeare_head, "--out_dir", tmp_path / "y",
-                      "--lora_rank", "2", "--max_iters", "1")
-    one_line_refusal(proc, ["--lora_rank", "not supported"])
+                      "--lora_rank", "2", "--lora_targets", "v_proj", "--max_iters", "1")
+    assert proc.returncode == 0, proc.stderr                 # adapters on a Llama: tests/test_lowrank_llama.py
+    assert load_checkpoint(str(tmp_path / "y" / "ckpt.npz"), merge_adapters=False)["meta"]["lora"]["targets"] == [
+        "model.layers.0.self_attn.v_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
 
 
 def test_a_checkpoint_without_an_arch_field_is_gpt2(tmp_path):
@@ -202,17 +204,12 @@ def test_sample_py_samples_a_llama_with_and_without_the_cache_and_side_by_side(l
     assert len({s for group in texts.values() for s in group}) == 1          # greedy: one text, every way
     proc = run_script("sample.py", "--init_from", os.path.join(llama_run["dir"], "best.npz"), "--max_new_tokens", "40")
     assert proc.returncode == 0, proc.stderr
-    for flag in (["--rank", "0.5"],):
-        one_line_refusal(run_script("sample.py", "--out_dir", llama_run["dir"], *flag), [flag[0], "Llama"])
 
 
 def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
     ckpt = os.path.join(llama_run["dir"], "ckpt.npz")
-    one_line_refusal(run_script("tinylm/compress.py", ckpt, tmp_path / "c.npz", "--rank", "0.5"),
-                     ["is a Llama", "compression"])
-    assert not (tmp_path / "c.npz").exists()
-    one_line_refusal(run_script("tinylm/export.py", ckpt, tmp_path / "hf"), ["is a Llama", "export"])
-    assert not (tmp_path / "hf").exists()
+    proc = run_script("tinylm/export.py", ckpt, tmp_path / "hf")       # the export writes a Llama folder (issue 28)
+    assert proc.returncode == 0 and "tokenizer.json" in proc.stdout, proc.stderr
 
 
 def test_a_llama_checkpoint_claiming_more_layers_than_it_holds_is_one_line(llama_run, tmp_path):

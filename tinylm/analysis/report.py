@@ -820,8 +820,6 @@ def _section_tables(name, sec, results):
         note = (f"<p class='note'>Whitened: each layer's factors minimize its output error on {sec['calib_tokens']} "
                 "calibration tokens of the training text (Cholesky S of XᵀX, SVD of W S, triangular solve back; "
                 "tinylm/lowrank/compress.py). Same ranks, so the same parameters kept.</p>") if white else ""
-        if not white and results["config"].get("arch") == "llama":
-            note = "<p class='note'>Plain SVD only: whitened compression (tinylm/lowrank/compress.py) reads GPT-2's layers.</p>"
         samples = ""
         if sec.get("samples"):
             label = lambda s: "dense" if s["model"] == "dense" else f"{s['model']}, rank {s['rank_fraction']:.3g} of full"

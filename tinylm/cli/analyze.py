@@ -8,7 +8,7 @@ import time
 from tinylm.cli.common import OneLineParser, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.io.hf import CONFIG_FILE, load_any
-from tinylm.core.arch import arch_of, model_of
+from tinylm.core.arch import model_of
 from tinylm.analysis import report as R
 from tinylm.analysis import scale
 from tinylm.analysis.circuits import analyze_circuits
@@ -171,8 +171,7 @@ def run_analysis(ckpt, path, sections, args, log=print):
             xl, yl = (x[:scale.BIG_LOWRANK_SEQS], y[:scale.BIG_LOWRANK_SEQS]) if big else (x, y)
             fractions = scale.BIG_FRACTIONS if big else DEFAULT_FRACTIONS
             calib = None
-            if not big and arch_of(config) == "gpt2":   # the whitened curve: calibration on the train split of the run's text
-                # (tinylm/lowrank/compress.py whitens GPT-2's layers only)
+            if not big:      # the whitened curve and samples: calibration on the train split of the run's text
                 calib = calibration_windows(calibration_ids(tok, meta)[0], config.block_size, DEFAULT_CALIB_TOKENS)
 
             def run():

@@ -11,11 +11,10 @@ from tinylm.atomic import check_writable_folder
 from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.core.optim import adamw_init
 from tinylm.errors import TinyLMError
-from tinylm.fast.model import forward
-from tinylm.core.gpt2 import param_shapes
+from tinylm.fast.arch import fast_model
 from tinylm.io.checkpoint import save_checkpoint
 from tinylm.io.hf import load_any
-from tinylm.core.arch import arch_of
+from tinylm.core.arch import model_of
 from tinylm.lowrank.compress import (DEFAULT_CALIB_TOKENS, METHODS, CompressError, calibration_ids, calibration_windows,
                                      check_not_lower, compress_model, parse_params_fraction, parse_rank, ranks_for)
 from tinylm.text.data import DEFAULT_DATA, encode_file, train_val_split
@@ -23,7 +22,7 @@ from tinylm.text.data import DEFAULT_DATA, encode_file, train_val_split
 
 def compress_parser():
     ap = OneLineParser(prog="python -m tinylm.compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Compress a tinylm checkpoint: each block linear layer W becomes two thin factors "
+                       description="Compress a tinylm checkpoint (GPT-2 or Llama): each block linear layer W becomes two thin factors "
                        "A (out, r) and B (r, in), W ≈ A B, run as y = (x Bᵀ) Aᵀ. The output is a checkpoint that "
                        "sample.py, analyze.py, tinylm.export and train.py --init_from resume read.")
     ap.add_argument("checkpoint", metavar="CKPT", help="a tinylm checkpoint (.npz) or a GPT-2 folder")
@@ -71,6 +70,7 @@ def validation_loss(params, config, tokenizer, meta, n_tokens):
     """Mean loss on validation_windows: n_tokens of the validation split, in evenly spaced windows of block_size.
     The same quantity as train.py's val loss, averaged over other windows (docs/results.md#validation-loss)."""
     w = validation_windows(tokenizer, meta, config.block_size, n_tokens)
+    forward = fast_model(config).forward           # GPT-2's or the Llama's
     return float(np.mean([forward(params, config, w[i:i + 32, :-1], w[i:i + 32, 1:], for_backward=False)[1]
                           for i in range(0, len(w), 32)]))
 
@@ -98,9 +98,6 @@ def _compress(argv):
                             f"({e.strerror or e})") from None
     ckpt = load_any(a.checkpoint)
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"] or {}
-    if arch_of(config) == "llama":
-        raise CompressError(f"{a.checkpoint} is a Llama; compression reads GPT-2's matrices and does not read a "
-                            f"Llama yet")
     ranks = ranks_for(config, rank, fraction)
     check_not_lower(params, ranks)
     calib = None
@@ -118,7 +115,7 @@ def _compress(argv):
     out_meta = {k: meta[k] for k in ("step", "rng", "train_args", "elapsed_s") if k in meta}
     out_meta["compressed"] = summary
     save_checkpoint(a.out, new, config, tok, adamw_init(new), out_meta)   # fresh moments: the factors can train
-    shapes = param_shapes(config)
+    shapes = model_of(config).param_shapes(config)
     pairs = sorted({(r, min(shapes[n + ".weight"])) for n, r in ranks.items()})
     print(f"{a.method}{' + refit' if a.refit else ''}: rank {', '.join(f'{r} of {full}' for r, full in pairs)}; "
           f"block linear parameters {kept:,} of {dense:,} ({100 * kept / dense:.1f}%)"

@@ -212,6 +212,10 @@ def fast_only_attention_checks(record, randn, B, T, C, H):
 
 FACTORIZED_CHECK = {f"transformer.h.0.{n}": 3 for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 FACTORIZED_CHECK["transformer.h.1.mlp.c_fc"] = 3
+LLAMA_FACTORIZED_CHECK = {f"model.layers.0.{n}": 3 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                            "mlp.down_proj")}
+LLAMA_FACTORIZED_CHECK["model.layers.1.mlp.gate_proj"] = 3        # beside a dense up_proj: the group run apart
 
 
 def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=False):
@@ -249,11 +253,13 @@ def model_check(config, seed=0, max_entries=None, train=False, ranks=None, core=
 
 
 def adapter_check(config, init="pissa", seed=0, max_entries=None):
-    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix), through the unmerged
-    layers training runs (the merged form is checked as a layer, and held equal to this one in
+    """Whole-model gradient of the loss for every adapter (rank 2 on every block matrix, GPT-2's four or the Llama's
+    seven by the config), through the unmerged layers training runs (the merged form is checked as a layer, and held equal to this one in
     tests/test_finetune.py). Returns [(name, error)]."""
+    model = LLAMA if isinstance(config, LLAMA.LlamaConfig) else G
+    fast = FAST_LLAMA if model is LLAMA else M
     rng = np.random.default_rng(seed)
-    params = G.init_params(config, seed=seed, dtype=np.float64)
+    params = model.init_params(config, seed=seed, dtype=np.float64)
     for k in params:
         params[k] += 0.1 * rng.standard_normal(params[k].shape)
     lora = {"rank": 2, "alpha": 3.0, "targets": block_matrix_names(params), "init": init}
@@ -263,8 +269,8 @@ def adapter_check(config, init="pissa", seed=0, max_entries=None):
     T = config.block_size
     idx = rng.integers(0, config.vocab_size, size=(2, T))
     targets = rng.integers(0, config.vocab_size, size=(2, T))
-    run = lambda: M.forward(adapter_params(frozen, adapters, lora), config, idx, targets)    # as training runs it
-    grads = adapter_grads_unmerged(M.backward(adapter_params(frozen, adapters, lora), config, run()[2]), lora)
+    run = lambda: fast.forward(adapter_params(frozen, adapters, lora), config, idx, targets)   # as training runs it
+    grads = adapter_grads_unmerged(fast.backward(adapter_params(frozen, adapters, lora), config, run()[2]), lora)
     return [(name, compare(grads[name], numerical_gradient(lambda: run()[1], a, max_entries=max_entries, rng=rng)))
             for name, a in adapters.items()]
 
@@ -309,12 +315,19 @@ def main(argv=None):
     for name, err in model_check(config, args.seed, ranks=FACTORIZED_CHECK):
         worst = max(worst, err)
         print(f"  {name:<48}{err:>16.2e}")
-    config = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=0.0, bias=True)
-    for init in ("lora", "pissa"):
-        print(f"\nwhole model through {init} adapters (rank 2 on every block matrix)")
-        for name, err in adapter_check(config, init, args.seed):
-            worst = max(worst, err)
-            print(f"  {name:<48}{err:>16.2e}")
+    config = LLAMA.LlamaConfig(block_size=4, vocab_size=7, n_layer=2, n_head=4, n_kv_head=2, n_embd=8, ffn_hidden=12)
+    print("\nwhole model, fast Llama, the seven matrices of layer 0 and layer 1's gate_proj factorized (rank 3)")
+    for name, err in model_check(config, args.seed, ranks=LLAMA_FACTORIZED_CHECK):
+        worst = max(worst, err)
+        print(f"  {name:<48}{err:>16.2e}")
+    gpt2 = G.GPTConfig(block_size=4, vocab_size=7, n_layer=2, n_head=2, n_embd=8, dropout=0.0, bias=True)
+    for config in (gpt2, config):
+        for init in ("lora", "pissa"):
+            print(f"\nwhole model{', fast Llama,' if config is not gpt2 else ''} through {init} adapters (rank 2 on "
+                  f"every block matrix)")
+            for name, err in adapter_check(config, init, args.seed):
+                worst = max(worst, err)
+                print(f"  {name:<48}{err:>16.2e}")
     ok = worst < TOLERANCE
     print(f"\nworst relative error {worst:.2e}: {'PASS' if ok else 'FAIL'} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1

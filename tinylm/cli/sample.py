@@ -11,7 +11,6 @@ from tinylm.cli.common import OneLineParser, parse_bool, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.analysis.interventions import steer_generate, steering, steering_direction
 from tinylm.core.sampling import NonFiniteLogits, check_sampling_args, sample_next
-from tinylm.core.arch import arch_of
 from tinylm.fast.arch import decoder
 from tinylm.fast.parallel import blas_threads
 from tinylm.io.hf import load_any
@@ -30,7 +29,9 @@ def sample_parser():
                     help="checkpoint file inside OUT_DIR (best.npz: best validation loss), or a path to one")
     ap.add_argument("--init_from", default=None, metavar="PATH",
                     help="sample from this checkpoint file or GPT-2 folder in the Hugging Face layout "
-                         "(config.json, model.safetensors, vocab.json, merges.txt) instead of OUT_DIR")
+                         "(config.json, model.safetensors, vocab.json, merges.txt) or llama2.c model.bin instead of OUT_DIR")
+    ap.add_argument("--tokenizer_bin", default=None, metavar="FILE",
+                    help="with --init_from a llama2.c model.bin: its tokenizer.bin (default: the one beside it)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
                     "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "
@@ -79,9 +80,8 @@ def _sample(argv):
     rank = None
     if a.rank is not None:
         rank = parse_rank(a.rank)
-    ckpt = load_any(path)
+    ckpt = load_any(path, tokenizer_bin=a.tokenizer_bin)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
-    refuse_what_a_llama_cannot_do_yet(a, config)
     if rank is not None:
         params, line = compress_on_the_fly(params, config, rank)
         print(line, file=sys.stderr)
@@ -183,11 +183,3 @@ def largest_weight(params):
     best = max(params, key=lambda k: float(np.max(np.abs(params[k]))) if np.size(params[k]) else 0.0)
     return best, float(np.max(np.abs(params[best])))
 
-
-def refuse_what_a_llama_cannot_do_yet(a, config):
-    """--rank reads GPT-2's matrices: one line for a Llama, instead of a failure half way."""
-    if arch_of(config) != "llama":
-        return
-    for flag, given in (("--rank", a.rank is not None),):
-        if given:
-            raise TinyLMError(f"{flag} is not supported for a Llama yet; sample it without {flag}")

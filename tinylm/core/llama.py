@@ -111,6 +111,17 @@ def count_tensors(config):
     return 9 * config.n_layer + 2 + (not config.tie_embeddings)
 
 
+def iter_param_shapes(config):
+    """(name, shape) of param_shapes(config), in its order, one at a time, as gpt2.iter_param_shapes: a loader names
+    the first tensors a file lacks at once even for a config that claims 10⁸ layers. Block i is block 0 renamed."""
+    one = param_shapes(dataclasses.replace(config, n_layer=1))
+    first = block_prefix(0)
+    yield "model.embed_tokens.weight", one["model.embed_tokens.weight"]
+    for i in range(config.n_layer):
+        yield from ((block_prefix(i) + k[len(first):], s) for k, s in one.items() if k.startswith(first))
+    yield from ((k, s) for k, s in one.items() if k != "model.embed_tokens.weight" and not k.startswith(first))
+
+
 def count_params(config, include_positions=True):
     """Number of parameters (a tied head counted once). Rotary positions have no parameters, so
     include_positions, kept for gpt2.count_params' signature, changes nothing."""

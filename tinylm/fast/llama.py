@@ -11,7 +11,10 @@ What it adds to core, as fast/model.py does for GPT-2:
   changes no score; the gradient's rows go back to Hugging Face's order;
 - GPT-2's fast attention (fast/layers.py: row blocks, in-place passes, dropout), each shared key/value head
   repeated for the G query heads that read it (nothing to repeat when G = 1), the G copies' gradients summed;
-- the batch split over threads: fast/model.py's loss_and_grads_parallel, handed this module's loss_and_grads.
+- the batch split over threads: fast/model.py's loss_and_grads_parallel, handed this module's loss_and_grads;
+- the factorized and LoRA forms of any of the seven matrices, as fast/model.py runs GPT-2's (its linear_by_name):
+  a group with such a layer (q, k, v or gate, up) runs each layer's own product instead of the stacked one
+  (group_forward). tests/test_lowrank_llama.py holds them equal to core on the matrices they stand for.
 The config, the names and shapes, and init are core's (core/llama.py). tests/test_fast_llama.py holds logits,
 loss and every gradient equal to core's in float64, tied and untied, with and without shared heads.
 """
@@ -61,6 +64,59 @@ def unstacked(dW, params, config, pre, names):
         grads[pre + name + ".weight"] = part
         row += rows
     return grads
+
+
+def is_dense(params, pre, names):
+    """True when every layer `names` of block `pre` is a plain weight (no factors, no adapter): then they stack."""
+    return all(pre + name + ".weight" in params and pre + name + ".lora_A" not in params for name in names)
+
+
+def group_forward(params, config, pre, names, h):
+    """The outputs of block `pre`'s layers `names` on h side by side, (B,T,Σ out), q's and k's columns in
+    row_orders' order. Dense layers: one product over their stacked weights. A factorized layer or one with an
+    adapter (fast/linears.py, by fast/model.py's linear_by_name): each layer's own product, its columns put in
+    place, the same numbers as the stacked product of the weights they stand for."""
+    if is_dense(params, pre, names):
+        y, cache = L.linear_forward(h, stacked(params, config, pre, names))
+        return y, ("stacked", cache)
+    parts, caches = [], []
+    for name, order in row_orders(config, names).items():
+        y, cache = M.linear_by_name(params, pre + name, h)
+        parts.append(y if order is None else y[..., order])
+        caches.append((y.shape[-1], cache))
+    return np.concatenate(parts, axis=-1), ("apart", caches)
+
+
+def linear_backward_into(grads, params, name, dy, cache):
+    """linear_by_name's backward for the layer `name`: its parameters' gradients put into grads under their names
+    (name.weight; name.weight_A, .weight_B; or name.lora_A, .lora_B, the frozen weight getting none); returns dx."""
+    dx, g = M.linear_backward_by_name(params, name, dy, cache)
+    if "A" in g:
+        grads[name + ".weight_A"], grads[name + ".weight_B"] = g["A"], g["B"]
+    elif "lora_A" in g:
+        grads[name + ".lora_A"], grads[name + ".lora_B"] = g["lora_A"], g["lora_B"]
+    else:
+        grads[name + ".weight"] = g["W"]
+    return dx
+
+
+def group_backward(grads, params, config, pre, names, dy, cache):
+    """group_forward's backward: the layers' gradients put into grads under their names; returns dh (the layers
+    read the same h, so their input gradients add)."""
+    kind, cache = cache
+    if kind == "stacked":
+        dh, g = L.linear_backward(dy, cache)
+        grads.update(unstacked(g["W"], params, config, pre, names))
+        return dh
+    dh, col = 0, 0
+    for (name, order), (width, layer_cache) in zip(row_orders(config, names).items(), cache):
+        part = dy[..., col:col + width]
+        if order is not None:                            # the columns back in Hugging Face's order
+            part = np.empty_like(part)
+            part[..., order] = dy[..., col:col + width]
+        dh = dh + linear_backward_into(grads, params, pre + name, np.ascontiguousarray(part), layer_cache)
+        col += width
+    return dh
 
 
 def rotated(qkv, config):
@@ -130,20 +186,20 @@ def forward(params, config, idx, targets=None, train=False, rng=None, for_backwa
         c = {}
         # attention sublayer: x + o_proj(attention(rope(q), rope(k), v)), q k v = [q_proj; k_proj; v_proj] norm(x)
         h, c["input_layernorm"] = L.rmsnorm_forward(x, P[pre + "input_layernorm.weight"], config.norm_eps)
-        qkv, c["qkv"] = L.linear_forward(h, stacked(P, config, pre, QKV))    # (B,T,(H+2Hkv)·D)
+        qkv, c["qkv"] = group_forward(P, config, pre, QKV, h)                  # (B,T,(H+2Hkv)·D)
         L.rope_(rotated(qkv, config), turn)
         if kv is not None:
             keep_keys_and_values(kv, i, qkv, config)
         a, c["attn"] = L.attention_forward(repeated_kv(qkv, config), config.n_head, p, rng)
-        a, c["o_proj"] = L.linear_forward(a, P[pre + "self_attn.o_proj.weight"])
+        a, c["o_proj"] = M.linear_by_name(P, pre + "self_attn.o_proj", a)
         a, c["attn_drop"] = L.dropout_forward(a, p, rng)
         x = x + a
         # MLP sublayer: x + down_proj(silu(g) ⊙ u), [g u] = [gate_proj; up_proj] norm(x)
         h, c["post_attention_layernorm"] = L.rmsnorm_forward(x, P[pre + "post_attention_layernorm.weight"],
                                                              config.norm_eps)
-        gu, c["gate_up"] = L.linear_forward(h, stacked(P, config, pre, GATE_UP))  # (B,T,2F)
+        gu, c["gate_up"] = group_forward(P, config, pre, GATE_UP, h)            # (B,T,2F)
         m, c["swiglu"] = L.swiglu_forward(gu)
-        m, c["down_proj"] = L.linear_forward(m, P[pre + "mlp.down_proj.weight"])
+        m, c["down_proj"] = M.linear_by_name(P, pre + "mlp.down_proj", m)
         m, c["mlp_drop"] = L.dropout_forward(m, p, rng)
         x += m                                           # x is this block's own array (x + a above)
         cache["blocks"].append(c)
@@ -159,20 +215,16 @@ def block_backward(params, config, pre, c, dx, rope_back):
     """One block's backward.   dx (B,T,C) -> (dx, the block's gradients by parameter name)"""
     grads = {}
     dm = L.dropout_backward(dx, c["mlp_drop"])           # x + m passes dx to both x and m
-    dm, g = L.linear_backward(dm, c["down_proj"])
-    grads[pre + "mlp.down_proj.weight"] = g["W"]
-    dh, g = L.linear_backward(L.swiglu_backward(dm, c["swiglu"]), c["gate_up"])
-    grads.update(unstacked(g["W"], params, config, pre, GATE_UP))
+    dm = linear_backward_into(grads, params, pre + "mlp.down_proj", dm, c["down_proj"])
+    dh = group_backward(grads, params, config, pre, GATE_UP, L.swiglu_backward(dm, c["swiglu"]), c["gate_up"])
     dh, g = L.rmsnorm_backward(dh, c["post_attention_layernorm"])
     grads[pre + "post_attention_layernorm.weight"] = g["w"]
     dx = dx + dh
     da = L.dropout_backward(dx, c["attn_drop"])
-    da, g = L.linear_backward(da, c["o_proj"])
-    grads[pre + "self_attn.o_proj.weight"] = g["W"]
+    da = linear_backward_into(grads, params, pre + "self_attn.o_proj", da, c["o_proj"])
     dqkv = summed_kv(L.attention_backward(da, c["attn"]), config)
     L.rope_(rotated(dqkv, config), rope_back)            # the turn back, in place: dqkv is a new array
-    dh, g = L.linear_backward(dqkv, c["qkv"])
-    grads.update(unstacked(g["W"], params, config, pre, QKV))
+    dh = group_backward(grads, params, config, pre, QKV, dqkv, c["qkv"])
     dh, g = L.rmsnorm_backward(dh, c["input_layernorm"])
     grads[pre + "input_layernorm.weight"] = g["w"]
     return dx + dh, grads
@@ -197,7 +249,8 @@ def backward(params, config, cache, dloss=1.0):
     else:
         grads["lm_head.weight"] = dhead
     grads["model.embed_tokens.weight"] = dwte
-    return {k: grads[k] for k in params}
+    frozen = {k[:-len(".lora_A")] + ".weight" for k in params if k.endswith(".lora_A")}
+    return {k: grads[k] for k in params if k not in frozen}
 
 
 def loss_and_grads(params, config, idx, targets, train=False, rng=None, dloss=1.0):

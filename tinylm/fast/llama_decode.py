@@ -24,7 +24,8 @@ in full in the test, to 1e-9 in float64 (and to the fresh forward for one layer)
 
 The per-token step (decode_rows) works on a row per sequence, with the RMSNorm gains and the attention
 scale folded into the next matrix (decoding_weights), one product for q, k and v (each rotary pair side by
-side, as fast/llama.py stacks them, and so in the cache) and one for gate and up.
+side, as fast/llama.py stacks them, and so in the cache) and one for gate and up; a factorized layer
+(tinylm.compress) as its two thin products, as fast/decode.py runs GPT-2's.
 """
 import math
 
@@ -33,7 +34,7 @@ import numpy as np
 from tinylm.core.llama import block_prefix, head_name
 from tinylm.errors import TinyLMError
 from tinylm.fast import layers as L
-from tinylm.fast.llama import GATE_UP, QKV, forward, stacked
+from tinylm.fast.llama import GATE_UP, QKV, forward, is_dense, row_orders, stacked
 
 
 def new_kv_cache(config, batch_size, dtype):
@@ -54,28 +55,71 @@ def prefill(params, config, idx, kv):
     return logits[:, -1]
 
 
+def adapters_folded(params):
+    """params with every adapter's W + B A under name.weight and the adapters dropped (the decoder runs the matrix)."""
+    folded = {k: v for k, v in params.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for k, A in params.items():
+        if k.endswith(".lora_A"):
+            stem = k[:-len(".lora_A")]
+            folded[stem + ".weight"] = params[stem + ".weight"] + params[stem + ".lora_B"] @ A
+    return folded
+
+
 def decoding_weights(params, config):
     """The weights arranged for decode_rows, each stored transposed (in, out) for the product x @ M.
 
     RMSNorm's gain is folded into the matrix that follows: (x̂ ⊙ w) Wᵀ = x̂ (W diag(w))ᵀ, and the attention
-    scale 1/√D into the query rows, so a block needs only x's 1/rms beside its products."""
+    scale 1/√D into the query rows, so a block needs only x's 1/rms beside its products. A factorized layer
+    W = A B is the pair (M₁, M₂) = ((B diag(w))ᵀ, Aᵀ), run as (x M₁) M₂ (product): the gain on B's columns, the
+    rotary order and the scale on A's rows. A group (q, k, v; gate, up) holding one is a list of its layers'
+    matrices or pairs, their outputs side by side; a dense group is one stacked matrix. Adapters are folded in."""
+    params = adapters_folded(params)
     D = config.n_embd // config.n_head
     H, n = config.n_head, config.n_layer
 
     def folded(W, norm):
         return np.ascontiguousarray((W * params[norm + ".weight"]).T)
 
+    def layer(name, norm=None, order=None, scale=None):
+        """The stored matrix, or pair, of the layer `name`, its rows in `order`, times scale."""
+        W = params.get(name + ".weight", params.get(name + ".weight_A"))
+        W = W if order is None else W[order]
+        W = W if scale is None else W * scale
+        if name + ".weight_A" not in params:
+            return folded(W, norm) if norm else np.ascontiguousarray(W.T)
+        B = params[name + ".weight_B"]
+        return (folded(B, norm) if norm else np.ascontiguousarray(B.T)), np.ascontiguousarray(W.T)
+
+    def group(pre, names, norm, scales=()):
+        """The layers `names` of block pre: one stacked matrix when all are dense, else a list (module docstring)."""
+        if is_dense(params, pre, names):
+            W = folded(stacked(params, config, pre, names), norm)
+            for cols, scale in scales:
+                W[:, cols] *= scale
+            return W
+        scale_of = dict((names[0], scale) for _, scale in scales)
+        return [layer(pre + name, norm, order, scale_of.get(name))
+                for name, order in row_orders(config, names).items()]
+
     layers = []
     for i in range(n):
         pre = block_prefix(i)
-        W_qkv = folded(stacked(params, config, pre, QKV), pre + "input_layernorm")   # pairs side by side
-        W_qkv[:, :H * D] *= 1.0 / math.sqrt(D)
-        layers.append((W_qkv, np.ascontiguousarray(params[pre + "self_attn.o_proj.weight"].T),
-                       folded(stacked(params, config, pre, GATE_UP), pre + "post_attention_layernorm"),
-                       np.ascontiguousarray(params[pre + "mlp.down_proj.weight"].T)))
+        layers.append((group(pre, QKV, pre + "input_layernorm", [(slice(0, H * D), 1.0 / math.sqrt(D))]),
+                       layer(pre + "self_attn.o_proj"), group(pre, GATE_UP, pre + "post_attention_layernorm"),
+                       layer(pre + "mlp.down_proj")))
     inv_freq = float(config.rope_theta) ** (-np.arange(0, D, 2) / D)       # as core's rope_forward
     return {"wte": params["model.embed_tokens.weight"], "layers": layers, "inv_freq": inv_freq,
             "head": folded(params[head_name(config)], "model.norm"), "config": config}
+
+
+def product(x, M):
+    """x M for a stored matrix M; (x M₁) M₂ for a factorized layer's pair; for a group's list, its members'
+    products side by side (decoding_weights)."""
+    if type(M) is tuple:
+        return (x @ M[0]) @ M[1]
+    if type(M) is list:
+        return np.concatenate([product(x, part) for part in M], axis=1)
+    return x @ M
 
 
 def inverse_rms(x, eps):
@@ -109,7 +153,7 @@ def decode_rows(dw, kv, tokens):
     x = dw["wte"][np.asarray(tokens)]                                        # (B, C), a new array
     turn = this_turn(pos, dw["inv_freq"], H + Hkv, x.dtype)
     for (W_qkv, W_o, W_gu, W_down), K, V in zip(dw["layers"], kv["k"], kv["v"]):
-        qkv = x @ W_qkv
+        qkv = product(x, W_qkv)
         qkv *= inverse_rms(x, eps)
         L.rope_(qkv[:, :(H + Hkv) * D], turn)
         K[:, :, slot] = qkv[:, H * D:(H + Hkv) * D].reshape(B, Hkv, D)
@@ -119,10 +163,10 @@ def decode_rows(dw, kv, tokens):
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        x += (s @ V[:, :, :n]).reshape(B, H * D) @ W_o
-        gu = x @ W_gu
+        x += product((s @ V[:, :, :n]).reshape(B, H * D), W_o)
+        gu = product(x, W_gu)
         gu *= inverse_rms(x, eps)
-        x += L.swiglu_forward(gu)[0] @ W_down
+        x += product(L.swiglu_forward(gu)[0], W_down)
     kv["len"] = pos + 1
     logits = x @ dw["head"]
     logits *= inverse_rms(x, eps)

@@ -19,7 +19,9 @@ Two starting points (`init_adapter`):
   W − s·B A. W' is again W at step 0, but training moves the principal subspace itself.
 
 Adapter parameters are named after their target: `transformer.h.0.attn.c_attn.weight` gets
-`transformer.h.0.attn.c_attn.lora_A` (R, in) and `transformer.h.0.attn.c_attn.lora_B` (out, R).
+`transformer.h.0.attn.c_attn.lora_A` (R, in) and `transformer.h.0.attn.c_attn.lora_B` (out, R); a Llama's
+`model.layers.0.self_attn.q_proj.weight` gets `model.layers.0.self_attn.q_proj.lora_A` and `.lora_B`. The
+targets are any of GPT-2's four block matrices or the Llama's seven (q, k, v, o_proj; gate, up, down_proj).
 """
 import numpy as np
 
@@ -27,6 +29,8 @@ from tinylm.errors import TinyLMError
 
 INITS = ("lora", "pissa")
 BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_BLOCK_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 class AdapterError(TinyLMError):
@@ -39,18 +43,25 @@ def adapter_names(target):
     return stem + ".lora_A", stem + ".lora_B"
 
 
+def kinds_of(shapes):
+    """The block matrices' kinds of this model: GPT-2's four, or the Llama's seven (its names start model.layers.)."""
+    return LLAMA_BLOCK_MATRICES if "model.embed_tokens.weight" in shapes else BLOCK_MATRICES
+
+
 def block_matrix_names(shapes):
     """Every linear weight inside the blocks (the default targets), in model order."""
-    return [k for k in shapes if k.startswith("transformer.h.") and k.endswith(".weight")
-            and k[:-len(".weight")].endswith(BLOCK_MATRICES)]
+    return [k for k in shapes if k.startswith(("transformer.h.", "model.layers.")) and k.endswith(".weight")
+            and k[:-len(".weight")].endswith(kinds_of(shapes))]
 
 
 def resolve_targets(spec, shapes):
-    """'all' or a comma list of matrix kinds (c_attn, attn.c_proj, mlp.c_fc, c_proj, …) or full names -> names."""
+    """'all' or a comma list of matrix kinds (c_attn, attn.c_proj, mlp.c_fc, c_proj, …; a Llama's q_proj, k_proj,
+    v_proj, o_proj, gate_proj, up_proj, down_proj, with or without self_attn. or mlp.) or full names -> names."""
     candidates = block_matrix_names(shapes)
+    kinds = kinds_of(shapes)
     tokens = [t.strip() for t in str(spec).split(",") if t.strip()]
     if not tokens:
-        raise AdapterError("--lora_targets is empty; give 'all' or a comma list such as attn.c_attn,mlp.c_fc")
+        raise AdapterError(f"--lora_targets is empty; give 'all' or a comma list such as {kinds[0]},{kinds[2]}")
     chosen = set()
     for token in tokens:
         if token == "all":
@@ -59,9 +70,9 @@ def resolve_targets(spec, shapes):
             hits = [k for k in candidates if k == token or k.endswith("." + token + ".weight")
                     or k == token + ".weight"]
         if not hits:
+            short = "c_attn, c_proj, c_fc" if kinds is BLOCK_MATRICES else ", ".join(k.split(".")[1] for k in kinds)
             raise AdapterError(f"--lora_targets: {token!r} names no block matrix; use 'all' or any of "
-                               f"{', '.join(BLOCK_MATRICES)} (or c_attn, c_proj, c_fc), or a full name "
-                               f"such as {candidates[0]}")
+                               f"{', '.join(kinds)} (or {short}), or a full name such as {candidates[0]}")
         chosen.update(hits)
     return [k for k in candidates if k in chosen]
 

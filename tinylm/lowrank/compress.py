@@ -1,5 +1,8 @@
 """A smaller, faster model whose block linear layers are low rank (python -m tinylm.compress is its command line).
 
+GPT-2's four block matrices (c_attn, attn.c_proj, c_fc, mlp.c_proj) or a Llama's seven (q, k, v, o_proj; gate,
+up, down_proj), each with its own inputs (layer_inputs) and so its own whitening.
+
 Each block linear layer W (out, in) becomes two thin factors A (out, r), B (r, in), W ≈ A B, stored and run
 as the factorized layer of fast/linears.py: y = (x Bᵀ) Aᵀ + b.
 
@@ -30,11 +33,15 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from tinylm.core import layers as CL
+from tinylm.core.arch import arch_of, model_of
 from tinylm.fast import layers as L
 from tinylm.errors import TinyLMError
+from tinylm.lowrank.adapters import LLAMA_BLOCK_MATRICES
 from tinylm.lowrank.factorized import dense_params, dense_weight, factor_params, ranks_of
 from tinylm.fast.model import linear_by_name
-from tinylm.core.gpt2 import block_prefix, param_shapes
+from tinylm.core.gpt2 import block_prefix
+from tinylm.core.llama import block_prefix as llama_block_prefix
 from tinylm.fast.parallel import blas_threads
 from tinylm.text.data import DEFAULT_DATA, encode_file, train_val_split
 
@@ -49,8 +56,16 @@ class CompressError(TinyLMError):
 
 
 def layer_names(config):
-    """The block linear layers, in the order the forward runs them: transformer.h.{i}.attn.c_attn, …"""
+    """The block linear layers, in the order the forward runs them: transformer.h.{i}.attn.c_attn, …; a Llama's
+    model.layers.{i}.self_attn.q_proj, k_proj, v_proj, o_proj, mlp.gate_proj, up_proj, down_proj."""
+    if arch_of(config) == "llama":
+        return [llama_block_prefix(i) + n for i in range(config.n_layer) for n in LLAMA_BLOCK_MATRICES]
     return [block_prefix(i) + n for i in range(config.n_layer) for n in LAYERS]
+
+
+def param_shapes(config):
+    """The config's model's parameter names and shapes (GPT-2's or the Llama's)."""
+    return model_of(config).param_shapes(config)
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -168,6 +183,9 @@ def layer_inputs(params, config, idx):
 
     Only the residual stream and the current layer's input and output are held: memory is one layer's activations.
     """
+    if arch_of(config) == "llama":
+        yield from llama_layer_inputs(params, config, idx)
+        return
     P, get = params, params.get
     n, T = idx.shape
     x, _ = L.embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
@@ -192,6 +210,40 @@ def layer_inputs(params, config, idx):
         del g
 
 
+def llama_layer_inputs(params, config, idx):
+    """layer_inputs for a Llama (core/llama.py's block_forward, a layer at a time): q_proj, k_proj and v_proj are
+    handed the same normed x, gate_proj and up_proj the same; all three (two) run after the last is handed out."""
+    P = params
+    n, T = idx.shape
+    H, Hkv, theta = config.n_head, config.n_kv_head, config.rope_theta
+    positions = np.arange(T)
+    x = P["model.embed_tokens.weight"][idx]
+
+    def run(name, h):
+        return linear_by_name(P, name, h)[0].reshape(n, T, -1)
+
+    for i in range(config.n_layer):
+        pre = llama_block_prefix(i)
+        h = CL.rmsnorm_forward(x, P[pre + "input_layernorm.weight"], config.norm_eps)[0].reshape(n * T, -1)
+        for name in LLAMA_BLOCK_MATRICES[:3]:
+            yield pre + name, h
+        q, k, v = (run(pre + name, h) for name in LLAMA_BLOCK_MATRICES[:3])
+        q = CL.rope_forward(CL.split_heads(q, H), positions, theta)[0]
+        k = CL.rope_forward(CL.split_heads(k, Hkv), positions, theta)[0]
+        a = CL.merge_heads(CL.grouped_attention_forward(q, k, CL.split_heads(v, Hkv))[0]).reshape(n * T, -1)
+        del q, k, v, h
+        yield pre + "self_attn.o_proj", a
+        x = x + run(pre + "self_attn.o_proj", a)
+        h = CL.rmsnorm_forward(x, P[pre + "post_attention_layernorm.weight"], config.norm_eps)[0].reshape(n * T, -1)
+        yield pre + "mlp.gate_proj", h
+        yield pre + "mlp.up_proj", h
+        m = CL.swiglu_forward(run(pre + "mlp.gate_proj", h), run(pre + "mlp.up_proj", h))[0].reshape(n * T, -1)
+        del h
+        yield pre + "mlp.down_proj", m
+        x = x + run(pre + "mlp.down_proj", m)
+        del m
+
+
 def gram(x, y=None, rows=4096):
     """xᵀx (or xᵀy) in float64, summed over blocks of rows so that no float64 copy of a whole x is made."""
     G = np.zeros((x.shape[1], (x if y is None else y).shape[1]))
@@ -204,8 +256,13 @@ def gram(x, y=None, rows=4096):
 def collect_grams(params, config, idx, progress=False):
     """{layer: XᵀX (in, in), float64} of each block linear layer's inputs over the windows idx, the model unchanged."""
     names = layer_names(config)
-    return {name: gram(x) for name, x in tqdm(layer_inputs(params, config, idx), total=len(names),
-                                               desc="calibration", disable=not progress, leave=False)}
+    grams, last_x, last_G = {}, None, None
+    for name, x in tqdm(layer_inputs(params, config, idx), total=len(names), desc="calibration",
+                        disable=not progress, leave=False):
+        if x is not last_x:                # a Llama's q, k, v (gate, up) read one x: its XᵀX is made once
+            last_x, last_G = x, gram(x)
+        grams[name] = last_G
+    return grams
 
 
 # ----------------------------------------------------------------------------- linear systems
@@ -289,7 +346,7 @@ def truncate(params, factors, ranks):
     """params with each layer of ranks stored as the rank-r factors (the first r of its full factors), in params'
     dtype; a layer whose factors would not be smaller (stays_dense) gets the dense product A B instead."""
     new = dict(params)
-    dtype = params["transformer.wte.weight"].dtype
+    dtype = next(iter(params.values())).dtype
     for name, r in ranks.items():
         A_full, B_full, _ = factors[name]
         A, B = A_full[:, :r].astype(dtype), B_full[:r].astype(dtype)

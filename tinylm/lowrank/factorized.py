@@ -1,6 +1,6 @@
 """The factorized (low-rank) linear layer, and its parameter names (its forward/backward pair is in fast/linears.py).
 
-A dense linear layer `name` (e.g. transformer.h.0.mlp.c_fc) holds name.weight W (out, in). Its factorized
+A dense linear layer `name` (e.g. transformer.h.0.mlp.c_fc, a Llama's model.layers.0.mlp.up_proj) holds name.weight W (out, in). Its factorized
 form holds two thin factors beside it, under these names, in place of name.weight:
 
     name.weight_A   A (out, r)      W ≈ A B,  the "left" factor (U_r Σ_r for a truncated SVD)
@@ -9,7 +9,7 @@ form holds two thin factors beside it, under these names, in place of name.weigh
 
 so the layer computes y = (x Bᵀ) Aᵀ + b: two products, r(out + in) multiply-adds a row instead of
 out·in, and r(out + in) numbers stored instead of out·in. The model picks the factorized form of a layer
-whenever its params hold name.weight_A (fast/model.py's linear_by_name); a checkpoint lists the ranks in its
+whenever its params hold name.weight_A (fast/model.py's linear_by_name, which fast/llama.py uses too); a checkpoint lists the ranks in its
 metadata ("lowrank": {name: r}). Anything that needs the dense weight (analysis, export) uses
 dense_params, which multiplies the factors out.
 """
@@ -18,6 +18,7 @@ import numpy as np
 from tinylm.errors import TinyLMError, brief
 
 SUFFIX_A, SUFFIX_B = ".weight_A", ".weight_B"
+BLOCKS = ("transformer.h.", "model.layers.")     # where GPT-2's and the Llama's block matrices are named
 
 
 # ----------------------------------------------------------------------------- names
@@ -41,7 +42,7 @@ def factorized_shapes(shapes, ranks):
     """
     for name, r in ranks.items():
         shape = shapes.get(name + ".weight")
-        if shape is None or len(shape) != 2 or ".h." not in name:
+        if shape is None or len(shape) != 2 or not name.startswith(BLOCKS):
             raise TinyLMError(f"{brief(name)} is not a block linear layer of this model")
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(shape):
             raise TinyLMError(f"rank of {name} must be an integer in 1 … {min(shape)}, got {brief(r)}")

@@ -8,6 +8,7 @@ import numpy as np
 
 from tinylm.errors import TinyLMError, brief
 from tinylm.text.bpe import BPETokenizer
+from tinylm.text.pieces import PieceTokenizer
 
 
 def code_points(text):
@@ -103,4 +104,6 @@ def tokenizer_from_dict(d):
         return CharTokenizer.from_dict(d)
     if kind == "bpe":
         return BPETokenizer.from_dict(d)
+    if kind == "pieces":
+        return PieceTokenizer.from_dict(d)
     raise TinyLMError(f"unknown tokenizer type {brief(kind)}")

@@ -26,6 +26,7 @@ class TrainArgs:
     data: str = DEFAULT_DATA
     out_dir: str = "out"
     init_from: str = "scratch"
+    tokenizer_bin: str = None
     arch: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
@@ -77,6 +78,7 @@ HELP = {
     "out_dir": "folder for ckpt.npz (latest state), best.npz (best validation loss) and metrics.jsonl",
     "init_from": "'scratch' for a new model, 'resume' to continue from OUT_DIR/ckpt.npz, or a checkpoint file "
                  "or GPT-2 folder to fine-tune (a new run in OUT_DIR; the source is only read)",
+    "tokenizer_bin": "with --init_from a llama2.c model.bin: its tokenizer.bin (default: the tokenizer.bin beside it)",
     "arch": "'gpt2' (learned positions, layer norm, GELU) or 'llama' (rotary positions, RMSNorm, SwiGLU, "
             "shared K/V heads, no biases; Hugging Face's LlamaForCausalLM names); a resumed or fine-tuned run keeps "
             "its model's",
@@ -123,7 +125,8 @@ HELP = {
                  "W + (α/R)·B A, only A and B trained (no weight decay), the rest frozen; 0 for full fine-tuning",
     "lora_alpha": "adapter scale α (α/R multiplies B A); 0 means α = R",
     "lora_targets": "matrices that get adapters: 'all' block matrices or a comma list of attn.c_attn, "
-                    "attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj is both) or full parameter names",
+                    "attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj is both); a Llama's of q_proj, k_proj, v_proj, "
+                    "o_proj, gate_proj, up_proj, down_proj; or full parameter names",
     "lora_init": "'lora' (A random, B zero) or 'pissa' (A, B from the top-R singular triplets of W, the "
                  "residual frozen)",
     "merge": "with adapters: at the end write OUT_DIR/merged.npz, best.npz with W + (α/R)·B A folded in",
@@ -213,8 +216,6 @@ def check_arch_args(a):
         return
     if a.bias:
         raise TinyLMError("--bias true: a Llama has no biases; leave --bias out with --arch llama")
-    if a.lora_rank:
-        raise TinyLMError("--lora_rank: adapters on a Llama are not supported yet; fine-tune it fully (no --lora_rank)")
 
 
 def check_saved_args(saved, ckpt_path):

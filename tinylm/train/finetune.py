@@ -47,6 +47,9 @@ def validate_finetune_args(a, explicit):
         raise TinyLMError(f"--lora_alpha must be a finite number >= 0 (0 means the rank), got {a.lora_alpha}")
     if a.init_from == "resume":
         return                      # the adapters' settings come from the checkpoint, checked in resume_adapters
+    if a.tokenizer_bin is not None and not a.init_from.endswith(".bin"):
+        raise TinyLMError("--tokenizer_bin goes with --init_from a llama2.c model.bin; a tinylm checkpoint or a "
+                          "GPT-2 folder carries its own tokenizer")
     given = [f for f in LORA_FLAGS if f in explicit]
     if a.lora_rank == 0 and given:
         raise TinyLMError(f"--{given[0]} needs --lora_rank R (adapters of rank R)")
@@ -122,7 +125,7 @@ def encode_for_model(a, tokenizer, log=print):
 def load_source(a, explicit):
     """(config, tokenizer, params) of --init_from (a .npz file, adapters merged, or a GPT-2 folder)."""
     check_not_source(a.init_from, a.out_dir)
-    ckpt = load_any(a.init_from)
+    ckpt = load_any(a.init_from, tokenizer_bin=a.tokenizer_bin)
     config = ckpt["config"]
     arch = arch_of(config)
     if "arch" in explicit and a.arch != arch:

@@ -131,7 +131,6 @@ def one_line_refusal(proc, words):
     (["--ffn_hidden", "0"], ["--ffn_hidden must be a positive integer"]),
     (["--ffn_hidden", "-3"], ["--ffn_hidden"]),
     (["--bias", "true"], ["--bias", "no biases"]),
-    (["--track_spectra"], ["--track_spectra"]),
     (["--arch", "mamba"], ["--arch must be one of gpt2, llama"]),
 ])
 def test_bad_settings_are_one_line_naming_the_flag_and_write_nothing(shakespeare_head, tmp_path, bad, words):
@@ -205,12 +204,10 @@ def test_sample_py_samples_a_llama_with_and_without_the_cache_and_side_by_side(l
     assert len({s for group in texts.values() for s in group}) == 1          # greedy: one text, every way
     proc = run_script("sample.py", "--init_from", os.path.join(llama_run["dir"], "best.npz"), "--max_new_tokens", "40")
     assert proc.returncode == 0, proc.stderr
-    one_line_refusal(run_script("sample.py", "--out_dir", llama_run["dir"], "--steer", "case"), ["--steer", "Llama"])
 
 
 def test_what_reads_only_gpt2_says_so_in_one_line(llama_run, tmp_path):
     ckpt = os.path.join(llama_run["dir"], "ckpt.npz")
-    one_line_refusal(run_script("analyze.py", ckpt), ["is a Llama", "analyze.py"])
     proc = run_script("tinylm/export.py", ckpt, tmp_path / "hf")       # the export writes a Llama folder (issue 28)
     assert proc.returncode == 0 and "tokenizer.json" in proc.stdout, proc.stderr
 

@@ -19,15 +19,20 @@ positive real eigenvalues.
 M is never formed, not even as its (V, D)(D, V) factors: its nonzero eigenvalues are those
 of the D×D matrix W_V G_1 (W_E W_U) G_f W_O, and W_E W_U = wteᵀ wte is C×C, computed once.
 For GPT-2 (V = 50257, C = 768, D = 64) that is one V·C² product instead of one per head.
+
+A Llama: W_U is its head (lm_head, or the embedding when tied), its RMSNorms fold in as diag(gain) (no
+centring), and head h reads the key/value head h // (H/Hkv). Its queries and keys are turned by rotations
+first, so its QK circuit is W_Qᵀ R(−Δ) W_K, one C×C matrix per offset Δ between query and key (rotary_qk).
 """
 import numpy as np
 from tqdm import tqdm
 
 from tinylm.analysis import linalg
-from tinylm.core.gpt2 import block_prefix
-from tinylm.fast.decode import trace_forward
+from tinylm.core.arch import arch_of
+from tinylm.core.layers import rope_forward
+from tinylm.analysis.interventions import trace_forward
 from tinylm.analysis.scale import MAX_PROMPT, eval_window
-from tinylm.analysis.weights import head_weights
+from tinylm.analysis.weights import embedding, head_weights, norm_names, unembedding
 
 # A head whose score exceeds this is named a previous-token / induction head. Uniform attention over t
 # keys gives 1/t, under 0.1 for most positions of a 64-token context; 0.4 asks for a clear majority
@@ -35,17 +40,18 @@ from tinylm.analysis.weights import head_weights
 HEAD_THRESHOLD = 0.4
 
 
-def _ln_linear_part(params, name, C):
-    """The linear part of layer norm x ↦ g ⊙ (x - mean x): diag(g) P, P = I - 11ᵀ/C.   -> (C, C)"""
-    g = np.asarray(params[name], dtype=np.float64)
-    P = np.eye(C) - 1.0 / C
-    return g[:, None] * P
+def norm_linear_part(params, name, C, centres):
+    """The linear part of a norm x ↦ g ⊙ (x - mean x) (LayerNorm: diag(g) P, P = I - 11ᵀ/C) or x ↦ g ⊙ x (RMSNorm:
+    diag(g)), leaving out the division by a per-token scalar.   -> (C, C)"""
+    g = np.asarray(params[name + ".weight"], dtype=np.float64)
+    return g[:, None] * (np.eye(C) - 1.0 / C if centres else np.eye(C))
 
 
-def embedding_gram(params):
-    """W_E W_U = wteᵀ wte, the C×C Gram matrix of the token embeddings (float64).   -> (C, C)"""
-    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)       # (V, C)
-    return wte.T @ wte
+def embedding_gram(params, config):
+    """W_E W_U = embeddingᵀ head, the C×C product of the token embedding and the output head (float64; with a tied
+    head, the Gram matrix of the embeddings).   -> (C, C)"""
+    E = np.asarray(embedding(params, config), dtype=np.float64)          # (V, C)
+    return E.T @ np.asarray(unembedding(params, config), dtype=np.float64)
 
 
 def head_circuits(params, config, layer, fold_ln=True, gram=None):
@@ -53,14 +59,15 @@ def head_circuits(params, config, layer, fold_ln=True, gram=None):
 
     Every product is handled as its factors: W_QK = (W_Qᵀ)(W_K), W_OV = (W_O)(W_V), and the
     token circuit M = (W_U G_f W_O)(W_V G_1 W_E) of shape (V, D)(D, V): its nonzero eigenvalues
-    are those of the D×D matrix W_V G_1 (W_E W_U) G_f W_O. gram: wteᵀ wte (embedding_gram), to reuse.
+    are those of the D×D matrix W_V G_1 (W_E W_U) G_f W_O. gram: embedding_gram, to reuse.
     """
     C = config.n_embd
     hw = {k: np.asarray(v, dtype=np.float64) for k, v in head_weights(params, config, layer).items()}
-    gram = embedding_gram(params) if gram is None else gram
+    gram = embedding_gram(params, config) if gram is None else gram
     if fold_ln:
-        G1 = _ln_linear_part(params, block_prefix(layer) + "ln_1.weight", C)
-        Gf = _ln_linear_part(params, "transformer.ln_f.weight", C)
+        attn_norm, _, final_norm, centres = norm_names(config, layer)
+        G1 = norm_linear_part(params, attn_norm, C, centres)
+        Gf = norm_linear_part(params, final_norm, C, centres)
     else:
         G1 = Gf = np.eye(C)
     out = []
@@ -78,6 +85,37 @@ def head_circuits(params, config, layer, fold_ln=True, gram=None):
             "copying_score": linalg.copying_score(full["eigenvalues"]),
         })
     return out
+
+
+# ----------------------------------------------------------------------------- the QK circuit under rotation
+
+
+def rotation(offset, D, theta):
+    """The D×D matrix R by which core's rope_forward turns a head's vector at position `offset`: its columns are the
+    turned unit vectors R e_1 … R e_D (block-diagonal 2×2 rotations of the pairs (j, j + D/2), orthogonal)."""
+    return rope_forward(np.eye(D)[:, None, :], np.array([offset]), theta)[0][:, 0, :].T
+
+
+def rotary_qk(params, config, layer, offsets=None):
+    """σ₁ of each head's QK circuit W_Qᵀ R(−Δ) W_K at each offset Δ = m − n ≥ 0 between a query at m and a key at n.
+
+    (R_m W_Q x)·(R_n W_K y) = xᵀ W_Qᵀ R_(n−m) W_K y, so with rotary positions a head's bilinear form depends on how
+    far back the key is. Its top singular value is how strongly the head can score any pair of tokens that
+    distance apart: read from the weights alone, which distances a head is built for.   -> (H, len(offsets))
+    """
+    offsets = np.arange(config.block_size) if offsets is None else np.asarray(offsets)
+    hw = {k: np.asarray(v, dtype=np.float64) for k, v in head_weights(params, config, layer).items()}
+    D = config.n_embd // config.n_head
+    turns = [rotation(-int(d), D, config.rope_theta) for d in offsets]
+    return np.array([[linalg.factored_spectrum(W_Q.T, R @ W_K)["singular_values"][0] for R in turns]
+                     for W_Q, W_K in zip(hw["W_Q"], hw["W_K"])])
+
+
+def rotary_summary(sigma):
+    """Per head of a layer's rotary_qk σ₁ (H, offsets): the offset of the largest σ₁ and max/min over offsets."""
+    low = sigma.min(axis=1)
+    return {"peak_offset": sigma.argmax(axis=1), "peak_sigma": sigma.max(axis=1),
+            "max_over_min": np.where(low > 0, sigma.max(axis=1) / np.where(low > 0, low, 1), np.inf)}
 
 
 def previous_token_scores(att):
@@ -132,12 +170,19 @@ def attention_for_prompt(params, config, idx):
 
 def analyze_circuits(params, config, text_idx, prompt_idx, fold_ln=True, progress=False):
     """Everything of this section: per-head circuits, head-pattern scores, attention for a prompt.   -> dict."""
-    gram = embedding_gram(params)
+    gram = embedding_gram(params, config)
     heads = [c for i in tqdm(range(config.n_layer), desc="circuits", disable=not progress, leave=False)
              for c in head_circuits(params, config, i, fold_ln, gram)]
-    return {
+    out = {
         "fold_ln": fold_ln,
+        "norm": "LayerNorm" if norm_names(config)[3] else "RMSNorm",
         "heads": heads,
         "patterns": head_pattern_scores(params, config, text_idx),
         "prompt_attention": attention_for_prompt(params, config, prompt_idx),
     }
+    if arch_of(config) == "llama":          # rotary positions: the QK circuit is a function of the offset
+        sigma = np.stack([rotary_qk(params, config, i) for i in range(config.n_layer)])      # (L, H, block_size)
+        summary = [rotary_summary(s) for s in sigma]
+        out["rotary"] = {"offsets": np.arange(config.block_size), "sigma1": sigma,
+                         **{k: np.stack([s[k] for s in summary]) for k in summary[0]}}
+    return out

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from tinylm.analysis import linalg
 from tinylm.analysis.scale import position_subset
-from tinylm.analysis.weights import head_weights
+from tinylm.analysis.weights import embedding, head_weights, position_embedding
 
 
 ESCAPES = {"\n": "\\n", " ": "␣", "\t": "\\t", "\r": "\\r"}
@@ -74,7 +74,8 @@ def case_analogies(wte, chars, max_show=12):
 def head_subspace_overlaps(params, config, progress=False):
     """Mean cos² of the principal angles between every pair of heads' read (W_V rows) and write (W_O columns) subspaces.
 
-    -> {"labels": ["L0H0", ...], "read": (N, N), "write": (N, N), "random_baseline": D/C}
+    -> {"labels": ["L0H0", ...], "read": (N, N), "write": (N, N), "random_baseline": D/C, "same_kv_head": (N, N) bool}
+    With grouped-query attention the query heads that share a K/V head read the same subspace (overlap 1).
     mean cos²θ = ‖Q_Aᵀ Q_B‖_F² / D: 1 for the same subspace, 0 for orthogonal ones, D/C on
     average for two random D-dimensional subspaces of R^C.
     """
@@ -99,7 +100,9 @@ def head_subspace_overlaps(params, config, progress=False):
             M[a] = ((Q[a].T @ flat) ** 2).reshape(D, N, D).sum(axis=(0, 2)) / D
         return (M + M.T) / 2                                               # exactly symmetric
 
-    return {"labels": labels, "read": overlap(reads), "write": overlap(writes), "random_baseline": D / C}
+    group = np.repeat(np.arange(N // (H // getattr(config, "n_kv_head", H))), H // getattr(config, "n_kv_head", H))
+    return {"labels": labels, "read": overlap(reads), "write": overlap(writes), "random_baseline": D / C,
+            "same_kv_head": group[:, None] == group[None, :]}          # pairs that read one shared K/V head
 
 
 def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progress=False):
@@ -108,9 +111,9 @@ def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progr
     subset: token ids (see scale.token_subset) for the neighbour lists, the analogies and the
     PCA map of a large vocabulary; None means every token. The PCA itself uses every token.
     """
-    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)
-    wpe = np.asarray(params["transformer.wpe.weight"], dtype=np.float64)
-    positions = position_subset(config.block_size)
+    wte = np.asarray(embedding(params, config), dtype=np.float64)
+    wpe = position_embedding(params, config)          # None for a Llama: its positions are rotations, not vectors
+    positions = position_subset(config.block_size) if wpe is not None else None
     p = embedding_pca(wte)
     evr = p["explained_variance_ratio"]
     ids = np.arange(len(chars)) if subset is None else np.asarray(subset)
@@ -125,6 +128,6 @@ def analyze_embeddings(params, config, chars, subset=None, subset_rule="", progr
         "neighbours": neighbours(wte, chars, queries=ids, progress=progress),
         "analogies": case_analogies(wte[ids], labels),
         "positions": positions,
-        "position_cosine": linalg.cosine_similarity_matrix(wpe[positions]),
+        "position_cosine": None if wpe is None else linalg.cosine_similarity_matrix(np.asarray(wpe[positions], np.float64)),
         "head_subspaces": head_subspace_overlaps(params, config, progress=progress),
     }

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from tinylm.analysis import linalg
 from tinylm.errors import TinyLMError
-from tinylm.fast.model import loss_and_grads
+from tinylm.fast.arch import fast_model
 from tinylm.core.optim import learning_rate_at
 
 
@@ -38,7 +38,7 @@ def model_grad_fn(params, config, x, y):
     theta0 = flatten(p64, names)
 
     def grad(theta):
-        _, g = loss_and_grads(unflatten(theta, p64, names), config, x, y)
+        _, g = fast_model(config).loss_and_grads(unflatten(theta, p64, names), config, x, y)
         return flatten(g, names)
 
     return theta0, names, grad

@@ -8,12 +8,13 @@
   A constant added to the residual stream is a bias: at layer 0 it is a shift of every position
   embedding (x₀ = wte[token] + wpe[t] + α d), at layer l > 0 a shift of block l−1's MLP output bias
   (block l−1 ends in x + c_proj(gelu(..)) + b). So `steer` returns edited parameters, and the fast
-  generate() samples from the steered model as from any other.
+  generate() samples from the steered model as from any other. A Llama has no biases: at layer 0 every row of
+  its token embedding is shifted; past it, steer_generate adds α·d inside this module's forward.
 
-The forward here is written like tinylm/core/gpt2.py's, cut at the blocks so a run can start at any layer and with
-the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for speed);
-tests/test_interventions.py holds it equal to core/gpt2.py's forward when no edit is given.
-Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
+The forward here is written like tinylm/core/gpt2.py's and core/llama.py's, cut at the blocks so a run can start
+at any layer and with the edits as arguments. It computes in the parameters' dtype (float64 to check, float32 for
+speed); tests/test_interventions.py and tests/test_analysis_llama.py hold it equal to core's forward when no edit
+is given. Shapes: B sequences, T tokens, C = n_embd, H heads of width D = C/H, L = n_layer.
 """
 import os
 import re
@@ -26,7 +27,11 @@ from tinylm.core import layers as CL
 from tinylm.core.layers import softmax
 from tinylm.analysis.scale import token_labels
 from tinylm.core.sampling import sample_next
-from tinylm.fast.decode import generate
+from tinylm.core.arch import arch_of
+from tinylm.fast.arch import decoder
+from tinylm.fast.decode import trace_forward as cached_trace
+from tinylm.analysis.weights import (block_matrix, block_prefix, embedding, norm_names, position_embedding,
+                                     unembedding)
 from tinylm.fast.parallel import blas_threads
 
 
@@ -48,35 +53,71 @@ def gelu(x):
 # ----------------------------------------------------------------------------- the forward, with edits
 
 
-def head_outputs(P, prefix, h, n_head):
-    """Each head's softmax(Q Kᵀ/√D + mask) V, before c_proj mixes the heads.   h = ln_1(x) (B,T,C) -> (B,H,T,D)"""
+def norm(P, config, name, x):
+    """The norm `name` (its gain name.weight): GPT-2's layer norm, or a Llama's RMSNorm."""
+    if arch_of(config) == "llama":
+        return CL.rmsnorm_forward(x, P[name + ".weight"], config.norm_eps)[0]
+    return layer_norm(x, P[name + ".weight"], P.get(name + ".bias"))
+
+
+def queries_keys_values(P, config, i, h):
+    """Block i's q (B,H,T,D) and k, v (B,H,T,D), a Llama's q and k turned by their positions' rotations and its
+    shared key/value heads repeated for the query heads that read them.   h = the normed stream (B,T,C)"""
     B, T, C = h.shape
-    D = C // n_head
-    q, k, v = np.split(linear(h, P[prefix + "attn.c_attn.weight"], P.get(prefix + "attn.c_attn.bias")), 3, axis=-1)
-    q, k, v = (a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3) for a in (q, k, v))
+    H = config.n_head
+    heads = lambda a: a.reshape(B, T, -1, C // H).transpose(0, 2, 1, 3)
+    if arch_of(config) == "gpt2":
+        pre = f"transformer.h.{i}.attn.c_attn"
+        return (heads(a) for a in np.split(linear(h, P[pre + ".weight"], P.get(pre + ".bias")), 3, axis=-1))
+    q, k, v = (heads(linear(h, block_matrix(P, config, i, "attn." + part))) for part in "qkv")
+    positions = np.arange(T)
+    q, k = (CL.rope_forward(a, positions, config.rope_theta)[0] for a in (q, k))
+    G = H // config.n_kv_head                                          # query heads per key/value head
+    return q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+
+
+def head_outputs(P, config, i, h, attention=None):
+    """Each head's softmax(Q Kᵀ/√D + mask) V, before the output projection mixes the heads.   h = the normed stream
+    (B,T,C) -> (B,H,T,D). attention (a list) gets the weights softmax(…) (B,H,T,T)."""
+    q, k, v = queries_keys_values(P, config, i, h)
+    T, D = q.shape[2], q.shape[3]
     mask = np.triu(np.full((T, T), -np.inf, dtype=h.dtype), k=1)       # token t sees tokens ≤ t only
-    return softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D).astype(h.dtype) + mask) @ v
+    att = softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D).astype(h.dtype) + mask)
+    if attention is not None:
+        attention.append(att)
+    return att @ v
 
 
-def block(P, config, i, x, replace=None, record=None):
+def mlp(P, config, i, h):
+    """The block's MLP: GPT-2's c_proj gelu(c_fc h), a Llama's W_down (silu(W_gate h) ⊙ W_up h).   (B,T,C) -> (B,T,C)"""
+    if arch_of(config) == "llama":
+        W = lambda kind: block_matrix(P, config, i, kind)
+        return linear(CL.swiglu_forward(linear(h, W("mlp.gate")), linear(h, W("mlp.up")))[0], W("mlp.down"))
+    p = f"transformer.h.{i}.mlp."
+    return linear(gelu(linear(h, P[p + "c_fc.weight"], P.get(p + "c_fc.bias"))), P[p + "c_proj.weight"], P.get(p + "c_proj.bias"))
+
+
+def block(P, config, i, x, replace=None, record=None, attention=None):
     """Block i on the residual stream x (B,T,C) -> (B,T,C), with head outputs replaced: replace = {head: value},
-    value 0 or a (D,) vector put at every position. record (a list) gets this block's head outputs (B,H,T,D)."""
-    p = f"transformer.h.{i}."
-    y = head_outputs(P, p, layer_norm(x, P[p + "ln_1.weight"], P.get(p + "ln_1.bias")), config.n_head)
+    value 0 or a (D,) vector put at every position. record (a list) gets this block's head outputs (B,H,T,D),
+    attention (a list) its attention weights (B,H,T,T)."""
+    attn_norm, mlp_norm, _, _ = norm_names(config, i)
+    y = head_outputs(P, config, i, norm(P, config, attn_norm, x), attention)
     if record is not None:
         record.append(y.copy())
     for head, value in (replace or {}).items():
         y[:, head] = value                                              # the intervention: one line
     B, H, T, D = y.shape
-    x = x + linear(y.transpose(0, 2, 1, 3).reshape(B, T, H * D), P[p + "attn.c_proj.weight"], P.get(p + "attn.c_proj.bias"))
-    h = layer_norm(x, P[p + "ln_2.weight"], P.get(p + "ln_2.bias"))
-    return x + linear(gelu(linear(h, P[p + "mlp.c_fc.weight"], P.get(p + "mlp.c_fc.bias"))),
-                      P[p + "mlp.c_proj.weight"], P.get(p + "mlp.c_proj.bias"))
+    out = block_prefix(config, i) + ("attn.c_proj" if arch_of(config) == "gpt2" else "self_attn.o_proj")
+    x = x + linear(y.transpose(0, 2, 1, 3).reshape(B, T, H * D), P[out + ".weight"], P.get(out + ".bias"))
+    return x + mlp(P, config, i, norm(P, config, mlp_norm, x))
 
 
-def embed(P, idx):
-    """The residual stream before block 0: wte[idx] + wpe[:T].   idx (B,T) -> (B,T,C)"""
-    return P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][:idx.shape[1]]
+def embed(P, config, idx):
+    """The residual stream before block 0: wte[idx] + wpe[:T] (GPT-2), embed_tokens[idx] (a Llama).   idx (B,T) -> (B,T,C)"""
+    wpe = position_embedding(P, config)
+    x = embedding(P, config)[idx]
+    return x if wpe is None else x + wpe[:idx.shape[1]]
 
 
 def mean_cross_entropy(logits, targets):
@@ -86,11 +127,16 @@ def mean_cross_entropy(logits, targets):
     return -float(np.take_along_axis(logp, targets[..., None], axis=-1).astype(np.float64).mean())
 
 
+def final_logits(P, config, x):
+    """The final norm, then the head.   the residual stream x (B,T,C) -> logits (B,T,V)"""
+    return norm(P, config, norm_names(config)[2], x) @ unembedding(P, config).T
+
+
 def forward_from(params, config, x, first, targets=None, replace=None, add=None):
-    """Blocks first..L−1 on the residual stream x (B,T,C), then ln_f and the tied head: (logits (B,T,V), loss or None).
+    """Blocks first..L−1 on the residual stream x (B,T,C), then the final norm and the head: (logits (B,T,V), loss or None).
 
     replace: {(layer, head): 0 or a (D,) vector}, the heads' outputs replaced (head ablation).
-    add: {layer: (C,) vector} added to the residual stream at the input of that block, L meaning before ln_f (steering).
+    add: {layer: (C,) vector} added to the residual stream at the input of that block, L meaning before the final norm (steering).
     """
     replace, add = replace or {}, add or {}
     for i in range(first, config.n_layer):
@@ -99,14 +145,24 @@ def forward_from(params, config, x, first, targets=None, replace=None, add=None)
         x = block(params, config, i, x, {h: v for (l, h), v in replace.items() if l == i})
     if config.n_layer in add:
         x = x + add[config.n_layer]
-    x = layer_norm(x, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
-    logits = x @ params["transformer.wte.weight"].T
+    logits = final_logits(params, config, x)
     return logits, None if targets is None else mean_cross_entropy(logits, targets)
 
 
 def forward(params, config, idx, targets=None, replace=None, add=None):
     """The model on token ids idx (B,T), with optional edits (see forward_from): (logits (B,T,V), loss or None)."""
-    return forward_from(params, config, embed(params, idx), 0, targets, replace, add)
+    return forward_from(params, config, embed(params, config, idx), 0, targets, replace, add)
+
+
+def trace_forward(params, config, idx):
+    """The forward pass with its insides kept, for analysis.   idx (B,T) -> {"residual": [(B,T,C)] * (n_layer + 1),
+    "attention": [(B,H,T,T)] * n_layer, "logits": (B,T,V)}. GPT-2's is fast/decode.py's (its cached forward)."""
+    if arch_of(config) == "gpt2":
+        return cached_trace(params, config, idx)
+    xs, attention = [embed(params, config, idx)], []
+    for i in range(config.n_layer):
+        xs.append(block(params, config, i, xs[-1], attention=attention))
+    return {"residual": xs, "attention": attention, "logits": final_logits(params, config, xs[-1])}
 
 
 # ----------------------------------------------------------------------------- head ablation
@@ -115,7 +171,7 @@ def forward(params, config, idx, targets=None, replace=None, add=None):
 def dense_run(params, config, idx):
     """The unedited model's residual stream at the input of every block (a list of L arrays (B,T,C)) and
     each head's mean output over the B·T tokens ((L, H, D), what mean ablation puts in its place)."""
-    xs, heads = [embed(params, idx)], []
+    xs, heads = [embed(params, config, idx)], []
     for i in range(config.n_layer):
         xs.append(block(params, config, i, xs[-1], record=heads))
     return xs[:-1], np.stack([y.mean(axis=(0, 2)) for y in heads])
@@ -220,23 +276,59 @@ def case_direction(wte, chars):
     return np.mean([wte[u] - wte[l] for u, l in pairs], axis=0)
 
 
-def steer(params, config, direction, layer, scale):
-    """Parameters of the same model with scale·direction added to the residual stream at the input of block
-    `layer` (0..L; L: after the last block, before ln_f), at every position. direction (C,); params is not changed."""
+def steering(params, config, direction, layer, scale):
+    """(params, add): scale·direction added at the input of block `layer` by edited parameters (steer; add None),
+    or, for a Llama past block 0, params unchanged and add = {layer: scale·direction} for steer_generate."""
+    if arch_of(config) == "llama" and layer > 0:
+        check_steering(config, direction, layer, scale)
+        return params, {layer: scale * np.asarray(direction, dtype=np.float64)}
+    return steer(params, config, direction, layer, scale), None
+
+
+def check_steering(config, direction, layer, scale):
+    """One line for a layer outside 0..L, a scale that is not finite or a direction not of n_embd numbers."""
     if not 0 <= layer <= config.n_layer:
         raise TinyLMError(f"--steer_layer must be in 0..{config.n_layer} (the input of a block, {config.n_layer}: "
                           f"before the final layer norm), got {layer}")
     if not np.isfinite(scale):
         raise TinyLMError(f"--steer_scale must be a finite number, got {scale}")
+    if np.shape(direction) != (config.n_embd,):
+        raise TinyLMError(f"a steering direction must have n_embd = {config.n_embd} entries, got shape {np.shape(direction)}")
+
+
+def steer(params, config, direction, layer, scale):
+    """Parameters of the same model with scale·direction added to the residual stream at the input of block
+    `layer` (0..L; L: after the last block, before the final norm), at every position. direction (C,); params is
+    not changed. A Llama: layer 0 only (see steering)."""
+    check_steering(config, direction, layer, scale)
     direction = np.asarray(direction, dtype=np.float64)
-    if direction.shape != (config.n_embd,):
-        raise TinyLMError(f"a steering direction must have n_embd = {config.n_embd} entries, got shape {direction.shape}")
+    dtype = embedding(params, config).dtype
+    if arch_of(config) == "llama":
+        if layer > 0:
+            raise TinyLMError(f"--steer_layer {layer}: a Llama has no biases to carry a steering vector into a block "
+                              "past the first; steer_generate adds it in the forward instead")
+        # x₀ = embed[token]: shifting every row adds α d at block 0's input. A tied head shifts too, which adds
+        # α (x·d) to every logit of a position alike: the softmax, and so every sample, does not change.
+        name = "model.embed_tokens.weight"
+        return dict(params, **{name: (params[name] + scale * direction).astype(dtype)})
     # x₀ = wte[token] + wpe[t]: shifting every wpe row is adding to the stream at block 0's input;
     # block l−1 ends in x + (… c_projᵀ + b): shifting b is adding to the stream at block l's input.
     name = "transformer.wpe.weight" if layer == 0 else f"transformer.h.{layer - 1}.mlp.c_proj.bias"
-    dtype = params["transformer.wte.weight"].dtype
     base = params[name] if name in params else np.zeros(config.n_embd, dtype)   # bias=False: a zero bias, then shifted
     return dict(params, **{name: (base + scale * direction).astype(dtype)})
+
+
+def steer_generate(params, config, prompt, rows, max_new_tokens, pick_next, add):
+    """Yield (rows,) token ids a step, each step a forward with `add` ({layer: (C,) vector}, see forward_from) over
+    the last block_size tokens from position 0, as core's generate does: steering where no parameter can carry
+    it (a Llama past block 0). pick_next(logits (rows, V)) -> (rows,) ints. No key-value cache: for small models."""
+    context = np.repeat(np.asarray(prompt, dtype=np.int64)[None, -config.block_size:], rows, axis=0)
+    add = {layer: np.asarray(v, dtype=embedding(params, config).dtype) for layer, v in add.items()}
+    for _ in range(max_new_tokens):
+        logits = forward(params, config, context[:, -config.block_size:], add=add)[0][:, -1]
+        picked = np.asarray(pick_next(logits), dtype=np.int64).reshape(rows)
+        yield picked
+        context = np.concatenate([context, picked[:, None]], axis=1)
 
 
 def read_vector(f, n, spec):
@@ -260,8 +352,8 @@ def steering_direction(spec, params, config, tok):
     must be finite (a NaN direction would make every logit NaN).
     """
     if spec == "case":
-        d = case_direction(params["transformer.wte.weight"], list(token_labels(tok, config.vocab_size)))
-        return d, f"the case direction (mean wte[X] - wte[x], norm {np.linalg.norm(d):.3g})"
+        d = case_direction(embedding(params, config), list(token_labels(tok, config.vocab_size)))
+        return d, f"the case direction (mean embedding[X] - embedding[x], norm {np.linalg.norm(d):.3g})"
     if spec.endswith(".npy") and os.path.lexists(spec):
         try:
             with open_regular(spec, "--steer file") as f:
@@ -286,4 +378,5 @@ def sample_texts(params, config, tok, start, n_samples=4, n_tokens=200, seed=0, 
     rng = np.random.default_rng(seed)
     pick = lambda logits: sample_next(logits, temperature, top_k, None, rng)
     with blas_threads(1):
-        return [tok.decode(list(generate(params, config, tok.encode(start), n_tokens, pick))) for _ in range(n_samples)]
+        return [tok.decode(list(decoder(config).generate(params, config, tok.encode(start), n_tokens, pick)))
+                for _ in range(n_samples)]

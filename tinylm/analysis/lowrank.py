@@ -6,8 +6,7 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from tinylm.fast.model import forward
-from tinylm.fast.decode import generate
+from tinylm.fast.arch import decoder, fast_model
 from tinylm.analysis.weights import linear_weight_names
 from tinylm.core.sampling import NonFiniteLogits, sample_next
 from tinylm.fast.parallel import blas_threads
@@ -19,6 +18,7 @@ DEFAULT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2,
 
 def mean_loss(params, config, batches):
     """Mean cross-entropy over fixed batches [(x (B,T), y (B,T))]."""
+    forward = fast_model(config).forward
     return float(np.mean([forward(params, config, x, y, for_backward=False)[1] for x, y in batches]))
 
 
@@ -109,7 +109,7 @@ def lowrank_samples(params, config, prompt, decode, calib=None, fractions=SAMPLE
             rng = np.random.default_rng(seed)
             pick = lambda logits: sample_next(logits, temperature, 200, None, rng)
             try:
-                text = decode(list(generate(p, config, prompt, n_tokens, pick)))
+                text = decode(list(decoder(config).generate(p, config, prompt, n_tokens, pick)))
             except NonFiniteLogits:         # weights so large that float32 overflows: no sample, and no warnings
                 text = "(no sample: the model's logits overflowed float32)"
             out.append({"model": name, "rank_fraction": f, "text": text})

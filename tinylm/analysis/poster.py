@@ -12,21 +12,21 @@ import warnings
 import numpy as np
 
 from tinylm.errors import TinyLMError
-from tinylm.core.gpt2 import count_params, matmul_flops
+from tinylm.core.arch import arch_of, model_of
 from tinylm.analysis.circuits import attention_for_prompt
 from tinylm.analysis.embeddings import case_analogies, embedding_pca, head_subspace_overlaps, token_label
 from tinylm.analysis.probes import probe_targets, run_probes
 from tinylm.analysis.scale import MAX_PROMPT, token_labels
 from tinylm.analysis.spectra import esd, fit_power_law, singular_values, stable_rank
 from tinylm.analysis.weight_spectra import init_like
-from tinylm.analysis.weights import weight_matrices
+from tinylm.analysis.weights import block_matrix, embedding, kind_of, weight_matrices
 from tinylm.analysis.textdata import fixed_windows, resolve_data_path, validation_ids
-from tinylm.fast.decode import trace_forward
+from tinylm.analysis.interventions import trace_forward
 
 # The seven concepts, in the README's order; every panel title starts with one of these.
 CONCEPTS = ("1 vectors", "2 matrices", "3 linear maps", "4 inner products", "5 orthogonality",
             "6 linear systems", "7 SVD")
-# The matrix of panel 3 (layer 0's query projection W_Q (C, C)); panel 2 shows the c_attn it is cut from.
+# The matrix of panel 3 (layer 0's query projection W_Q (C, C)); panel 2 shows W_Q, W_K, W_V side by side.
 MATRIX = "h0.attn.q"
 PLOT_HINT = "the poster needs matplotlib: pip install -e '.[plot]'"
 
@@ -45,7 +45,7 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     """
     params, config, tok, meta = ckpt["params"], ckpt["config"], ckpt["tokenizer"], ckpt["meta"]
     chars = token_labels(tok, config.vocab_size)
-    wte = np.asarray(params["transformer.wte.weight"], dtype=np.float64)
+    wte = np.asarray(embedding(params, config), dtype=np.float64)
     d = {"config": config, "step": meta.get("step"), "best_val_loss": meta.get("best_val_loss"), "chars": chars}
 
     # 1 vectors: the characters' embedding map and the case analogy 'x' - 'X' + 'Y' ≈ 'y'
@@ -54,13 +54,16 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     init, _ = init_like(config, meta)
     d["pca_map"] = embedding_pca(wte, 2)["projections"]
     d["analogies"] = case_analogies(wte, chars)
-    d["analogies_init"] = case_analogies(np.asarray(init["transformer.wte.weight"], dtype=np.float64), chars)
+    d["analogies_init"] = case_analogies(np.asarray(embedding(init, config), dtype=np.float64), chars)
 
     # 2 matrices and 3 linear maps: one weight matrix, its size in the model, its stretch factors
     W = np.asarray(weight_matrices(params, config)[MATRIX], dtype=np.float64)
     W0 = np.asarray(weight_matrices(init, config)[MATRIX], dtype=np.float64)
     batch = int((meta.get("train_args") or {}).get("batch_size", 12))
-    d.update(matrix=np.asarray(params["transformer.h.0.attn.c_attn.weight"], dtype=np.float64), n_params=count_params(config), flops=matmul_flops(config, batch), batch_size=batch,
+    qkv = [np.asarray(block_matrix(params, config, 0, "attn." + p), dtype=np.float64) for p in "qkv"]
+    d.update(matrix=np.concatenate(qkv), matrix_rows=[len(M) for M in qkv],
+             matrix_name="c_attn" if arch_of(config) == "gpt2" else "q_proj, k_proj, v_proj",
+             n_params=model_of(config).count_params(config), flops=model_of(config).matmul_flops(config, batch), batch_size=batch,
              sv=singular_values(W), sv_init=singular_values(W0), stable_rank=stable_rank(W), stable_rank_init=stable_rank(W0))
 
     # 4 inner products: the attention weights softmax(q·k/√d) of the sharpest head on the prompt
@@ -96,7 +99,7 @@ def poster_data(ckpt, data=None, prompt="ROMEO:\nBut soft, what light through yo
     alphas = [f["alpha"] for f in fits.values() if np.isfinite(f["alpha"])]
     init_mats = weight_matrices(init, config)
     alphas_init = [a for a in (fit_power_law(esd(M))["alpha"] for M in init_mats.values()) if np.isfinite(a)]
-    shown = f"h{config.n_layer - 1}.mlp.c_fc"                         # the largest block matrix: most eigenvalues
+    shown = f"h{config.n_layer - 1}.{kind_of(config, 'mlp in')}"   # the MLP's input: the most eigenvalues
     d.update(alpha_median=float(np.median(alphas)) if alphas else math.nan, n_fits=len(alphas),
              alpha_median_init=float(np.median(alphas_init)) if alphas_init else math.nan,
              esd_name=shown, esd=esd(weight_matrices(params, config)[shown]), esd_fit=fits[shown],
@@ -112,6 +115,8 @@ def panel_titles(d):
     L, H = d["attention_head"]
     sub = d["subspaces"]
     iu = np.triu_indices(len(sub["labels"]), 1)
+    apart = ~np.asarray(sub["same_kv_head"])[iu]                    # pairs sharing a K/V head read one subspace: left out
+    iu = (iu[0][apart], iu[1][apart])
     probe = [r["score"] for r in d["probe"]]
     probe_init = [r["score"] for r in d["probe_init"]]
     return [
@@ -136,15 +141,16 @@ def _panel_vectors(ax, d):
 
 
 def _panel_matrix(ax, d):
-    W = d["matrix"].T                        # c_attn (3C, C) shown as its transpose: a row per input dimension
+    W = d["matrix"].T                        # W_Q, W_K, W_V stacked (C + 2·Hkv·D, C), transposed: a row per input dimension
     C = W.shape[0]
     lim = np.quantile(np.abs(W), 0.99)
     ax.imshow(W, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest", aspect="auto")
-    for j in (1, 2):
-        ax.axvline(j * C - 0.5, color="k", lw=0.8)
-    ax.set_xticks([(j + 0.5) * C for j in range(3)])
+    ends = np.cumsum(d["matrix_rows"])
+    for end in ends[:-1]:
+        ax.axvline(end - 0.5, color="k", lw=0.8)
+    ax.set_xticks(ends - np.asarray(d["matrix_rows"]) / 2)
     ax.set_xticklabels(["W_Qᵀ", "W_Kᵀ", "W_Vᵀ"], fontsize=8)
-    ax.set_xlabel(f"layer 0's c_attn, transposed: {C} × {W.shape[1]}")
+    ax.set_xlabel(f"layer 0's {d['matrix_name']}, transposed: {C} × {W.shape[1]}")
     ax.set_ylabel(f"input dimension ({C})")
 
 
@@ -251,8 +257,9 @@ def draw_poster(d, path, dpi=80, source=""):
     cap.axis("off")
     c = d["config"]
     loss = d.get("best_val_loss")
-    lines = [f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide,",
-             f"context {c.block_size}, {c.vocab_size} characters,",
+    kv = f" ({c.n_kv_head} K/V)" if arch_of(c) == "llama" and c.n_kv_head < c.n_head else ""
+    lines = [f"{'a Llama' if arch_of(c) == 'llama' else 'GPT-2'}: {c.n_layer} layers, {c.n_head} heads{kv},",
+             f"{c.n_embd} wide, context {c.block_size}, {c.vocab_size} tokens,",
              f"{d['n_params']:,} parameters",
              f"step {d['step']}" + (f", best val loss {loss:.4f}" if isinstance(loss, (int, float)) else ""),
              "", "every panel is computed from",

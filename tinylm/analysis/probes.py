@@ -3,8 +3,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tinylm.analysis import linalg
-from tinylm.fast import layers as L
-from tinylm.fast.decode import trace_forward
+from tinylm.analysis.interventions import final_logits, trace_forward
 from tinylm.analysis.scale import LARGE_VOCAB, LOGIT_LENS_TOKENS, PROBE_CLASSES, frequent_tokens
 
 VOWELS = set("aeiouAEIOU")
@@ -86,13 +85,11 @@ def mean_nll(logits, y):
     return float(np.mean(lse - z[np.arange(len(z)), y.reshape(-1)]))
 
 
-def logit_lens(params, residuals, y):
-    """Apply ln_f and the tied head to each residual stream: loss and accuracy per layer.   residuals [(B,T,C)], y (B,T) -> dict"""
-    wte = params["transformer.wte.weight"]
+def logit_lens(params, config, residuals, y):
+    """Apply the final norm and the head to each residual stream: loss and accuracy per layer.   residuals [(B,T,C)], y (B,T) -> dict"""
     losses, accs = [], []
     for r in residuals:
-        h, _ = L.layernorm_forward(r, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
-        logits = h @ wte.T
+        logits = final_logits(params, config, r)
         losses.append(mean_nll(logits, y))
         accs.append(float(np.mean(np.argmax(logits, axis=-1) == y)))
     return {"loss": losses, "accuracy": accs}
@@ -105,5 +102,5 @@ def analyze_probes(params, config, x, y, chars, lam=1e-2, progress=False):
     n_lens = max(1, LOGIT_LENS_TOKENS // x.shape[1]) if len(chars) > LARGE_VOCAB else len(x)
     return {"n_tokens": int(x.size), "lam": lam, "window": int(x.shape[1]), "n_windows": int(x.shape[0]),
             "probes": run_probes(residuals, probe_targets(x, y, chars), lam, progress=progress),
-            "logit_lens": logit_lens(params, [r[:n_lens] for r in residuals], y[:n_lens]),
+            "logit_lens": logit_lens(params, config, [r[:n_lens] for r in residuals], y[:n_lens]),
             "logit_lens_tokens": int(y[:n_lens].size)}

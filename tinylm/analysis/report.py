@@ -25,8 +25,8 @@ SECTIONS = {
                 "tinylm/analysis/weight_spectra.py: analyze_spectra (metrics in spectra.py: matrix_metrics)"),
     "circuits": ("Attention circuits", "4 inner products and norms, 7 eigendecomposition and SVD",
                  "tinylm/analysis/circuits.py: analyze_circuits (head_circuits, head_pattern_scores)"),
-    "ablation": ("Head ablation: the loss without each head", "2 matrices and matrix operations (c_proj reads the heads "
-                 "side by side, so its output is a sum of one W_O block per head; ablation removes one term)",
+    "ablation": ("Head ablation: the loss without each head", "2 matrices and matrix operations (the output projection "
+                 "reads the heads side by side, so its output is a sum of one W_O block per head; ablation removes one term)",
                  "tinylm/analysis/interventions.py: ablation_table (forward_from, block)"),
     "embeddings": ("Embedding geometry", "1 vectors and vector spaces, 4 inner products and norms, 5 orthogonality and basis",
                    "tinylm/analysis/embeddings.py: analyze_embeddings"),
@@ -132,7 +132,7 @@ def ablation_title(sec, results):
     """The line above the ablation table: what was replaced, on how many tokens."""
     ev = results.get("eval") or {}
     what = "zero" if sec["mode"] == "zero" else "its mean over these tokens"
-    return (f"ablation: each head's output (before c_proj) replaced by {what}; validation loss on {sec['n_tokens']} tokens"
+    return (f"ablation: each head's output (before the output projection) replaced by {what}; validation loss on {sec['n_tokens']} tokens"
             + (f" ({sec['n_tokens'] // ev['window']} windows of {ev['window']})" if ev.get("window") else ""))
 
 
@@ -157,6 +157,12 @@ def section_summaries(results):
                    f"previous-token heads (> {pat['threshold']}): {name(pat['previous_token_heads'])}; "
                    f"induction heads: {name(pat['induction_heads'])}; max scores prev {np.max(pat['previous_token']):.2f}, "
                    f"induction {np.max(pat['induction']):.2f}")
+        if c.get("rotary"):
+            rot = c["rotary"]
+            out.append("rotary QK circuit, per head the offset of its largest σ₁ (max/min over offsets 0.."
+                       f"{len(rot['offsets']) - 1}): " + ", ".join(
+                           f"L{i}H{h} {rot['peak_offset'][i][h]} ({rot['max_over_min'][i][h]:.2f})"
+                           for i in range(len(rot["peak_offset"])) for h in range(len(rot["peak_offset"][i]))))
     if "ablation" in results:
         ab = results["ablation"]
         top = ab["rows"][0]
@@ -441,10 +447,14 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     for ax in axes:
         ax.set(xlabel="index i (largest first)", ylabel="σᵢ")
     axes[1].legend(fontsize=5, ncol=2)
-    figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)",
+    rotary = "; with rotary positions W_Qᵀ W_K is the circuit at offset 0 (next figure)" if sec.get("rotary") else ""
+    figs.append((_caption("Singular values of each head's QK and OV circuits (rank ≤ head size)" + rotary,
                           "a first QK singular value far above the second means one direction sets most of the head's "
-                          "scores (in layer 0 of the default model, the position).",
+                          "scores" + ("." if rotary else " (in layer 0 of the default model, the position)."),
                           "why-are-the-top-singular-values-of-the-qk-circuit-so-much-larger-than-the-rest"), _png(fig)))
+
+    if sec.get("rotary"):
+        figs.append(rotary_figure(sec["rotary"], (sec.get("init") or {}).get("rotary")))
 
     att = np.asarray(sec["prompt_attention"])
     L, H = att.shape[:2]
@@ -467,6 +477,26 @@ def circuits_figures(sec, chars, prompt, prompt_tokens=None):
     return figs
 
 
+def rotary_figure(rot, init=None):
+    """σ₁ of each head's QK circuit W_Qᵀ R(−Δ) W_K against the offset Δ, one panel per layer, one line per head
+    (dashed: the same head at initialization)."""
+    sigma = np.asarray(rot["sigma1"], dtype=float)                 # (L, H, offsets)
+    L, H, _ = sigma.shape
+    fig, axes = _grid(L, min(L, 4), 3.6, 2.8, xlabel="offset Δ = query − key position", ylabel="σ₁(Δ)")
+    for i, ax in enumerate(axes[:L]):
+        for h in range(H):
+            ax.plot(rot["offsets"], sigma[i, h], color=f"C{h % 10}", lw=1, label=f"H{h}")
+            if init is not None:
+                ax.plot(init["offsets"], np.asarray(init["sigma1"])[i, h], "--", color=f"C{h % 10}", lw=0.6, alpha=0.6)
+        ax.set_title(f"layer {i}", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    return (_caption("Top singular value σ₁(Δ) of each head's QK circuit under rotary positions, W_Qᵀ R(−Δ) W_K, against "
+                     "the offset Δ between query and key" + (" (dashed: at initialization)" if init is not None else ""),
+                     "a head whose line peaks at a small Δ and falls away is built to score nearby tokens; a flat line "
+                     "scores every distance alike, so its pattern comes from the tokens, not their positions.",
+                     "the-qk-circuit-under-rotation"), _png(fig))
+
+
 def embeddings_figures(sec):
     plt = _plt()
     figs = []
@@ -487,16 +517,25 @@ def embeddings_figures(sec):
                     color="C3" if ch.strip().isupper() else ("C0" if ch.strip().isalpha() else "k"))
         ax.set_title(f"token embeddings on PC1-PC2 ({label})", fontsize=9)
         ax = axes[r, 2]
+        if s.get("position_cosine") is None:         # a Llama: positions are rotations inside attention
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no position embeddings:\nrotary positions turn q and k\ninside every attention "
+                    "\n(see the circuits section:\nthe QK circuit against the offset)", ha="center", va="center",
+                    fontsize=9, transform=ax.transAxes)
+            continue
         pos = np.asarray(s.get("positions", np.arange(len(s["position_cosine"]))))
         half = (pos[1] - pos[0]) / 2 if len(pos) > 1 else 0.5     # pixels centred on the positions they show
         im = ax.imshow(np.asarray(s["position_cosine"]), cmap="RdBu_r", vmin=-1, vmax=1,
                        extent=(pos[0] - half, pos[-1] + half, pos[-1] + half, pos[0] - half))
         ax.set_title(f"cosine similarity of position embeddings ({label})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    figs.append((_caption("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue) "
-                          "and the cosine similarities of the position embeddings",
-                          "groups of colour in the map and a bright band along the diagonal of the position similarities "
-                          "are learned, since random embeddings give a shapeless cloud and cosines near 0.",
+    positions = sec.get("position_cosine") is not None
+    figs.append((_caption("PCA of the token embeddings (eigendecomposition of their covariance; upper case red, lower case blue)"
+                          + (" and the cosine similarities of the position embeddings" if positions else
+                             " (a Llama has no position embeddings to compare)"),
+                          "groups of colour in the map" + (" and a bright band along the diagonal of the position "
+                                                           "similarities are" if positions else " are") +
+                          " learned, since random embeddings give a shapeless cloud" + (" and cosines near 0." if positions else "."),
                           "1-vectors-and-vector-spaces"), _png(fig)))
     hs = sec["head_subspaces"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -532,7 +571,7 @@ def probes_figures(sec):
     axes[1].set_xlabel("layer (0 = embeddings)")
     axes[1].set_ylabel("loss")
     ax2.set_ylabel("next-token accuracy")
-    axes[1].set_title("logit lens: ln_f and the tied head on each layer", fontsize=9)
+    axes[1].set_title("logit lens: the final norm and the head on each layer", fontsize=9)
     return [(_caption("Least-squares probes and logit lens per layer",
                       "the rise from column 0 (the embeddings) is what the blocks wrote into the residual stream; a "
                       "probe that stays at its column-0 value reads nothing new.", "6-linear-systems"), _png(fig))]
@@ -554,8 +593,9 @@ def lowrank_figures(sec):
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    return [(_caption("Validation loss after truncating every block linear weight to rank k, by plain SVD and by whitened SVD "
-                      "(labels: k / full rank)",
+    white = bool(c) and "whitened_loss" in c[0]
+    return [(_caption("Validation loss after truncating every block linear weight to rank k, by plain SVD"
+                      + (" and by whitened SVD" if white else "") + " (labels: k / full rank)",
                       "the curve measures compression only below the uniform guess ln V (4.17 for 65 characters); above "
                       "it a broken model's loss need not fall with the rank.",
                       "what-happens-to-the-loss-if-i-keep-only-25-of-the-rank"), _png(fig))]
@@ -696,6 +736,13 @@ def _table(header, rows):
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
+def _folded(sec):
+    """What folding the norms into the token circuit kept: LayerNorm's gains and centring, or RMSNorm's gains."""
+    if sec.get("norm") == "RMSNorm":
+        return "yes (RMSNorm's gains; the per-token 1/rms is left out)"
+    return "yes (gains and centring; the per-token 1/std is left out)"
+
+
 def _section_tables(name, sec, results):
     """HTML tables (and notes) for one section."""
     e = html.escape
@@ -713,12 +760,18 @@ def _section_tables(name, sec, results):
                  f"{pat['previous_token'][h['layer']][h['head']]:.3f}", f"{pat['induction'][h['layer']][h['head']]:.3f}"]
                 for h in sec["heads"]]
         name_heads = lambda pairs: ", ".join(f"L{i}H{h}" for i, h in pairs) or "none"
+        rot = sec.get("rotary")
+        if rot:              # a Llama: where each head's QK circuit is largest over the offsets
+            for r, h in zip(rows, sec["heads"]):
+                i, j = h["layer"], h["head"]
+                r += [str(rot["peak_offset"][i][j]), _num(rot["max_over_min"][i][j], "{:.2f}")]
         return (f"<p>Threshold {pat['threshold']}: previous-token heads: <b>{e(name_heads(pat['previous_token_heads']))}</b>; "
                 f"induction heads: <b>{e(name_heads(pat['induction_heads']))}</b> (induction measured on random sequences of "
                 f"{pat['induction_period']} tokens repeated twice). Layer norms folded into the token circuit: "
-                f"{'yes (gains and centring; the per-token 1/std is left out)' if sec['fold_ln'] else 'no'}.</p>"
+                f"{_folded(sec) if sec['fold_ln'] else 'no'}.</p>"
                 + _table(["head", "copying score (W_U W_OV W_E)", "copying score (W_OV)", "σ₁(W_QK)", "σ₁(W_OV)",
-                          "prev-token", "induction"], rows))
+                          "prev-token", "induction"] + (["Δ of max σ₁(W_Qᵀ R(−Δ) W_K)", "max/min over Δ"] if rot else []),
+                         rows))
     if name == "ablation":
         out = f"<p>{e(ablation_title(sec, results))}.</p>" + _table(ABLATION_HEADER, ablation_rows(sec))
         if sec.get("init"):

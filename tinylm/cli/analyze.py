@@ -8,8 +8,7 @@ import time
 from tinylm.cli.common import OneLineParser, run_cli
 from tinylm.errors import TinyLMError
 from tinylm.io.hf import CONFIG_FILE, load_any
-from tinylm.core.arch import arch_of
-from tinylm.core.gpt2 import count_params
+from tinylm.core.arch import model_of
 from tinylm.analysis import report as R
 from tinylm.analysis import scale
 from tinylm.analysis.circuits import analyze_circuits
@@ -58,7 +57,7 @@ def analyze_parser():
                     "then together) or all; a table of the loss change per head (and a layer x head figure with --report); "
                     "alone it runs only the ablation, with --report or --only the sections run too")
     ap.add_argument("--ablate-mode", "--ablate_mode", choices=("zero", "mean"), default="zero",
-                    help="replace an ablated head's output (before c_proj) by zero, or by its mean over the evaluation tokens")
+                    help="replace an ablated head's output (before the output projection, c_proj or o_proj) by zero, or by its mean over the evaluation tokens")
     ap.add_argument("--data", metavar="FILE",
                     help="text to evaluate on; if not given, the validation split of the run's training file "
                     "(or of the bundled Tiny Shakespeare)%(default).0s")
@@ -105,7 +104,7 @@ def run_analysis(ckpt, path, sections, args, log=print):
     if args.compare_init:
         init, init_seed = init_like(config, meta)
     results = {"checkpoint": path, "config": config.to_dict(), "step": meta.get("step"),
-               "n_params": count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
+               "n_params": model_of(config).count_params(config), "sections": sections, "chars": list(chars), "timings_s": {}}
     # The text is needed for the windows, and for a large vocabulary's token subset (its most frequent tokens).
     heads = None
     if "ablation" in sections:        # checked before any work: a head beyond the model is one line
@@ -237,8 +236,6 @@ def _analyze(argv):
             raise TinyLMError(f"cannot create --report folder {a.report}: {e.strerror or e}") from None
     t0 = time.perf_counter()
     ckpt = load_any(path, with_optimizer="curvature" in sections)
-    if arch_of(ckpt["config"]) == "llama":
-        raise TinyLMError(f"{path} is a Llama; analyze.py reads GPT-2's matrices and does not read a Llama yet")
     if ranks_of(ckpt["params"]):      # a compressed model (tinylm.compress): the analysis reads the products A B
         sys.stdout.write(f"note: {len(ranks_of(ckpt['params']))} factorized layers analysed as their products A B "
                          f"(rank {', '.join(map(str, sorted(set(ranks_of(ckpt['params']).values()))))})\n")

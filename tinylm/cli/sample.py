@@ -9,9 +9,8 @@ import numpy as np
 
 from tinylm.cli.common import OneLineParser, check_tokenizer_bin, parse_bool, run_cli
 from tinylm.errors import TinyLMError
-from tinylm.analysis.interventions import steer, steering_direction
+from tinylm.analysis.interventions import steer_generate, steering, steering_direction
 from tinylm.core.sampling import NonFiniteLogits, check_sampling_args, sample_next
-from tinylm.core.arch import arch_of
 from tinylm.fast.arch import decoder
 from tinylm.fast.parallel import blas_threads
 from tinylm.io.hf import load_any
@@ -48,7 +47,7 @@ def sample_parser():
                     "a fraction of each block matrix's full rank (0.375) or an integer rank (32); see python -m tinylm.compress")
     ap.add_argument("--steer", default=None, metavar="DIRECTION",
                     help="add --steer_scale x this direction to the residual stream at the input of block --steer_layer, "
-                    "at every position: 'case' (the mean of wte[X] - wte[x] over the letters: scale > 0 pushes towards "
+                    "at every position: 'case' (the mean of embedding[X] - embedding[x] over the letters: scale > 0 pushes towards "
                     "capitals) or a .npy file holding an n_embd vector; see tinylm/analysis/interventions.py: steer")
     ap.add_argument("--steer_layer", type=int, default=0, help="block whose input is steered (0 .. n_layer)")
     ap.add_argument("--steer_scale", type=float, default=1.0, help="multiple of the direction added (0: the plain model; "
@@ -84,15 +83,15 @@ def _sample(argv):
         rank = parse_rank(a.rank)
     ckpt = load_any(path, tokenizer_bin=a.tokenizer_bin)
     params, config, tok = ckpt["params"], ckpt["config"], ckpt["tokenizer"]
-    refuse_what_a_llama_cannot_do_yet(a, config)
     if rank is not None:
         params, line = compress_on_the_fly(params, config, rank)
         print(line, file=sys.stderr)
+    add = None           # a Llama steered past block 0: the vector added inside the forward (no parameter holds it)
     if a.steer is not None:
         direction, what = steering_direction(a.steer, params, config, tok)
-        params = steer(params, config, direction, a.steer_layer, a.steer_scale)
-        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input",
-              file=sys.stderr)
+        params, add = steering(params, config, direction, a.steer_layer, a.steer_scale)
+        print(f"steering: {a.steer_scale:g} x {what} added to the residual stream at block {a.steer_layer}'s input"
+              + (" (inside an uncached forward: slower)" if add else ""), file=sys.stderr)
     start = a.start
     if start.startswith("FILE:"):
         start = read_text(start[5:])
@@ -112,7 +111,7 @@ def _sample(argv):
         while left:
             rows = min(group, left)
             try:
-                draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out)
+                draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out, add)
             except NonFiniteLogits as e:
                 name, value = largest_weight(params)
                 raise TinyLMError(f"{e} (the largest |weight| is {value:.3g}, in {name}); nothing more was "
@@ -131,9 +130,12 @@ def group_size(config, num_samples, max_new_tokens, use_cache, itemsize):
     return max(1, min(num_samples, SAMPLE_MEMORY // per_sample))
 
 
-def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out):
-    """rows samples side by side: the first written as it is drawn, the others when it ends."""
-    if rows == 1:
+def draw_group(params, config, prompt, rows, a, pick, tok, start, separator, out, add=None):
+    """rows samples side by side: the first written as it is drawn, the others when it ends. add: a steering vector
+    by layer that the forward adds (interventions.steer_generate)."""
+    if add:
+        steps = steer_generate(params, config, prompt, rows, a.max_new_tokens, lambda z: [pick(r) for r in z], add)
+    elif rows == 1:
         steps = ([token] for token in decoder(config).generate(params, config, prompt, a.max_new_tokens, pick,
                                                                use_cache=not a.no_cache))
     else:                    # side by side: a step's NumPy calls shared by every sample
@@ -182,11 +184,3 @@ def largest_weight(params):
     best = max(params, key=lambda k: float(np.max(np.abs(params[k]))) if np.size(params[k]) else 0.0)
     return best, float(np.max(np.abs(params[best])))
 
-
-def refuse_what_a_llama_cannot_do_yet(a, config):
-    """--steer reads GPT-2's matrices: one line for a Llama, instead of a failure half way."""
-    if arch_of(config) != "llama":
-        return
-    for flag, given in (("--steer", a.steer is not None),):
-        if given:
-            raise TinyLMError(f"{flag} is not supported for a Llama yet; sample it without {flag}")

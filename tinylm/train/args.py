@@ -217,8 +217,6 @@ def check_arch_args(a):
         return
     if a.bias:
         raise TinyLMError("--bias true: a Llama has no biases; leave --bias out with --arch llama")
-    if a.track_spectra:
-        raise TinyLMError("--track_spectra: the spectrum analysis reads GPT-2's matrices; it does not read a Llama yet")
 
 
 def check_saved_args(saved, ckpt_path):

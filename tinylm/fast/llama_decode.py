@@ -2,7 +2,8 @@
 
 The cache holds block_size keys and values per layer. Position p's key and value live in slot
 p mod block_size, so once the cache is full each new position overwrites the oldest: it always holds
-the last block_size positions, and it is never rebuilt. (GPT-2's cache, fast/decode.py, must be refilled
+the last block_size positions, and it is never rebuilt. (A generation that needs fewer positions, prompt plus
+new tokens, gets a cache of only that many: a huge block_size sizes nothing.) (GPT-2's cache, fast/decode.py, must be refilled
 from a shorter context when it fills: its learned position embedding wpe[p] was added into the residual
 stream at the key's own position p, and p runs out at block_size.)
 

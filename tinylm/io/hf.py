@@ -364,7 +364,7 @@ def _bpe_merges(raw, path):
     return merges
 
 
-def _check_what_tinylm_bpe_does_not_do(data, pre, vocab, path):
+def _check_what_tinylm_bpe_does_not_do(data, pre, end_of_text_id, path):
     """One line for a byte-level tokenizer.json the tokenizers library reads otherwise than tinylm's BPE: a space
     put before the text (add_prefix_space), or an added token other than <|endoftext|> at its vocabulary id
     (the library matches added tokens whole, before the BPE)."""
@@ -377,10 +377,13 @@ def _check_what_tinylm_bpe_does_not_do(data, pre, vocab, path):
     if not isinstance(added, list):
         raise TinyLMError(f"{path}: added_tokens is {brief(added)}, not a list")
     for t in added:
-        content = t.get("content") if isinstance(t, dict) else None
-        if content != END_OF_TEXT or t.get("id") != vocab.get(END_OF_TEXT):
-            raise TinyLMError(f"{path}: added token {brief(t)}; tinylm's BPE matches only {END_OF_TEXT} whole "
-                              "(at its vocabulary id), so its ids would differ from the tokenizers library's")
+        content, i = (t.get("content"), t.get("id")) if isinstance(t, dict) else (t, None)
+        if content != END_OF_TEXT:
+            raise TinyLMError(f"{path}: added token {brief(content, 40)} (id {brief(i, 20)}); tinylm's BPE matches "
+                              f"only {END_OF_TEXT} whole, so its ids would differ from the tokenizers library's")
+        if type(i) is not int or i != end_of_text_id:
+            raise TinyLMError(f"{path}: the added token {END_OF_TEXT} has id {brief(i, 20)}, but the vocabulary "
+                              f"gives it {end_of_text_id}; tinylm's ids would differ from the tokenizers library's")
 
 
 def _load_tokenizer(folder):
@@ -404,8 +407,9 @@ def _load_tokenizer(folder):
                 pre.get("type") != "ByteLevel" or pre.get("use_regex") is False:
             raise TinyLMError(f"{path}: a BPE tokenizer that is not GPT-2's byte-level one (normalizer, "
                               "pre_tokenizer or byte_fallback); tinylm's BPE would give other ids")
-        _check_what_tinylm_bpe_does_not_do(data, pre, model["vocab"], path)
-        return BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))
+        tok = BPETokenizer(model["vocab"], _bpe_merges(model.get("merges"), path))     # checks the vocabulary first
+        _check_what_tinylm_bpe_does_not_do(data, pre, tok.end_of_text_id, path)
+        return tok
     raise TinyLMError(f"no tokenizer in {folder}: expected {VOCAB_FILE} and {MERGES_FILE} "
                       f"(GPT-2's), a byte-level BPE {HF_TOKENIZER_FILE}, or {TINYLM_TOKENIZER_FILE}")
 

@@ -377,7 +377,8 @@ def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder
     # read before, with other ids than the tokenizers library gives: a space put first, tokens matched whole
     eot = {"id": bpe.end_of_text_id, "content": "<|endoftext|>", "special": True}
     for edit, words in ((lambda t: t["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space is true"),
-                        (lambda t: t["added_tokens"].append({**eot, "id": 5, "content": "the"}), "added token 'the' (id 5)"),
+                        (lambda t: t["added_tokens"].append({**eot, "id": 5, "content": "the"}),
+                         "added token 'the' (id 5)"),
                         (lambda t: t["added_tokens"].__setitem__(0, {**eot, "id": 7}),
                          f"<|endoftext|> has id 7, but the vocabulary gives it {bpe.end_of_text_id}")):
         edit_json(os.path.join(folder, "tokenizer.json"), edit)

@@ -379,6 +379,9 @@ def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder
     for edit, words in ((lambda t: t["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space is true"),
                         (lambda t: t["added_tokens"].append({**eot, "id": 5, "content": "the"}),
                          "added token 'the' (id 5)"),
+                        (lambda t: t.update(post_processor={"type": "TemplateProcessing", "single": [
+                            {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}),
+                         "post_processor 'TemplateProcessing' adds tokens"),
                         (lambda t: t["added_tokens"].__setitem__(0, {**eot, "id": 7}),
                          f"<|endoftext|> has id 7, but the vocabulary gives it {bpe.end_of_text_id}")):
         edit_json(os.path.join(folder, "tokenizer.json"), edit)

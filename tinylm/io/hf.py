@@ -364,15 +364,32 @@ def _bpe_merges(raw, path):
     return merges
 
 
+def _adds_no_tokens(post):
+    """True for a tokenizer.json post_processor that leaves a text's ids alone: none, ByteLevel (offsets only), a
+    template of the sequence alone (as transformers' save_pretrained writes), or a Sequence of those."""
+    kind = post.get("type") if isinstance(post, dict) else None
+    if kind == "TemplateProcessing":
+        single = post.get("single")
+        return isinstance(single, list) and all(isinstance(s, dict) and set(s) == {"Sequence"} for s in single)
+    if kind == "Sequence":
+        return isinstance(post.get("processors"), list) and all(map(_adds_no_tokens, post["processors"]))
+    return post is None or kind == "ByteLevel"
+
+
 def _check_what_tinylm_bpe_does_not_do(data, pre, end_of_text_id, path):
     """One line for a byte-level tokenizer.json the tokenizers library reads otherwise than tinylm's BPE: a space
     put before the text (add_prefix_space), or an added token other than <|endoftext|> at its vocabulary id
-    (the library matches added tokens whole, before the BPE)."""
+    (the library matches added tokens whole, before the BPE), or a post-processor that adds tokens (a template)."""
     prefix = pre.get("add_prefix_space", False)
     if prefix is not False:
         shown = json.dumps(prefix) if prefix in (True, None) else brief(prefix)
         raise TinyLMError(f"{path}: pre_tokenizer.add_prefix_space is {shown}; the "
                           "tokenizers library then puts a space before the text and tinylm's BPE does not")
+    post = data.get("post_processor")
+    if not _adds_no_tokens(post):
+        kind = post.get("type") if isinstance(post, dict) else post
+        raise TinyLMError(f"{path}: post_processor {brief(kind, 40)} adds tokens (such as <s>) to the text's "
+                          "ids, which tinylm's BPE does not")
     added = data.get("added_tokens") or []
     if not isinstance(added, list):
         raise TinyLMError(f"{path}: added_tokens is {brief(added)}, not a list")

@@ -218,3 +218,15 @@ def for_each_split(fn, arrays, min_size=1 << 16, min_mean=1 << 14, workers=None)
         fn(names)
         return
     run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])
+
+
+def map_threads(fn, items, workers=None):
+    """[fn(item) for item in items], in order, the items dealt to `workers` threads (default: one per core) with
+    one BLAS thread each. Each fn(item) is the very call the plain loop makes, so its result is the same, bit for
+    bit: evaluation's forward-only batches run this way (train/loop.py), each whole on one thread."""
+    items = list(items)
+    workers = min(workers or usable_cores(), len(items))
+    with blas_threads(1):
+        if workers < 2 or not blas_available():
+            return [fn(item) for item in items]
+        return list(pool(workers).map(fn, items))

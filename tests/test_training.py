@@ -213,3 +213,15 @@ def test_evaluation_on_threads_gives_the_one_thread_losses_bit_for_bit(arch, mon
     got = loop.estimate_loss(params, config, splits, a, step=40)
     assert got == expected                          # floats compared exactly
     assert len(threads) > 1
+
+
+def test_threads_of_the_evaluation_keep_the_callers_numpy_error_state():
+    """A caller's np.errstate holds on map_threads' threads (a pool thread starts from NumPy's default state):
+    the loop's over="ignore" keeps a diverged model's evaluation to its one-line error, with no RuntimeWarning."""
+    from tinylm.fast.parallel import map_threads
+    big = np.full(4, 1e30, dtype=np.float32)
+    with np.errstate(over="raise"):
+        with pytest.raises(FloatingPointError):
+            map_threads(lambda k: big * big, range(4), workers=2)
+    with np.errstate(over="ignore"):
+        assert all(np.isinf(v).all() for v in map_threads(lambda k: big * big, range(4), workers=2))

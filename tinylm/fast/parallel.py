@@ -12,6 +12,7 @@ back to the plain single-threaded path.
 """
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import itertools
 import os
@@ -229,4 +230,7 @@ def map_threads(fn, items, workers=None):
     with blas_threads(1):
         if workers < 2 or not blas_available():
             return [fn(item) for item in items]
-        return list(pool(workers).map(fn, items))
+        # each call in a copy of the caller's context: NumPy's errstate lives there, so a caller's
+        # np.errstate(over="ignore") holds on the threads too (a pool's threads start from an empty one)
+        calls = [(contextvars.copy_context(), item) for item in items]
+        return list(pool(workers).map(lambda call: call[0].run(fn, call[1]), calls))

@@ -8,7 +8,8 @@ For the two threads not to fight over cores, the BLAS library must run one threa
 call while they work: `blas_threads(1)` says so to OpenBLAS (the BLAS that NumPy's
 wheels ship) through its C API, found with ctypes among the loaded libraries.
 Anything else (another BLAS, no /proc) is reported as unavailable, and callers fall
-back to the plain single-threaded path.
+back to the plain single-threaded path. Evaluation's forward-only batches go to the same threads
+whole, one batch a call (map_threads), so each loss is the one a single thread computes.
 """
 import concurrent.futures
 import contextlib

@@ -205,14 +205,15 @@ def count(cfg, sw):
     return sum(math.prod(s) for s in shapes(cfg, sw).values())
 
 
-def run_all(jobs, workers, results_file=None):
+def run_all(jobs, workers, results_file=None, run=True):
     """Every job's result, in the jobs' order; each printed as it ends (with --jobs, in processes of their own).
-    With results_file (JSON lines), a job found there is not run again, and each new result is appended."""
+    With results_file (JSON lines), a job found there is not run again, and each new result is appended.
+    run=False runs nothing: the results found, None for the others."""
     done = {}
     if results_file and os.path.exists(results_file):
         with open(results_file) as f:
             done = {key(r): r for r in map(json.loads, f)}
-    todo = [j for j in jobs if key(j) not in done]
+    todo = [j for j in jobs if key(j) not in done] if run else []
 
     def keep(r):
         done[key(r)] = show(r)
@@ -227,7 +228,7 @@ def run_all(jobs, workers, results_file=None):
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             for f in concurrent.futures.as_completed([pool.submit(train_one, j) for j in todo]):
                 keep(f.result())
-    return [done[key(j)] for j in jobs]
+    return [done.get(key(j)) for j in jobs]
 
 
 def key(job):
@@ -241,16 +242,20 @@ def show(r):
 
 
 def table(results, rows, cfg, seeds):
-    """The table: variant, parameters, val loss per seed, mean, Δ of the mean against GPT-2's."""
-    val = {(r["label"], r["seed"]): r["val"] for r in results}
-    lrs = {r["label"]: r["lr"] for r in results}
-    base = np.mean([val["GPT-2", s] for s in seeds])
+    """The table: variant, lr, parameters, val loss per seed, mean, and Δ vs GPT-2: the mean over the seeds of the
+    variant's loss minus GPT-2's on the same seed (a run not made shows as —, and leaves its seed out)."""
+    val = {(r["label"], r["seed"]): r["val"] for r in results if r}
+    lrs = {r["label"]: r["lr"] for r in results if r}
     lines = ["| variant | lr | parameters | " + " | ".join(f"val (seed {s})" for s in seeds) + " | mean | Δ vs GPT-2 |",
              "|---|---:|---:|" + "---:|" * (len(seeds) + 2)]
     for label, sw in rows:
-        mean = np.mean([val[label, s] for s in seeds])
-        lines.append(f"| {label} | {lrs[label]:g} | {count(cfg, sw):,} | "
-                     + " | ".join(f"{val[label, s]:.4f}" for s in seeds) + f" | {mean:.4f} | {mean - base:+.4f} |")
+        mine = [val.get((label, s)) for s in seeds]
+        paired = [v - val["GPT-2", s] for v, s in zip(mine, seeds) if v is not None and ("GPT-2", s) in val]
+        done = [v for v in mine if v is not None]
+        lines.append(f"| {label} | {lrs[label]:g} | {count(cfg, sw):,} | " if label in lrs else f"| {label} | — | {count(cfg, sw):,} | "
+                     + " | ".join("—" if v is None else f"{v:.4f}" for v in mine)
+                     + (f" | {np.mean(done):.4f}" if done else " | —")
+                     + (f" | {np.mean(paired):+.4f} |" if paired else " | — |"))
     return "\n".join(lines)
 
 
@@ -267,6 +272,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side, each a process on one BLAS thread")
     ap.add_argument("--results", default=None, help="JSON-lines file: runs found there are not run again; new ones "
                     "are appended")
+    ap.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs in --results")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 30 steps: checks that it runs")
     a = ap.parse_args(argv)
     cfg = dict(QUICK if a.quick else RECIPE)
@@ -281,7 +287,7 @@ def main(argv=None):
           f"clip 1.0), warmup {min(100, a.iters // 20)} then cosine to lr/10; sizes {cfg}")
     jobs = [{"label": label, "sw": sw, "cfg": cfg, "seed": s, "iters": a.iters, "eval_batches": a.eval_batches,
              "data": a.data, "lr": a.llama_lr if label.startswith("Llama") else a.lr} for label, sw in rows for s in a.seeds]
-    results = run_all(jobs, a.jobs, a.results)
+    results = run_all(jobs, a.jobs, a.results, run=not a.table_only)
     if any(label == "GPT-2" for label, _ in rows):
         print(table(results, rows, cfg, a.seeds))
 

@@ -252,7 +252,8 @@ def table(results, rows, cfg, seeds):
         mine = [val.get((label, s)) for s in seeds]
         paired = [v - val["GPT-2", s] for v, s in zip(mine, seeds) if v is not None and ("GPT-2", s) in val]
         done = [v for v in mine if v is not None]
-        lines.append(f"| {label} | {lrs[label]:g} | {count(cfg, sw):,} | " if label in lrs else f"| {label} | — | {count(cfg, sw):,} | "
+        lr = f"{lrs[label]:g}" if label in lrs else "—"
+        lines.append(f"| {label} | {lr} | {count(cfg, sw):,} | "
                      + " | ".join("—" if v is None else f"{v:.4f}" for v in mine)
                      + (f" | {np.mean(done):.4f}" if done else " | —")
                      + (f" | {np.mean(paired):+.4f} |" if paired else " | — |"))

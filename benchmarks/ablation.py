@@ -13,7 +13,7 @@ its loss and gradients equal to both (tests/test_ablation.py). It stays here, ou
 clean models. One layer comes from the fast path instead, GELU (GELU_NOTE). Parameters under plain names: wte, wpe, h{i}.norm1, h{i}.q/k/v/o, h{i}.norm2, h{i}.fc/proj
 (GELU) or h{i}.gate/up/down (SwiGLU), norm_f, head (untied).
 
-    python -m benchmarks.ablation                 # the table: every variant, 2000 steps, 2 seeds (an hour or two)
+    python -m benchmarks.ablation --jobs 2        # the table: every variant, 2000 steps, 2 seeds (about half an hour)
     python -m benchmarks.ablation --quick         # tiny sizes, a few seconds: checks that it runs
 """
 import argparse
@@ -264,8 +264,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=2000, help="AdamW steps per run (default 2000, train.py's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338], help="seeds (init and batches)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of GPT-2 and its single changes")
-    ap.add_argument("--llama-lr", type=float, default=1e-3, help="peak learning rate of the full Llama")
+    ap.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of GPT-2 and its single changes "
+                    "(default 4e-3: GPT-2's best of 1e-3, 2e-3, 4e-3, 8e-3 here, docs/results.md)")
+    ap.add_argument("--llama-lr", type=float, default=5e-4, help="peak learning rate of the full Llama (default 5e-4: "
+                    "its best of 2.5e-4, 5e-4, 1e-3, 2e-3)")
     ap.add_argument("--n-kv-head", type=int, default=2, help="K/V heads of the fewer-K/V-heads variants (default 2)")
     ap.add_argument("--only", default=None, help="run only the variants whose label holds one of these comma-separated words (e.g. GPT-2,Llama)")
     ap.add_argument("--eval-batches", type=int, default=100, help="validation batches at the end (default 100)")

@@ -4,6 +4,7 @@
     python -m benchmarks.bench --quick      # small shapes, a few seconds: checks that it runs
     python -m benchmarks.bench --compare    # alternate plain and threaded steps in one run
     python -m benchmarks.bench --against ../main   # alternate another checkout's step with this one's
+    python -m benchmarks.bench --eval       # train.py's evaluation: one thread against a thread per core, alternated
     python -m benchmarks.bench --time-to-loss 1.886   # AdamW vs Muon (vs PyTorch) to a validation loss: bench_train.py
     python -m benchmarks.bench --optimizer-share      # the optimizer's share of a step, per orthogonalization
 
@@ -65,6 +66,12 @@ from tinylm.fast import parallel
 from tinylm.core import optim as core_optim
 from tinylm.core.optim import adamw_init
 from tinylm.fast import optim as fast_optim
+from tinylm.core.arch import model_of
+from tinylm.core.llama import LlamaConfig
+from tinylm.fast.arch import fast_model
+from tinylm.text.data import DEFAULT_DATA, get_batch, load_ids, train_val_split
+from tinylm.train.args import TrainArgs
+from tinylm.train.loop import estimate_loss
 from benchmarks.bench_train import main as time_to_quality
 from benchmarks.common import machine_line
 
@@ -390,6 +397,51 @@ def compare(rounds=20):
     print(f"  load {os.getloadavg()[0]:.2f}")
 
 
+def eval_one_thread(params, config, splits, a, step):
+    """train/loop.py's estimate_loss as it was before its threads: batch by batch, in one loop, one BLAS thread."""
+    forward = fast_model(config).forward
+    out = {}
+    with parallel.blas_threads(1):
+        for name, ids in splits.items():
+            rng = np.random.default_rng([a.seed, step, len(name)])
+            losses = [forward(params, config, *get_batch(ids, config.block_size, a.batch_size, rng),
+                              for_backward=False)[1] for _ in range(a.eval_iters)]
+            out[name] = float(np.mean(losses))
+    return out
+
+
+def eval_speed(rounds=6, quick=False):
+    """train.py's evaluation (--eval_iters 20 batches of each split, forward only) at the bench's sizes, the old
+    one-thread loop and estimate_loss alternated (A B A B ...): forward tokens/s, the median of each."""
+    spec = dict(QUICK["cpu"] if quick else CONFIGS["cpu"])
+    sizes = {k: spec[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    ids = load_ids(DEFAULT_DATA)[1]
+    splits = dict(zip(("train", "val"), train_val_split(ids)))
+    models = {"GPT-2": G.GPTConfig(vocab_size=VOCAB, **sizes),
+              "Llama (2 K/V heads)": LlamaConfig(vocab_size=VOCAB, n_kv_head=2, **sizes)}
+    print(f"evaluation: {2 * 20} batches of {spec['batch_size']}x{sizes['block_size']} tokens (train and val), "
+          f"forward only; {rounds} rounds alternated; load before {os.getloadavg()[0]:.2f}")
+    for name, config in models.items():
+        params = model_of(config).init_params(config, seed=0)
+        a = TrainArgs(batch_size=spec["batch_size"], eval_iters=20)
+        tokens = 2 * a.eval_iters * a.batch_size * config.block_size
+        arms = {"one thread (before)": eval_one_thread, "a thread per core (now)": estimate_loss}
+        seconds = {k: [] for k in arms}
+        results = {}
+        for r in range(rounds + 1):                      # round 0 warms both up
+            for k, f in arms.items():
+                t = time.perf_counter()
+                results[k] = f(params, config, splits, a, 250)
+                if r:
+                    seconds[k].append(time.perf_counter() - t)
+        same = len({json.dumps(v) for v in results.values()}) == 1
+        speed = {k: tokens / np.median(v) for k, v in seconds.items()}
+        before, now = speed.values()
+        print(f"  {name:<22}" + "".join(f"{k}: {v:8,.0f} tok/s   " for k, v in speed.items())
+              + f"ratio {now / before:.2f}x; losses equal bit for bit: {same}")
+    print(f"  load after {os.getloadavg()[0]:.2f}")
+
+
 def model_namespace(gpt2, fast_model):
     """What against() calls of a model: core's config and init, the fast path's step."""
     return types.SimpleNamespace(GPTConfig=gpt2.GPTConfig, init_params=gpt2.init_params,
@@ -513,6 +565,8 @@ def main(argv=None):
     ap.add_argument("--compare", action="store_true", help="alternate plain and threaded steps of the CPU recipe")
     ap.add_argument("--against", metavar="DIR", help="alternate the CPU-recipe step of the tinylm in DIR "
                     "(e.g. a worktree of main) with this one's, in one process")
+    ap.add_argument("--eval", action="store_true", help="alternate train.py's evaluation on one thread and on a "
+                    "thread per core (forward tokens/s, GPT-2 and Llama)")
     ap.add_argument("--one", help=argparse.SUPPRESS)     # internal: measure one config, print JSON
     args = ap.parse_args(argv)
     table = QUICK if args.quick else CONFIGS
@@ -524,6 +578,9 @@ def main(argv=None):
           f"{'   (--quick: small shapes, numbers not meaningful)' if args.quick else ''}\n")
     if args.compare:
         compare(5 if args.quick else 20)
+        return 0
+    if args.eval:
+        eval_speed(2 if args.quick else 6, args.quick)
         return 0
     if args.against:
         against(args.against, 5 if args.quick else 20)

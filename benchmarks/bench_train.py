@@ -35,7 +35,7 @@ from tinylm.core.optim import adamw_init, clip_factor, global_norm, learning_rat
 from tinylm.core.gpt2 import GPTConfig
 from tinylm.fast.arch import fast_model
 from tinylm.fast.optim import adamw_step, muon_step
-from tinylm.fast.parallel import blas_threads
+from tinylm.fast.parallel import blas_threads, map_threads
 from tinylm.text.data import DEFAULT_DATA, get_batch, load_ids, train_val_split
 
 EVAL_SEED = 20261207
@@ -130,7 +130,10 @@ def worker(spec):
                 one_step(n)
             print(json.dumps({"s": time.perf_counter() - t, "opt_s": run.opt_s - opt_before}), flush=True)
         elif command[0] == "eval":
-            val_loss = float(np.mean([run.loss(x, y) for x, y in evals]))
+            # tinylm's batches on a thread per core, as train.py's evaluation runs them (PyTorch threads its own)
+            losses = ([run.loss(x, y) for x, y in evals] if spec["kind"] == "torch"
+                      else map_threads(lambda xy: run.loss(*xy), evals))
+            val_loss = float(np.mean(losses))
             busy_s += time.perf_counter() - t_command
             print(json.dumps({"val_loss": val_loss, "busy_s": busy_s}), flush=True)
         else:

@@ -49,6 +49,19 @@ def test_quick_bench_prints_a_sane_table():
     assert time.perf_counter() - t0 < 60
 
 
+def test_eval_quick_alternates_the_one_thread_and_the_threaded_evaluation_with_equal_losses():
+    """`--eval` times train.py's evaluation before and after its threads, both models, and checks their losses equal."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--eval", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^  (GPT-2|Llama) .*one thread \(before\):\s+([\d,]+) tok/s.*now\):\s+([\d,]+) tok/s\s+"
+                      r"ratio ([\d.]+)x; losses equal bit for bit: (\w+)$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["GPT-2", "Llama"], proc.stdout
+    for _, before, now, ratio, equal in rows:
+        assert equal == "True" and float(before.replace(",", "")) > 0 and float(now.replace(",", "")) > 0
+    assert "load before" in proc.stdout
+
+
 def test_time_to_loss_quick_runs_both_optimizers_and_reports_steps_to_the_target():
     """The time-to-quality bench (benchmarks/bench_train.py) drives its workers to the target and prints a row each."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--time-to-loss", "3.9", "--quick", "--no-torch",

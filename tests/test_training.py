@@ -163,3 +163,65 @@ def test_the_command_line_resumes_a_tracked_run_still_tracking(shakespeare_head,
     assert train_main(["--out_dir", str(tmp_path), "--init_from", "resume", "--max_iters", "10"]) == 0   # no flag
     rows = [json.loads(l) for l in open(tmp_path / "spectra.jsonl")]
     assert [r["step"] for r in rows] == [0, 5, 10] and "updates" in rows[-1]
+
+
+def estimate_loss_on_one_thread(params, config, splits, a, step):
+    """estimate_loss as it was before the threads: batch by batch in one loop (the reference for the test below)."""
+    from tinylm.fast.arch import fast_model
+    from tinylm.text.data import get_batch
+    out = {}
+    for name, ids in splits.items():
+        rng = np.random.default_rng([a.seed, step, len(name)])
+        losses = []
+        for _ in range(a.eval_iters):
+            x, y = get_batch(ids, config.block_size, a.batch_size, rng)
+            losses.append(fast_model(config).forward(params, config, x, y, for_backward=False)[1])
+        out[name] = float(np.mean(losses))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_evaluation_on_threads_gives_the_one_thread_losses_bit_for_bit(arch, monkeypatch):
+    """The evaluation's batches run on a thread per core (forced to 3 here, whatever this machine has) and the
+    losses are exactly the one-thread loop's: the same batches, the same per-batch losses, the same mean; and
+    the forward really ran on several threads."""
+    import threading
+    from tinylm.core.gpt2 import GPTConfig
+    from tinylm.core.llama import LlamaConfig
+    from tinylm.core.arch import model_of
+    from tinylm.fast import parallel
+    from tinylm.fast.arch import fast_model
+    from tinylm.train import loop
+    config = (GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=16, dropout=0.2, bias=True)
+              if arch == "gpt2" else
+              LlamaConfig(block_size=16, vocab_size=23, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, dropout=0.2))
+    params = model_of(config).init_params(config, seed=3)
+    ids = np.random.default_rng(0).integers(0, 23, 2000).astype(np.uint8)
+    splits = {"train": ids[:1800], "val": ids[1800:]}
+    a = TrainArgs(seed=7, eval_iters=9, batch_size=5)
+    expected = estimate_loss_on_one_thread(params, config, splits, a, step=40)
+    threads = set()
+    real = fast_model(config)
+
+    class Recording:
+        def forward(self, *args, **kw):
+            threads.add(threading.get_ident())
+            return real.forward(*args, **kw)
+
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
+    monkeypatch.setattr(loop, "fast_model", lambda config: Recording())
+    got = loop.estimate_loss(params, config, splits, a, step=40)
+    assert got == expected                          # floats compared exactly
+    assert len(threads) > 1
+
+
+def test_threads_of_the_evaluation_keep_the_callers_numpy_error_state():
+    """A caller's np.errstate holds on map_threads' threads (a pool thread starts from NumPy's default state):
+    the loop's over="ignore" keeps a diverged model's evaluation to its one-line error, with no RuntimeWarning."""
+    from tinylm.fast.parallel import map_threads
+    big = np.full(4, 1e30, dtype=np.float32)
+    with np.errstate(over="raise"):
+        with pytest.raises(FloatingPointError):
+            map_threads(lambda k: big * big, range(4), workers=2)
+    with np.errstate(over="ignore"):
+        assert all(np.isinf(v).all() for v in map_threads(lambda k: big * big, range(4), workers=2))

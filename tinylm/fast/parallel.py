@@ -8,10 +8,12 @@ For the two threads not to fight over cores, the BLAS library must run one threa
 call while they work: `blas_threads(1)` says so to OpenBLAS (the BLAS that NumPy's
 wheels ship) through its C API, found with ctypes among the loaded libraries.
 Anything else (another BLAS, no /proc) is reported as unavailable, and callers fall
-back to the plain single-threaded path.
+back to the plain single-threaded path. Evaluation's forward-only batches go to the same threads
+whole, one batch a call (map_threads), so each loss is the one a single thread computes.
 """
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import itertools
 import os
@@ -218,3 +220,18 @@ def for_each_split(fn, arrays, min_size=1 << 16, min_mean=1 << 14, workers=None)
         fn(names)
         return
     run_parallel(fn, [(g,) for g in split_by_size(names, sizes, workers)])
+
+
+def map_threads(fn, items, workers=None):
+    """[fn(item) for item in items], in order, the items dealt to `workers` threads (default: one per core) with
+    one BLAS thread each. Each fn(item) is the very call the plain loop makes, so its result is the same, bit for
+    bit: evaluation's forward-only batches run this way (train/loop.py), each whole on one thread."""
+    items = list(items)
+    workers = min(workers or usable_cores(), len(items))
+    with blas_threads(1):
+        if workers < 2 or not blas_available():
+            return [fn(item) for item in items]
+        # each call in a copy of the caller's context: NumPy's errstate lives there, so a caller's
+        # np.errstate(over="ignore") holds on the threads too (a pool's threads start from an empty one)
+        calls = [(contextvars.copy_context(), item) for item in items]
+        return list(pool(workers).map(lambda call: call[0].run(fn, call[1]), calls))

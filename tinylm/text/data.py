@@ -121,7 +121,9 @@ def load_ids(path, errors="strict", tokenizer=None, chunk_bytes=CHUNK_BYTES):
     n = 0
     for points in iter_code_points(path, errors, chunk_bytes):
         n += len(points)
-        if seen is not None:
+        if seen is not None and points.dtype == np.uint8:     # counting 256 bins is ~10x faster than scattering
+            seen[:256] |= np.bincount(points, minlength=256) > 0
+        elif seen is not None:
             seen[points] = True
     if tokenizer is None:
         tokenizer = CharTokenizer.from_points(np.flatnonzero(seen))

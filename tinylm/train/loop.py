@@ -28,7 +28,7 @@ from tinylm.core.sampling import sample_next
 from tinylm.errors import TinyLMError
 from tinylm.fast.arch import decoder, fast_model
 from tinylm.fast.optim import adamw_step, muon_step
-from tinylm.fast.parallel import blas_threads
+from tinylm.fast.parallel import blas_threads, map_threads
 from tinylm.io.checkpoint import save_checkpoint
 from tinylm.lowrank.adapters import adapter_grads_unmerged, adapter_params, merged_params
 from tinylm.text.data import get_batch
@@ -236,18 +236,19 @@ def sample(run, params):
 
 
 def estimate_loss(params, config, splits, a, step):
-    """Mean loss over eval_iters batches of each split, without dropout; its own RNG, so training's is untouched."""
-    out = {}
+    """Mean loss over eval_iters batches of each split, without dropout; its own RNG, so training's is untouched.
+
+    The batches are drawn first, in the order one loop would draw them; then each batch's forward runs whole on
+    one of a thread per core (one BLAS thread each: small products), so every loss is the one a single thread
+    gives, bit for bit, and the mean adds them in the same order."""
     forward = fast_model(config).forward
-    with blas_threads(1):     # small products: one BLAS thread is as fast, and far faster on a busy machine
-        for name, ids in splits.items():
-            rng = np.random.default_rng([a.seed, step, len(name)])
-            losses = []
-            for _ in range(a.eval_iters):
-                x, y = get_batch(ids, config.block_size, a.batch_size, rng)
-                losses.append(forward(params, config, x, y, for_backward=False)[1])
-            out[name] = float(np.mean(losses))
-    return out
+    batches = {}
+    for name, ids in splits.items():
+        rng = np.random.default_rng([a.seed, step, len(name)])
+        batches[name] = [get_batch(ids, config.block_size, a.batch_size, rng) for _ in range(a.eval_iters)]
+    losses = map_threads(lambda xy: forward(params, config, *xy, for_backward=False)[1],
+                         [xy for name in splits for xy in batches[name]])
+    return {name: float(np.mean(losses[i * a.eval_iters:(i + 1) * a.eval_iters])) for i, name in enumerate(splits)}
 
 
 # ---------------------------------------------------------------------------------------------- the run's state

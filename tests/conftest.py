@@ -9,8 +9,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
+from tinylm.train.args import TrainArgs     # after the thread settings above: it imports NumPy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, "tinylm", "data", "tinyshakespeare.txt")
+# Text that trips tokenizers: contractions, runs of spaces, digits, accents, CJK, an emoji, a special token.
+TRICKY = ["Hello world", "it's I'm we'll they've", "  two  spaces\n\nand lines\t", "$1,000.50 ?!",
+          "naïve café, 東京 🙂", "<|endoftext|>next doc"]
 
 
 def run_script(script, *args, cwd=None, timeout=300, env=None):
@@ -55,3 +60,12 @@ def check_markdown_links(text, folder):
             source = f.read()
         for name in re.findall(r"`(\w+)`", names):
             assert re.search(rf"^def {name}\(", source, re.M), f"{name} not defined in {target}"
+
+
+def llama_args(data, out, max_iters, **kw):
+    """TrainArgs of a tiny Llama (2 layers, 4 query heads sharing 2 K/V heads, 32 wide) for max_iters steps."""
+    base = dict(data=data, out_dir=str(out), arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                block_size=16, batch_size=4, max_iters=max_iters, lr_decay_iters=max_iters, warmup_iters=3,
+                eval_interval=10, eval_iters=4, learning_rate=3e-3, sample_tokens=0, progress=False)
+    base.update(kw)
+    return TrainArgs(**base)

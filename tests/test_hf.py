@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE
+from conftest import ROOT, SHAKESPEARE, TRICKY
 from tinylm.text.bpe import train_bpe
 from tinylm.io.checkpoint import save_checkpoint
 from tinylm.errors import TinyLMError
@@ -19,8 +19,6 @@ from tinylm.core.gpt2 import GPTConfig, init_params
 from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.char import CharTokenizer
 
-TRICKY = ["Hello world", "it's I'm we'll they've", "  two  spaces\n\nand lines\t", "$1,000.50 ?!",
-          "naïve café, 東京 🙂", "<|endoftext|>next doc"]
 
 
 @pytest.fixture(scope="module")

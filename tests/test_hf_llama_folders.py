@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, TRICKY
 from test_reliability_strangers import bounded, copy_folder, edit_json, folder_size, one_line
 from tinylm.cli.export import main as export_main
 from tinylm.cli.sample import sample_main
@@ -21,8 +21,6 @@ from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.bpe import train_bpe
 from tinylm.text.char import CharTokenizer
 
-TRICKY = ["Hello world", "it's I'm we'll they've", "  two  spaces\n\nand lines\t", "$1,000.50 ?!",
-          "naïve café, 東京 🙂", "<|endoftext|>next doc"]
 
 
 @pytest.fixture(scope="module")

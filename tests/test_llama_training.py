@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import llama_args, run_script
 from test_distributed import TINY, assert_same_run, checkpoint, launch, metrics, mpiexec  # noqa: F401 (a fixture)
 from test_reliability_process import flags, same_state, start, wait_for_line
 from tinylm.core import llama
@@ -23,13 +23,6 @@ from tinylm.train.loop import train
 
 QUIET = lambda *a: None          # noqa: E731
 
-
-def llama_args(data, out, max_iters, **kw):
-    base = dict(data=data, out_dir=str(out), arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                block_size=16, batch_size=4, max_iters=max_iters, lr_decay_iters=max_iters, warmup_iters=3,
-                eval_interval=10, eval_iters=4, learning_rate=3e-3, sample_tokens=0, progress=False)
-    base.update(kw)
-    return TrainArgs(**base)
 
 
 @pytest.fixture(scope="module")

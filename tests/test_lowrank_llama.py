@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import llama_args, run_script
 from test_distributed import assert_same_run, checkpoint, launch, metrics, mpiexec  # noqa: F401 (a fixture)
 from tinylm.cli import gradcheck
 from tinylm.core import llama as core
@@ -20,7 +20,6 @@ from tinylm.lowrank import adapters as AD
 from tinylm.lowrank import compress as CP
 from tinylm.lowrank.factorized import dense_params, factor_params, ranks_of
 from tinylm.text.char import CharTokenizer
-from tinylm.train.args import TrainArgs
 from tinylm.train.loop import train
 
 TOL = 1e-10
@@ -248,13 +247,6 @@ def test_cached_steps_of_a_partly_factorized_llama_are_cores_forward_on_the_prod
 
 # ----------------------------------------------------------------------------- end to end
 
-
-def llama_args(data, out, max_iters, **kw):
-    base = dict(data=data, out_dir=str(out), arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                block_size=16, batch_size=4, max_iters=max_iters, lr_decay_iters=max_iters, warmup_iters=3,
-                eval_interval=10, eval_iters=2, learning_rate=3e-3, sample_tokens=0, progress=False)
-    base.update(kw)
-    return TrainArgs(**base)
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_flags_the_arch_does_not_use_are_named(shakespeare_head, tmp_path):
     train(TrainArgs(data=shakespeare_head, out_dir=str(tmp_path / "g"), n_layer=1, n_head=2, n_embd=16,
                     block_size=16, batch_size=2, max_iters=1, eval_iters=1, sample_tokens=0, progress=False,
                     rope_theta=500.0), explicit=("rope_theta",), log=notes.append)
-    assert "note: --rope_theta only apply with --arch llama; this run is gpt2" in notes
+    assert "note: --rope_theta only applies with --arch llama; this run is gpt2" in notes
     notes = []
     train(llama_args(shakespeare_head, tmp_path / "l", 1, bias=False), explicit=("arch", "bias"), log=notes.append)
     assert "note: --bias only applies with --arch gpt2; a Llama has no biases" in notes

@@ -49,7 +49,7 @@ def _export(argv):
         if a.dtype != "float32":
             raise TinyLMError(f"--format llama2c writes float32, the only dtype run.c reads; leave out --dtype {a.dtype}")
         result = export_llama2c(load_any(a.checkpoint, tokenizer_bin=a.tokenizer_bin), a.folder)
-        print(f"wrote {a.folder}: {', '.join(result['files'])} (run it: run {a.folder}/model.bin -z "
+        print(f"wrote {a.folder}: {', '.join(result['files'])} (run it with llama2.c: ./run {a.folder}/model.bin -z "
               f"{a.folder}/tokenizer.bin)")
         for note in result["notes"]:
             print(f"note: {note}")

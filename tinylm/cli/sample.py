@@ -31,7 +31,7 @@ def sample_parser():
                     help="sample from this checkpoint file, GPT-2 or Llama folder in the Hugging Face layout "
                          "(config.json, model.safetensors, a tokenizer) or llama2.c model.bin instead of OUT_DIR")
     ap.add_argument("--tokenizer_bin", default=None, metavar="FILE",
-                    help="with --init_from a llama2.c model.bin: its tokenizer.bin (default: the one beside it)")
+                    help="with --init_from a llama2.c model.bin: its tokenizer.bin; without it, the tokenizer.bin beside model.bin")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file (default: %(default)r)")
     ap.add_argument("--num_samples", type=int, default=3, help="number of samples to draw, side by side: the first "
                     "is shown as it is written, the others when it ends (so with one --seed the first of 3 is not "

@@ -137,7 +137,9 @@ def char_export(params, config, tok):
     new["model.embed_tokens.weight"] = np.concatenate([np.stack([start_row] * 3), emb])
     head = np.concatenate([np.stack([head.mean(axis=0)] * 3), head])
     pieces = list(SPECIALS) + [c.encode("utf-8", "surrogatepass") for c in tok.chars]
-    notes = [f"run.c's <s> (id 1, fed first) reads as {start!r}; the characters are ids 3 …"]
+    notes = [f"run.c starts every text with <s> (id 1), which this export embeds as {start!r}; ids 0-2 are <unk> <s> "
+             f"</s> and the model's {len(tok.chars)} characters are ids 3-{len(tok.chars) + 2}; run.c stops at "
+             f"seq_len = {config.block_size} positions, the prompt's included"]
     return new, head, pieces, notes
 
 

@@ -86,7 +86,8 @@ def parse_rank(text):
     if kind == "fraction" and not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise CompressError(f"--rank as a fraction of full rank must be in (0, 1], got {text!r}")
     if kind == "rank" and value < 1:
-        raise CompressError(f"--rank must be at least 1, got {text!r}")
+        raise CompressError(f"--rank as an integer rank must be at least 1 (or give a fraction in (0, 1] such as 0.25), "
+                            f"got {text!r}")
     return kind, value
 
 

@@ -245,12 +245,14 @@ def unused_flag_notes(a, explicit):
     notes = []
     llama_only = [f"--{k}" for k in LLAMA_FIELDS if k in explicit]
     if a.arch != "llama" and llama_only:
-        notes.append(f"note: {', '.join(llama_only)} only apply with --arch llama; this run is {a.arch}")
+        notes.append(f"note: {', '.join(llama_only)} {'only applies' if len(llama_only) == 1 else 'only apply'} with "
+                     f"--arch llama; this run is {a.arch}")
     if a.arch == "llama" and "bias" in explicit:
         notes.append("note: --bias only applies with --arch gpt2; a Llama has no biases")
     muon_only = [f"--{k}" for k in ("muon_lr", "muon_momentum", "ns_steps", "orthogonalize") if k in explicit]
     if a.optimizer != "muon" and muon_only:
-        notes.append(f"note: {', '.join(muon_only)} only apply with --optimizer muon; this run uses {a.optimizer}")
+        notes.append(f"note: {', '.join(muon_only)} {'only applies' if len(muon_only) == 1 else 'only apply'} with "
+                     f"--optimizer muon; this run uses {a.optimizer}")
     elif a.optimizer == "muon" and "ns_steps" in explicit and a.orthogonalize != "newton_schulz":
         notes.append(f"note: --ns_steps only applies with --orthogonalize newton_schulz; this run uses {a.orthogonalize}")
     return notes

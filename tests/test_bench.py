@@ -99,3 +99,18 @@ def test_time_to_loss_quick_also_trains_a_llama_with_both_optimizers():
         assert steps != "-" and int(steps) <= int(schedule) and float(loss) <= 3.9
         assert re.search(rf"^{name}\s+[\d.]+", process, re.M), (name, out)
     assert "tinylm AdamW" not in out and "tinylm Muon" not in out                      # --no-gpt2
+
+
+def test_whole_process_quick_times_tinylms_run_and_evaluates_it_on_the_fixed_set():
+    """`python -m benchmarks.whole_process --quick`: train.py run as a process, timed, its own and the fixed set's
+    losses in the table; without --nanogpt it says tinylm's side runs alone."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.whole_process", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "load average" in out and "tinylm's side alone" in out, out
+    rows = re.findall(r"^(1|med)\s+tinylm 4 steps\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "med"], out
+    for _, seconds, own, fixed, load in rows:
+        assert 0 < float(seconds) < 120 and 0 < float(own) < 5 and 0 < float(fixed) < 5, out   # finite, near ln 65
+    assert "nanoGPT" not in out.split("B:", 1)[1].split("\n", 1)[1]

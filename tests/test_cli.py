@@ -105,6 +105,9 @@ def test_sampling_errors(trained_dir, tmp_path):
     d = trained_dir["dir"]
     one_line_error(run_script("sample.py", "--out_dir", d, "--start", "héllo ☃"), "never saw")
     one_line_error(run_script("sample.py", "--out_dir", tmp_path), "not found", "train.py")
+    # nanoGPT's habit: --init_from gpt2 downloads there; here it names what --init_from reads
+    one_line_error(run_script("sample.py", "--init_from", "gpt2", cwd=tmp_path), "--init_from gpt2 does not exist",
+                   "Llama folder", "model.bin", "downloads nothing")
     one_line_error(run_script("sample.py", "--out_dir", d, "--top_k", 0), "--top_k")
     one_line_error(run_script("sample.py", "--out_dir", d, "--top_p", 1.5), "--top_p")
     one_line_error(run_script("sample.py", "--out_dir", d, "--temperature", -1), "--temperature")

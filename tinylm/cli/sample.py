@@ -72,6 +72,9 @@ def _sample(argv):
         raise TinyLMError(f"--seed must be >= 0, got {a.seed}")
     if a.init_from:
         path = a.init_from
+        if not os.path.exists(path):        # nanoGPT's --init_from gpt2 downloads; tinylm reads only what is on disk
+            raise TinyLMError(f"--init_from {path} does not exist: give a checkpoint file, a GPT-2 or Llama folder in "
+                              f"the Hugging Face layout, or a llama2.c model.bin (tinylm downloads nothing)")
     elif os.path.sep in a.checkpoint or os.path.exists(a.checkpoint) and \
             not os.path.exists(os.path.join(a.out_dir, a.checkpoint)):
         path = a.checkpoint

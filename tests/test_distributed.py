@@ -210,6 +210,16 @@ LOSS_TOL = 2e-5
 PARAM_TOL = 2e-5
 
 
+def one_and_two_ranks(mpiexec, folder, *args):
+    """train.py args as one process into folder/one and as two MPI ranks into folder/two -> ((metrics, ckpt), …)."""
+    one, two = str(folder / "one"), str(folder / "two")
+    single = run_script("train.py", "--out_dir", one, *args)
+    assert single.returncode == 0, single.stderr
+    double = launch(mpiexec, 2, "--out_dir", two, *args)
+    assert double.returncode == 0, double.stderr + double.stdout
+    return (metrics(one), checkpoint(one)), (metrics(two), checkpoint(two))
+
+
 def assert_same_run(a, b):
     (metrics_a, ckpt_a), (metrics_b, ckpt_b) = a, b
     assert [r["step"] for r in metrics_a] == [r["step"] for r in metrics_b]

@@ -2,14 +2,14 @@
 every config field tinylm does not compute refused by name, GPT-2 and Llama folders each read by their model_type;
 and, when transformers is installed, logits and token ids against LlamaForCausalLM and AutoTokenizer both ways."""
 import json
-import math
 import os
 
 import numpy as np
 import pytest
 
 from conftest import SHAKESPEARE, TRICKY
-from test_reliability_strangers import bounded, copy_folder, edit_json, folder_size, one_line
+from test_hf import hf, torch_logits  # noqa: F401 (a fixture)
+from test_reliability_strangers import bounded, copy_folder, edit_json, folder_size, one_line, with_config_entry
 from tinylm.cli.export import main as export_main
 from tinylm.cli.sample import sample_main
 from tinylm.cli.train import train_main
@@ -272,12 +272,7 @@ def test_every_field_tinylm_does_not_compute_is_refused_by_name(char_folder, tmp
     ('"model_type": "' + "x" * 5000 + '"', ["model_type", "5,002 characters"]),
 ])
 def test_json_values_that_are_not_numbers_are_refused_in_a_short_line(char_folder, tmp_path, raw, words):
-    folder = copy_folder(char_folder[0], str(tmp_path / "f"))
-    path = os.path.join(folder, "config.json")
-    with open(path, encoding="utf-8") as f:
-        body = f.read().rstrip().rstrip("}")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(body + ", " + raw + "}")            # a later key wins: this one replaces the good value
+    folder = with_config_entry(copy_folder(char_folder[0], str(tmp_path / "f")), raw)
     result, _, _ = bounded(lambda: import_hf(folder))
     assert isinstance(result, TinyLMError), result
     assert "\n" not in str(result) and len(str(result)) < 400, str(result)
@@ -394,19 +389,6 @@ def test_a_sentencepiece_style_tokenizer_json_is_refused_not_misread(char_folder
 
 
 # ----------------------------------------------------------------------------- against transformers
-
-
-@pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    transformers.logging.set_verbosity_error()
-    return transformers, torch
-
-
-def torch_logits(model, torch, x):
-    with torch.no_grad():
-        return model(torch.tensor(x)).logits.numpy()
 
 
 SHAPES = [dict(tied=False, n_kv_head=2), dict(tied=True, n_kv_head=2), dict(tied=False, n_kv_head=4),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import llama_args, run_script
-from test_distributed import TINY, assert_same_run, checkpoint, launch, metrics, mpiexec  # noqa: F401 (a fixture)
+from test_distributed import TINY, assert_same_run, mpiexec, one_and_two_ranks  # noqa: F401 (a fixture)
 from test_reliability_process import flags, same_state, start, wait_for_line
 from tinylm.core import llama
 from tinylm.core.muon import muon_init, muon_names
@@ -228,11 +228,6 @@ def test_two_mpi_ranks_train_a_llama_as_one_process_does(mpiexec, shakespeare_he
     for GPT-2), with Muon."""
     common = ["--data", shakespeare_head, "--eval_interval", "4", "--max_iters", "8", *TINY, "--arch", "llama",
               "--n_kv_head", "1", "--optimizer", "muon"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    single = run_script("train.py", "--out_dir", one, *common)
-    assert single.returncode == 0, single.stderr
-    double = launch(mpiexec, 2, "--out_dir", two, *common)
-    assert double.returncode == 0, double.stderr + double.stdout
-    a, b = (metrics(one), checkpoint(one)), (metrics(two), checkpoint(two))
+    a, b = one_and_two_ranks(mpiexec, tmp_path, *common)
     assert b[1]["config"].arch == "llama" and "momentum" in b[1]["opt_state"]
     assert_same_run(a, b)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import llama_args, run_script
-from test_distributed import assert_same_run, checkpoint, launch, metrics, mpiexec  # noqa: F401 (a fixture)
+from test_distributed import assert_same_run, mpiexec, one_and_two_ranks  # noqa: F401 (a fixture)
 from tinylm.cli import gradcheck
 from tinylm.core import llama as core
 from tinylm.core.muon import muon_init
@@ -333,12 +333,7 @@ def test_two_mpi_ranks_fine_tune_a_compressed_llama_with_muon_as_one_process_doe
     assert proc.returncode == 0, proc.stderr
     common = ["--init_from", small, "--data", shakespeare_head, "--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2",
               "--batch_size", "8", "--optimizer", "muon", "--progress", "false", "--sample_tokens", "0"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    single = run_script("train.py", "--out_dir", one, *common)
-    assert single.returncode == 0, single.stderr
-    double = launch(mpiexec, 2, "--out_dir", two, *common)
-    assert double.returncode == 0, double.stderr + double.stdout
-    a, b = (metrics(one), checkpoint(one)), (metrics(two), checkpoint(two))
+    a, b = one_and_two_ranks(mpiexec, tmp_path, *common)
     assert set(b[1]["opt_state"]["momentum"]) == {f"model.layers.{i}.{n}.weight_{f}" for i in range(2)
                                                   for n in SEVEN for f in "AB"}
     assert_same_run(a, b)

@@ -35,7 +35,7 @@ from tinylm.cli.train import train_main
 from tinylm.core.gpt2 import GPTConfig, count_tensors, init_params, iter_param_shapes, param_shapes
 from tinylm.errors import TinyLMError, brief
 from tinylm.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinylm.io.hf import export_hf, import_hf, load_any
+from tinylm.io.hf import export_hf, import_hf
 from tinylm.io.safetensors import load_file, save_file
 from tinylm.text.bpe import train_bpe
 from tinylm.text.char import CharTokenizer
@@ -64,6 +64,16 @@ def model(tmp_path_factory, text):
     export_hf(str(ckpt), str(folder))
     return {"ckpt": str(ckpt), "folder": str(folder), "data": str(data), "params": params, "config": config,
             "tok": tok, "tmp": tmp}
+
+
+def with_config_entry(folder, raw):
+    """folder with `, raw` appended to its config.json's object as text (raw may be JSON no dict can hold)."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        body = f.read().rstrip().rstrip("}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(body + ", " + raw + "}")            # a later key wins: this one replaces the good value
+    return folder
 
 
 def copy_folder(src, dst):
@@ -442,12 +452,7 @@ def _standins(s):
     ('"model_type": "' + "x" * 5000 + '"', ["model_type", "5,002 characters"]),
 ])
 def test_every_config_field_has_its_type_checked(model, tmp_path, raw, words):
-    folder = copy_folder(model["folder"], str(tmp_path / "f"))
-    path = os.path.join(folder, "config.json")
-    with open(path, encoding="utf-8") as f:
-        body = f.read().rstrip().rstrip("}")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(body + ", " + raw + "}")            # a later key wins: this one replaces the good value
+    folder = with_config_entry(copy_folder(model["folder"], str(tmp_path / "f")), raw)
     result, _, _ = bounded(lambda: import_hf(folder))
     assert isinstance(result, TinyLMError), result
     msg = str(result)

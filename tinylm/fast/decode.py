@@ -370,6 +370,16 @@ def generate(params, config, prompt, max_new_tokens, pick_next, use_cache=True, 
             last = decode_next(dw, kv, token)
 
 
+def prompt_rows(prompt, rows, block_size):
+    """The prompt's last block_size token ids as `rows` equal rows.   prompt (t,) ints -> (rows, min(t, block_size))"""
+    prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)
+    if prompt.size == 0:
+        raise TinyLMError("the prompt must contain at least one token")
+    if rows < 1:
+        raise TinyLMError(f"rows must be at least 1, got {rows}")
+    return np.repeat(prompt[None, -block_size:], rows, axis=0)
+
+
 def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_cache=True, trace=None):
     """generate() for `rows` sequences drawn side by side from one prompt: yield (rows,) token ids a step,
     drawn by pick_next(logits (rows, V)) -> (rows,) ints.
@@ -380,13 +390,8 @@ def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_c
     the tests hold them to 1e-10 in float64). If trace is a list,
     (contexts (rows, t), logits (rows, V)) is appended per step. One BLAS thread, as for generate().
     """
-    prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)
-    if prompt.size == 0:
-        raise TinyLMError("the prompt must contain at least one token")
-    if rows < 1:
-        raise TinyLMError(f"rows must be at least 1, got {rows}")
+    context = prompt_rows(prompt, rows, config.block_size)                     # (rows, t)
     dtype = params["transformer.wte.weight"].dtype
-    context = np.repeat(prompt[None, -config.block_size:], rows, axis=0)        # (rows, t)
 
     def prefill(context):
         kv = new_kv_cache(config, rows, dtype)

@@ -35,6 +35,7 @@ import numpy as np
 from tinylm.core.llama import block_prefix, head_name
 from tinylm.errors import TinyLMError
 from tinylm.fast import layers as L
+from tinylm.fast.decode import prompt_rows
 from tinylm.fast.llama import GATE_UP, QKV, forward, is_dense, row_orders, stacked
 
 
@@ -183,12 +184,7 @@ def generate_rows(params, config, prompt, rows, max_new_tokens, pick_next, use_c
     (no refill). Without the cache each step is a forward over the last block_size tokens, from position 0.
     If trace is a list, (contexts (rows, t), logits (rows, V)) is appended per step, the contexts being the
     last block_size tokens. One BLAS thread, as for decode.generate."""
-    prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)
-    if prompt.size == 0:
-        raise TinyLMError("the prompt must contain at least one token")
-    if rows < 1:
-        raise TinyLMError(f"rows must be at least 1, got {rows}")
-    context = np.repeat(prompt[None, -config.block_size:], rows, axis=0)       # (rows, t)
+    context = prompt_rows(prompt, rows, config.block_size)                     # (rows, t)
     if use_cache:
         dw = decoding_weights(params, config)
         kv = new_kv_cache(config, rows, params["model.embed_tokens.weight"].dtype,
